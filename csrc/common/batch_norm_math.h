@@ -1,0 +1,60 @@
+#pragma once
+// Per-channel coefficients of BatchNorm, shared by the CPU and CUDA kernels.
+// Element-wise the kernels then only evaluate
+//   forward:  z = (x - mean) * scale + shift [+ residual];   y = act(z)
+//   backward: dz = dy * act'(z);
+//             dx = dz * dz_coef + (x - mean) * xc_coef + const_coef
+// Subtracting the mean before scaling keeps precision when |mean| >> std.
+#include "activations.h"
+#include "macros.h"
+
+namespace torchnorm {
+
+template <typename acc_t>
+struct ForwardCoefficients {
+  acc_t scale;  // weight * rstd
+  acc_t shift;  // bias
+};
+
+template <typename acc_t>
+TN_HOST_DEVICE ForwardCoefficients<acc_t> forward_coefficients(acc_t rstd, acc_t weight, acc_t bias) {
+  return {weight * rstd, bias};
+}
+
+// rstd from a (biased or running) variance.
+template <typename acc_t>
+TN_HOST_DEVICE acc_t rstd_from_var(acc_t var, acc_t eps) {
+  return acc_t(1) / sqrt(var + eps);
+}
+
+template <typename acc_t>
+struct BackwardCoefficients {
+  acc_t dz_coef;     // multiplies dz
+  acc_t xc_coef;     // multiplies (x - mean)
+  acc_t const_coef;  // added
+};
+
+// sum_dz = sum(dz), sum_dz_xc = sum(dz * (x - mean)) over the channel's count
+// elements. In training the batch statistics depend on x, which adds the two
+// projection terms; in evaluation mean and rstd are constants.
+template <typename acc_t>
+TN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
+    bool training, acc_t rstd, acc_t weight, acc_t sum_dz, acc_t sum_dz_xc, acc_t count) {
+  const acc_t k = weight * rstd;
+  if (!training) return {k, acc_t(0), acc_t(0)};
+  const acc_t inv_count = acc_t(1) / count;
+  return {k, -k * rstd * rstd * sum_dz_xc * inv_count, -k * sum_dz * inv_count};
+}
+
+// Running statistics exactly as torch.nn.BatchNorm updates them: an
+// exponential moving average whose variance term is the unbiased batch
+// variance (count / (count - 1)).
+template <typename acc_t>
+TN_HOST_DEVICE void update_running_stats(
+    acc_t& running_mean, acc_t& running_var, acc_t batch_mean, acc_t batch_m2, acc_t count, acc_t momentum) {
+  const acc_t unbiased_var = count > acc_t(1) ? batch_m2 / (count - acc_t(1)) : batch_m2;
+  running_mean = (acc_t(1) - momentum) * running_mean + momentum * batch_mean;
+  running_var = (acc_t(1) - momentum) * running_var + momentum * unbiased_var;
+}
+
+}  // namespace torchnorm
