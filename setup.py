@@ -56,7 +56,9 @@ def _cuda_wheel_includes():
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need
+    # (C++17 up to torch 2.13, C++20 from 2.14).
+    cxx = ["-O3"]
     avx2 = _flag("TORCHNORM_CPU_AVX2")
     if avx2 or (avx2 is None and _host_has_avx2()):
         # Selects ATen's 256-bit at::vec::Vectorized specializations.
@@ -70,7 +72,7 @@ def extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     print(f"torchnorm: building CPU and CUDA kernels for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'this GPU')}")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "torchnorm._C",
         sources,

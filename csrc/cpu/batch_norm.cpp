@@ -1,0 +1,682 @@
+// BatchNorm CPU kernels: training forward, inference forward, backward.
+//
+// Memory traffic. NCHW ("planar") work is split by channel: one task owns a
+// channel, reads its N planes once to compute the statistics (two-pass within
+// each L1-sized segment, segments merged with Chan's formula), then normalizes
+// the same data again while it is still in L2 (a channel of the benchmark
+// shapes is 50-400 KiB). So DRAM sees about one read and one write of x.
+// Channels-last ("rowwise") data interleaves channels, so it is split by rows:
+// tasks reduce row blocks into per-channel partials, the partials are merged,
+// and a second parallel pass normalizes: two reads and one write of x.
+// The backward has the same two shapes, with sum(dz) and sum(dz * (x - mean))
+// in place of the statistics.
+//
+// All math runs on acc_t (float, or double for double input): float16 and
+// bfloat16 segments are converted into small scratch buffers first. The
+// per-element formulas come from csrc/common; vector_activation* below are
+// their at::vec::Vectorized forms.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "common/batch_norm_host.h"
+#include "common/batch_norm_math.h"
+#include "common/welford.h"
+
+namespace torchnorm {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements staged per step in planar segments (8 KiB of float: L1-resident).
+constexpr int64_t kSegment = 2048;
+// Elements per row block in rowwise reductions (64 KiB of float: L2-resident).
+constexpr int64_t kRowBlock = 16384;
+// Rowwise coefficient arrays are tiled to at least this many elements, so
+// small channel counts still fill whole vectors.
+constexpr int64_t kMinPeriod = 64;
+
+// ---------------------------------------------------------------- staging --
+
+template <typename scalar_t, typename acc_t>
+constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+
+// Returns src as acc_t: in place for float/double, else converted into buf.
+template <typename scalar_t, typename acc_t>
+const acc_t* read_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (kSameType<scalar_t, acc_t>) {
+    return src;
+  } else {
+    using SVec = Vectorized<scalar_t>;
+    int64_t i = 0;
+    for (; i + SVec::size() <= n; i += SVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(SVec::loadu(src + i));
+      lo.store(buf + i);
+      hi.store(buf + i + Vectorized<float>::size());
+    }
+    for (; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
+  }
+}
+
+// Where to compute an output segment: the output itself for float/double,
+// else buf, which write_back() then converts into dst.
+template <typename scalar_t, typename acc_t>
+acc_t* write_target(scalar_t* dst, acc_t* buf) {
+  if constexpr (kSameType<scalar_t, acc_t>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void write_back(const acc_t* buf, scalar_t* dst, int64_t n) {
+  if constexpr (!kSameType<scalar_t, acc_t>) at::vec::convert(buf, dst, n);
+}
+
+// Scratch buffers of one task, one per staged stream.
+template <typename acc_t>
+struct Scratch {
+  explicit Scratch(int64_t n) : x(n), dy(n), residual(n), out(n), out2(n), dz(n), xc(n) {}
+  std::vector<acc_t> x, dy, residual, out, out2, dz, xc;
+};
+
+// ------------------------------------------------------------ activations --
+
+template <typename acc_t>
+Vectorized<acc_t> vector_activation(Activation act, Vectorized<acc_t> z, acc_t slope) {
+  using Vec = Vectorized<acc_t>;
+  switch (act) {
+    case Activation::ReLU:
+      return at::vec::clamp_min(z, Vec(0));
+    case Activation::LeakyReLU:
+      return Vec::blendv(z * Vec(slope), z, z > Vec(0));
+    case Activation::SiLU:
+      return z / (Vec(1) + z.neg().exp());
+    default:
+      return z;
+  }
+}
+
+template <typename acc_t>
+Vectorized<acc_t> vector_activation_derivative(Activation act, Vectorized<acc_t> z, acc_t slope) {
+  using Vec = Vectorized<acc_t>;
+  switch (act) {
+    case Activation::ReLU:
+      return Vec::blendv(Vec(0), Vec(1), z > Vec(0));
+    case Activation::LeakyReLU:
+      return Vec::blendv(Vec(slope), Vec(1), z > Vec(0));
+    case Activation::SiLU: {
+      const Vec s = Vec(1) / (Vec(1) + z.neg().exp());
+      return s * (Vec(1) + z * (Vec(1) - s));
+    }
+    default:
+      return Vec(1);
+  }
+}
+
+// --------------------------------------------------------- segment math --
+// A coefficient is either one value for the whole segment (planar) or one
+// value per element, read from a tiled per-channel array (rowwise).
+
+template <bool kPerElement, typename acc_t>
+struct Coef {
+  const acc_t* p;
+  Vectorized<acc_t> vec(int64_t i) const {
+    if constexpr (kPerElement) {
+      return Vectorized<acc_t>::loadu(p + i);
+    } else {
+      return Vectorized<acc_t>(p[0]);
+    }
+  }
+  acc_t at(int64_t i) const {
+    if constexpr (kPerElement) {
+      return p[i];
+    } else {
+      return p[0];
+    }
+  }
+};
+
+// Per-element coefficients of a forward segment.
+template <bool kPerElement, typename acc_t>
+struct ForwardCoefs {
+  Coef<kPerElement, acc_t> mean, scale, shift;
+};
+
+// y = act((x - mean) * scale + shift [+ residual])
+template <bool kPerElement, typename acc_t>
+void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t n,
+                       const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec z = (Vec::loadu(x + i) - c.mean.vec(i)) * c.scale.vec(i) + c.shift.vec(i);
+    if (residual) z = z + Vec::loadu(residual + i);
+    vector_activation(act, z, slope).store(y + i);
+  }
+  for (; i < n; ++i) {
+    acc_t z = (x[i] - c.mean.at(i)) * c.scale.at(i) + c.shift.at(i);
+    if (residual) z += residual[i];
+    y[i] = activation_forward(act, z, slope);
+  }
+}
+
+// dz = dy * act'(z) with z recomputed from x; xc = x - mean.
+template <bool kPerElement, typename acc_t>
+void grad_z_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, acc_t* dz, acc_t* xc, int64_t n,
+                    const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec centred = Vec::loadu(x + i) - c.mean.vec(i);
+    centred.store(xc + i);
+    Vec g = Vec::loadu(dy + i);
+    if (act != Activation::None) {
+      Vec z = centred * c.scale.vec(i) + c.shift.vec(i);
+      if (residual) z = z + Vec::loadu(residual + i);
+      g = g * vector_activation_derivative(act, z, slope);
+    }
+    g.store(dz + i);
+  }
+  for (; i < n; ++i) {
+    xc[i] = x[i] - c.mean.at(i);
+    acc_t g = dy[i];
+    if (act != Activation::None) {
+      acc_t z = xc[i] * c.scale.at(i) + c.shift.at(i);
+      if (residual) z += residual[i];
+      g *= activation_derivative(act, z, slope);
+    }
+    dz[i] = g;
+  }
+}
+
+// dx = dz * dz_coef + xc * xc_coef + const_coef
+template <bool kPerElement, typename acc_t>
+void grad_input_segment(const acc_t* dz, const acc_t* xc, acc_t* dx, int64_t n,
+                        Coef<kPerElement, acc_t> dz_coef, Coef<kPerElement, acc_t> xc_coef,
+                        Coef<kPerElement, acc_t> const_coef) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    (Vec::loadu(dz + i) * dz_coef.vec(i) + Vec::loadu(xc + i) * xc_coef.vec(i) + const_coef.vec(i)).store(dx + i);
+  }
+  for (; i < n; ++i) dx[i] = dz[i] * dz_coef.at(i) + xc[i] * xc_coef.at(i) + const_coef.at(i);
+}
+
+// sum(a * b) (or sum(a) when b is null) of one segment, in vector lanes first.
+template <typename acc_t>
+acc_t sum_segment(const acc_t* a, const acc_t* b, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec lanes(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    lanes = b ? at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), lanes) : lanes + Vec::loadu(a + i);
+  }
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, lanes);
+  for (; i < n; ++i) total += b ? a[i] * b[i] : a[i];
+  return total;
+}
+
+// column[j] += a[j] * b[j] (or a[j] when b is null): per-position sums of
+// rowwise data, which fold into per-channel sums at the end.
+template <typename acc_t>
+void accumulate_columns(const acc_t* a, const acc_t* b, acc_t* column, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec add = b ? Vec::loadu(a + i) * Vec::loadu(b + i) : Vec::loadu(a + i);
+    (Vec::loadu(column + i) + add).store(column + i);
+  }
+  for (; i < n; ++i) column[i] += b ? a[i] * b[i] : a[i];
+}
+
+// (count, mean, M2) of one L1-resident segment by two passes.
+template <typename acc_t>
+MeanM2<acc_t> segment_mean_m2(const acc_t* x, int64_t n, acc_t* scratch) {
+  MeanM2<acc_t> r;
+  r.count = acc_t(n);
+  r.mean = sum_segment<acc_t>(x, nullptr, n) / r.count;
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) - Vec(r.mean)).store(scratch + i);
+  for (; i < n; ++i) scratch[i] = x[i] - r.mean;
+  r.m2 = sum_segment<acc_t>(scratch, scratch, n);
+  return r;
+}
+
+// ------------------------------------------------------ per-channel data --
+
+// A per-channel tensor (weight, bias, running stats) as a contiguous acc_t
+// array, or `fill` when absent.
+template <typename acc_t>
+std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t C, acc_t fill) {
+  if (!t) return std::vector<acc_t>(C, fill);
+  const auto acc = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* p = acc.template data_ptr<acc_t>();
+  return std::vector<acc_t>(p, p + C);
+}
+
+// Values a kernel needs per channel, as acc_t arrays.
+template <typename acc_t>
+struct ChannelCoefs {
+  std::vector<acc_t> mean, scale, shift;
+};
+
+// Tensor of acc_t values, shape (C,).
+template <typename acc_t>
+at::Tensor to_tensor(const std::vector<acc_t>& v, const at::Tensor& like) {
+  auto t = at::empty({static_cast<int64_t>(v.size())}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  std::copy(v.begin(), v.end(), t.template mutable_data_ptr<acc_t>());
+  return t;
+}
+
+// ---------------------------------------------------------------- planar --
+// Planar kernels work on one (n, c) plane of S contiguous elements at a time,
+// in kSegment pieces.
+
+template <typename scalar_t, typename acc_t>
+MeanM2<acc_t> planar_channel_stats(const scalar_t* x, const BatchNormGeometry& g, int64_t c, Scratch<acc_t>& s) {
+  MeanM2<acc_t> acc;
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* plane = x + (n * g.C + c) * g.S;
+    for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
+      const int64_t len = std::min(kSegment, g.S - s0);
+      acc = combine(acc, segment_mean_m2(read_as_acc(plane + s0, len, s.x.data()), len, s.xc.data()));
+    }
+  }
+  return acc;
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_plane(const ForwardPlan& p, int64_t plane, const ForwardCoefs<false, acc_t>& coefs, acc_t slope,
+                     Scratch<acc_t>& s) {
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = p.out.mutable_data_ptr<scalar_t>();
+  for (int64_t s0 = 0; s0 < p.g.S; s0 += kSegment) {
+    const int64_t off = plane * p.g.S + s0, len = std::min(kSegment, p.g.S - s0);
+    acc_t* y = write_target(out + off, s.out.data());
+    normalize_segment<false, acc_t>(read_as_acc(x + off, len, s.x.data()),
+                                    res ? read_as_acc(res + off, len, s.residual.data()) : nullptr, y, len, coefs,
+                                    p.activation, slope);
+    write_back(y, out + off, len);
+  }
+}
+
+// --------------------------------------------------------------- rowwise --
+// Rowwise kernels work on "periods": whole rows, at least kMinPeriod
+// elements, against per-channel arrays tiled to the period's length.
+
+struct RowPeriod {
+  int64_t C, rows, length;  // length = rows * C
+  explicit RowPeriod(int64_t channels)
+      : C(channels), rows((kMinPeriod + channels - 1) / channels), length(rows * channels) {}
+  template <typename acc_t>
+  std::vector<acc_t> tile(const std::vector<acc_t>& per_channel) const {
+    std::vector<acc_t> out(length);
+    for (int64_t j = 0; j < length; ++j) out[j] = per_channel[j % C];
+    return out;
+  }
+  // Adds tiled per-position sums into per_channel.
+  template <typename acc_t>
+  void fold_into(const std::vector<acc_t>& tiled, acc_t* per_channel) const {
+    for (int64_t j = 0; j < length; ++j) per_channel[j % C] += tiled[j];
+  }
+};
+
+// Splits [0, total) elements into whole periods and runs
+// fn(offset, length, scratch) on each, in parallel.
+template <typename acc_t, typename Fn>
+void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
+  const int64_t periods = (total + period.length - 1) / period.length;
+  at::parallel_for(0, periods, std::max<int64_t>(1, kSegment / period.length), [&](int64_t q0, int64_t q1) {
+    Scratch<acc_t> s(period.length);
+    for (int64_t q = q0; q < q1; ++q) fn(q * period.length, std::min(period.length, total - q * period.length), s);
+  });
+}
+
+// Splits [0, total) elements into a few chunks of whole periods per thread and
+// runs fn(chunk, first offset, end offset); returns the number of chunks.
+template <typename Fn>
+int64_t for_each_chunk(const RowPeriod& period, int64_t total, const Fn& fn) {
+  const int64_t periods = (total + period.length - 1) / period.length;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(periods, 4 * at::get_num_threads()));
+  const int64_t per_chunk = (periods + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      fn(k, std::min(total, k * per_chunk * period.length), std::min(total, (k + 1) * per_chunk * period.length));
+    }
+  });
+  return chunks;
+}
+
+// Per-channel (count, mean, M2): each chunk is reduced in blocks of whole
+// periods; a block's mean and M2 come from two passes while it is in cache.
+template <typename scalar_t, typename acc_t>
+std::vector<MeanM2<acc_t>> rowwise_stats(const at::Tensor& x, const BatchNormGeometry& g) {
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  const int64_t C = g.C, total = g.N * g.S * C;
+  const RowPeriod period(C);
+  const int64_t block_len = std::max<int64_t>(1, kRowBlock / period.length) * period.length;
+  const int64_t max_chunks = 4 * at::get_num_threads();
+  std::vector<std::vector<MeanM2<acc_t>>> partial(max_chunks, std::vector<MeanM2<acc_t>>(C));
+  const int64_t chunks = for_each_chunk(period, total, [&](int64_t k, int64_t begin, int64_t end) {
+    std::vector<acc_t> staged(block_len), columns(period.length), centred(period.length), mean(C), m2(C);
+    for (int64_t b0 = begin; b0 < end; b0 += block_len) {
+      const int64_t len = std::min(block_len, end - b0);
+      const acc_t* block = read_as_acc(data + b0, len, staged.data());
+      const acc_t rows = acc_t(len / C);
+      // Pass 1: per-channel mean of the block.
+      std::fill(columns.begin(), columns.end(), acc_t(0));
+      std::fill(mean.begin(), mean.end(), acc_t(0));
+      for (int64_t off = 0; off < len; off += period.length) {
+        accumulate_columns<acc_t>(block + off, nullptr, columns.data(), std::min(period.length, len - off));
+      }
+      period.fold_into(columns, mean.data());
+      for (auto& v : mean) v /= rows;
+      const auto mean_tiled = period.tile(mean);
+      // Pass 2: per-channel sum of squared deviations from it.
+      std::fill(columns.begin(), columns.end(), acc_t(0));
+      std::fill(m2.begin(), m2.end(), acc_t(0));
+      for (int64_t off = 0; off < len; off += period.length) {
+        const int64_t n = std::min(period.length, len - off);
+        for (int64_t j = 0; j < n; ++j) centred[j] = block[off + j] - mean_tiled[j];
+        accumulate_columns<acc_t>(centred.data(), centred.data(), columns.data(), n);
+      }
+      period.fold_into(columns, m2.data());
+      for (int64_t c = 0; c < C; ++c) partial[k][c] = combine(partial[k][c], MeanM2<acc_t>{rows, mean[c], m2[c]});
+    }
+  });
+  std::vector<MeanM2<acc_t>> stats(C);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < C; ++c) stats[c] = combine(stats[c], partial[k][c]);
+  }
+  return stats;
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_rowwise(const ForwardPlan& p, const ChannelCoefs<acc_t>& cc, acc_t slope) {
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = p.out.mutable_data_ptr<scalar_t>();
+  const RowPeriod period(p.g.C);
+  const auto mean = period.tile(cc.mean), scale = period.tile(cc.scale), shift = period.tile(cc.shift);
+  const ForwardCoefs<true, acc_t> coefs{{mean.data()}, {scale.data()}, {shift.data()}};
+  for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
+    acc_t* y = write_target(out + off, s.out.data());
+    normalize_segment<true, acc_t>(read_as_acc(x + off, len, s.x.data()),
+                                   res ? read_as_acc(res + off, len, s.residual.data()) : nullptr, y, len, coefs,
+                                   p.activation, slope);
+    write_back(y, out + off, len);
+  });
+}
+
+// ------------------------------------------------------------------- ops --
+
+template <typename acc_t>
+ChannelCoefs<acc_t> forward_channel_coefs(const std::vector<acc_t>& mean, const std::vector<acc_t>& rstd,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias) {
+  const int64_t C = mean.size();
+  const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
+  ChannelCoefs<acc_t> cc{mean, std::vector<acc_t>(C), std::vector<acc_t>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    const auto f = forward_coefficients(rstd[c], w[c], b[c]);
+    cc.scale[c] = f.scale;
+    cc.shift[c] = f.shift;
+  }
+  return cc;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    double eps, c10::string_view activation, double negative_slope, const std::optional<at::Tensor>& residual) {
+  ForwardPlan p = plan_forward("torchnorm.batch_norm_train", input, weight, bias, running_mean, running_var, residual,
+                               /*training=*/true, eps, std::string(activation));
+  const int64_t C = p.g.C;
+  const auto acc_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  if (p.g.count_per_channel() == 0) {
+    // Empty batch: nothing to normalize; running statistics stay as they are,
+    // as in torch.nn.
+    return {p.out, at::zeros({C}, acc_options), at::zeros({C}, acc_options)};
+  }
+  at::Tensor save_mean, save_rstd;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_train_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t slope = static_cast<acc_t>(negative_slope), eps_acc = static_cast<acc_t>(eps);
+    std::vector<MeanM2<acc_t>> stats(C);
+    std::vector<acc_t> mean(C), rstd(C);
+    if (p.g.layout == Layout::Planar) {
+      // Statistics and normalization of a channel in one task, so the second
+      // read of the channel comes from cache.
+      const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
+      const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        Scratch<acc_t> s(kSegment);
+        for (int64_t c = c0; c < c1; ++c) {
+          stats[c] = planar_channel_stats<scalar_t, acc_t>(x, p.g, c, s);
+          mean[c] = stats[c].mean;
+          rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
+          const auto f = forward_coefficients(rstd[c], w[c], b[c]);
+          const ForwardCoefs<false, acc_t> coefs{{&mean[c]}, {&f.scale}, {&f.shift}};
+          for (int64_t n = 0; n < p.g.N; ++n) normalize_plane<scalar_t, acc_t>(p, n * C + c, coefs, slope, s);
+        }
+      });
+    } else {
+      stats = rowwise_stats<scalar_t, acc_t>(p.x, p.g);
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = stats[c].mean;
+        rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
+      }
+      normalize_rowwise<scalar_t, acc_t>(p, forward_channel_coefs(mean, rstd, weight, bias), slope);
+    }
+    if (running_mean) {
+      auto rm = channel_values<acc_t>(running_mean, C, 0), rv = channel_values<acc_t>(running_var, C, 1);
+      for (int64_t c = 0; c < C; ++c) {
+        update_running_stats(rm[c], rv[c], stats[c].mean, stats[c].m2, stats[c].count, static_cast<acc_t>(momentum));
+      }
+      running_mean->copy_(to_tensor(rm, input));
+      running_var->copy_(to_tensor(rv, input));
+    }
+    save_mean = to_tensor(mean, input);
+    save_rstd = to_tensor(rstd, input);
+  });
+  return {p.out, save_mean, save_rstd};
+}
+
+at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                               double eps, c10::string_view activation, double negative_slope,
+                               const std::optional<at::Tensor>& residual) {
+  ForwardPlan p = plan_forward("torchnorm.batch_norm_eval", input, weight, bias, running_mean, running_var, residual,
+                               /*training=*/false, eps, std::string(activation));
+  if (p.x.numel() == 0) return p.out;
+  const int64_t C = p.g.C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_eval_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const auto mean = channel_values<acc_t>(running_mean, C, 0), var = channel_values<acc_t>(running_var, C, 1);
+    std::vector<acc_t> rstd(C);
+    for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_var(var[c], static_cast<acc_t>(eps));
+    const auto cc = forward_channel_coefs(mean, rstd, weight, bias);
+    if (p.g.layout == Layout::Planar) {
+      at::parallel_for(0, p.g.N * C, 1, [&](int64_t i0, int64_t i1) {
+        Scratch<acc_t> s(kSegment);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t c = i % C;
+          const ForwardCoefs<false, acc_t> coefs{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
+          normalize_plane<scalar_t, acc_t>(p, i, coefs, slope, s);
+        }
+      });
+    } else {
+      normalize_rowwise<scalar_t, acc_t>(p, cc, slope);
+    }
+  });
+  return p.out;
+}
+
+// ------------------------------------------------------------- backward --
+
+// The backward's per-channel arrays: forward coefficients to recompute z, and
+// the gradient coefficients once the sums are known.
+template <typename acc_t>
+struct BackwardChannel {
+  ForwardCoefs<false, acc_t> forward;
+  Coef<false, acc_t> dz_coef, xc_coef, const_coef;
+};
+
+// One segment of the backward: recompute dz into s.dz (and x - mean into
+// s.xc). With sums given, accumulates sum(dz) and sum(dz * xc) into them;
+// with grad coefficients given, writes grad_input and/or grad_residual.
+template <bool kPerElement, typename scalar_t, typename acc_t>
+void backward_segment(const BackwardPlan& p, int64_t off, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
+                      acc_t slope, Scratch<acc_t>& s) {
+  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() + off : nullptr;
+  grad_z_segment<kPerElement, acc_t>(read_as_acc(p.x.const_data_ptr<scalar_t>() + off, len, s.x.data()),
+                                     read_as_acc(p.grad_out.const_data_ptr<scalar_t>() + off, len, s.dy.data()),
+                                     res ? read_as_acc(res, len, s.residual.data()) : nullptr, s.dz.data(),
+                                     s.xc.data(), len, fc, p.activation, slope);
+}
+
+template <bool kPerElement, typename scalar_t, typename acc_t>
+void write_grads_segment(const BackwardPlan& p, int64_t off, int64_t len, Coef<kPerElement, acc_t> dz_coef,
+                         Coef<kPerElement, acc_t> xc_coef, Coef<kPerElement, acc_t> const_coef, Scratch<acc_t>& s) {
+  if (p.grad_input.numel()) {
+    scalar_t* dx = p.grad_input.mutable_data_ptr<scalar_t>() + off;
+    acc_t* target = write_target(dx, s.out.data());
+    grad_input_segment<kPerElement, acc_t>(s.dz.data(), s.xc.data(), target, len, dz_coef, xc_coef, const_coef);
+    write_back(target, dx, len);
+  }
+  if (p.grad_residual.numel()) {
+    scalar_t* dres = p.grad_residual.mutable_data_ptr<scalar_t>() + off;
+    if constexpr (kSameType<scalar_t, acc_t>) {
+      std::copy(s.dz.data(), s.dz.data() + len, dres);
+    } else {
+      at::vec::convert(s.dz.data(), dres, len);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
+    const at::Tensor& rstd, bool training, c10::string_view activation, double negative_slope,
+    std::array<bool, 4> output_mask) {
+  BackwardPlan p = plan_backward(grad_out, input, weight, bias, residual, mean, rstd, std::string(activation),
+                                 output_mask);
+  const int64_t C = p.g.C;
+  const bool want_elementwise = p.grad_input.numel() > 0 || p.grad_residual.numel() > 0;
+  const bool want_sums = p.grad_weight.numel() > 0 || p.grad_bias.numel() > 0 || (training && p.grad_input.numel() > 0);
+  if (p.g.count_per_channel() == 0) {
+    // Empty batch: the parameter gradients are empty sums.
+    if (p.grad_weight.numel()) p.grad_weight.zero_();
+    if (p.grad_bias.numel()) p.grad_bias.zero_();
+    return {p.grad_input, p.grad_weight, p.grad_bias, p.grad_residual};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const acc_t count = static_cast<acc_t>(p.g.count_per_channel());
+    const auto r = channel_values<acc_t>(rstd, C, 1), w = channel_values<acc_t>(weight, C, 1);
+    const auto cc = forward_channel_coefs(channel_values<acc_t>(mean, C, 0), r, weight, bias);
+    std::vector<acc_t> sum_dz(C, 0), sum_dz_xc(C, 0);
+    std::vector<BackwardCoefficients<acc_t>> k(C);
+    if (p.g.layout == Layout::Planar) {
+      // Sums and element-wise gradients of a channel in one task, so the
+      // second read of x and dy comes from cache.
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        Scratch<acc_t> s(kSegment);
+        for (int64_t c = c0; c < c1; ++c) {
+          const ForwardCoefs<false, acc_t> fc{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
+          auto for_each_segment = [&](auto&& fn) {
+            for (int64_t n = 0; n < p.g.N; ++n) {
+              for (int64_t s0 = 0; s0 < p.g.S; s0 += kSegment) fn((n * C + c) * p.g.S + s0, std::min(kSegment, p.g.S - s0));
+            }
+          };
+          if (want_sums) {
+            for_each_segment([&](int64_t off, int64_t len) {
+              backward_segment<false, scalar_t, acc_t>(p, off, len, fc, slope, s);
+              sum_dz[c] += sum_segment<acc_t>(s.dz.data(), nullptr, len);
+              sum_dz_xc[c] += sum_segment<acc_t>(s.dz.data(), s.xc.data(), len);
+            });
+          }
+          k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
+          if (want_elementwise) {
+            for_each_segment([&](int64_t off, int64_t len) {
+              backward_segment<false, scalar_t, acc_t>(p, off, len, fc, slope, s);
+              write_grads_segment<false, scalar_t, acc_t>(p, off, len, {&k[c].dz_coef}, {&k[c].xc_coef},
+                                                          {&k[c].const_coef}, s);
+            });
+          }
+        }
+      });
+    } else {
+      const RowPeriod period(C);
+      const auto mean_t = period.tile(cc.mean), scale_t = period.tile(cc.scale), shift_t = period.tile(cc.shift);
+      const ForwardCoefs<true, acc_t> fc{{mean_t.data()}, {scale_t.data()}, {shift_t.data()}};
+      if (want_sums) {
+        const int64_t max_chunks = 4 * at::get_num_threads();
+        std::vector<std::vector<acc_t>> part_dz(max_chunks, std::vector<acc_t>(C, 0)), part_dz_xc = part_dz;
+        const int64_t chunks = for_each_chunk(period, p.x.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
+          Scratch<acc_t> s(period.length);
+          std::vector<acc_t> col_dz(period.length, 0), col_dz_xc(period.length, 0);
+          for (int64_t off = begin; off < end; off += period.length) {
+            const int64_t len = std::min(period.length, end - off);
+            backward_segment<true, scalar_t, acc_t>(p, off, len, fc, slope, s);
+            accumulate_columns<acc_t>(s.dz.data(), nullptr, col_dz.data(), len);
+            accumulate_columns<acc_t>(s.dz.data(), s.xc.data(), col_dz_xc.data(), len);
+          }
+          period.fold_into(col_dz, part_dz[chunk].data());
+          period.fold_into(col_dz_xc, part_dz_xc[chunk].data());
+        });
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          for (int64_t c = 0; c < C; ++c) {
+            sum_dz[c] += part_dz[chunk][c];
+            sum_dz_xc[c] += part_dz_xc[chunk][c];
+          }
+        }
+      }
+      std::vector<acc_t> dz_coef(C), xc_coef(C), const_coef(C);
+      for (int64_t c = 0; c < C; ++c) {
+        k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
+        dz_coef[c] = k[c].dz_coef;
+        xc_coef[c] = k[c].xc_coef;
+        const_coef[c] = k[c].const_coef;
+      }
+      if (want_elementwise) {
+        const auto dz_t = period.tile(dz_coef), xc_t = period.tile(xc_coef), const_t = period.tile(const_coef);
+        for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
+          backward_segment<true, scalar_t, acc_t>(p, off, len, fc, slope, s);
+          write_grads_segment<true, scalar_t, acc_t>(p, off, len, {dz_t.data()}, {xc_t.data()}, {const_t.data()}, s);
+        });
+      }
+    }
+    if (p.grad_weight.numel()) {
+      std::vector<acc_t> gw(C);
+      for (int64_t c = 0; c < C; ++c) gw[c] = sum_dz_xc[c] * r[c];
+      p.grad_weight.copy_(to_tensor(gw, input));
+    }
+    if (p.grad_bias.numel()) p.grad_bias.copy_(to_tensor(sum_dz, input));
+  });
+  return {p.grad_input, p.grad_weight, p.grad_bias, p.grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchnorm, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train_cpu);
+  m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+}  // namespace torchnorm

@@ -1,0 +1,22 @@
+"""torchnorm: fast normalization kernels for PyTorch.
+
+Importing the package loads ``torchnorm._C``, which registers the
+``torch.ops.torchnorm.*`` operators (C++ CPU kernels, CUDA kernels when built
+with CUDA), then their fake (meta) kernels and autograd formulas.
+"""
+import torch  # noqa: F401  (the extension needs torch's symbols loaded)
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "torchnorm._C is not built. Run `make build` (or `python setup.py build_ext --inplace`) "
+        f"in the torchnorm checkout first. ({error})"
+    ) from error
+
+from . import _autograd, _fake  # noqa: F401,E402  (registrations)
+from . import functional, nn, reference  # noqa: E402
+from .nn import convert  # noqa: E402
+
+__all__ = ["functional", "nn", "reference", "convert"]
+__version__ = "0.1.0"

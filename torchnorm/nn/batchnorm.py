@@ -1,0 +1,133 @@
+"""BatchNorm modules running torchnorm's kernels.
+
+Each class subclasses its torch.nn counterpart, so constructor arguments,
+parameters, buffers, state_dict keys, ``isinstance`` checks and repr are
+torch.nn's; only ``forward`` runs torchnorm's fused operator.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+
+
+def _batch_norm_forward(module, input: Tensor, activation: Optional[str], negative_slope: float,
+                        residual: Optional[Tensor]) -> Tensor:
+    """torch.nn's _BatchNorm.forward, with torchnorm's op and an epilogue."""
+    module._check_input_dim(input)
+    momentum = 0.0 if module.momentum is None else module.momentum
+    update_stats = module.training and module.track_running_stats
+    if update_stats and module.num_batches_tracked is not None and module.momentum is None:
+        # Cumulative moving average: this batch is number num_batches_tracked + 1.
+        momentum = 1.0 / float(module.num_batches_tracked + 1)
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    keep_running = not module.training or module.track_running_stats
+    out = F.batch_norm(
+        input,
+        module.running_mean if keep_running else None,
+        module.running_var if keep_running else None,
+        module.weight,
+        module.bias,
+        use_batch_stats,
+        momentum,
+        module.eps,
+        activation,
+        negative_slope,
+        residual,
+    )
+    # Counted only once the op succeeded, so a rejected input changes nothing.
+    if update_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+    return out
+
+
+class BatchNorm1d(torch.nn.BatchNorm1d):
+    """Drop-in for :class:`torch.nn.BatchNorm1d` (inputs ``(N, C)`` or ``(N, C, L)``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _batch_norm_forward(self, input, None, 0.0, None)
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """Drop-in for :class:`torch.nn.BatchNorm2d` (inputs ``(N, C, H, W)``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _batch_norm_forward(self, input, None, 0.0, None)
+
+
+class BatchNorm3d(torch.nn.BatchNorm3d):
+    """Drop-in for :class:`torch.nn.BatchNorm3d` (inputs ``(N, C, D, H, W)``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _batch_norm_forward(self, input, None, 0.0, None)
+
+
+class BatchNormAct2d(BatchNorm2d):
+    """BatchNorm2d with a fused residual add and activation: ``act(BN(x) + residual)``.
+
+    The tail of a ResNet block in one pass over memory. Its state_dict is a
+    BatchNorm2d's, so it loads torch.nn.BatchNorm2d weights.
+
+    Args:
+        num_features: channels C.
+        activation: ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``None``.
+        negative_slope: slope of ``"leaky_relu"`` for negative inputs.
+        Other arguments as :class:`torch.nn.BatchNorm2d`.
+    """
+
+    def __init__(self, num_features: int, activation: Optional[str] = "relu", negative_slope: float = 0.01,
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        F._activation_name(activation)  # reject unknown names at construction
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return _batch_norm_forward(self, input, self.activation, self.negative_slope, residual)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + extra
+
+
+_TO_TORCHNORM = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+_TO_TORCH = {v: k for k, v in _TO_TORCHNORM.items()}
+
+
+def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    # A new module object of class cls holding the very same Parameters and
+    # buffers (so optimizers and hooks keep working), device, dtype and mode.
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    for name in ("_parameters", "_buffers", "_modules"):
+        setattr(new, name, getattr(module, name).copy())
+    return new
+
+
+def convert(model: torch.nn.Module, back: bool = False) -> torch.nn.Module:
+    """Replaces torch.nn.BatchNorm1d/2d/3d in ``model`` with torchnorm's (in place).
+
+    Parameters and buffers are shared, not copied, so an optimizer built
+    before the conversion still updates the model. With ``back=True``,
+    torchnorm's BatchNorm1d/2d/3d are turned back into torch.nn's. Subclasses
+    of the torch.nn classes (other than torchnorm's) are left alone.
+
+    Returns:
+        ``model`` (or its replacement, when ``model`` itself is a BatchNorm).
+    """
+    mapping = _TO_TORCH if back else _TO_TORCHNORM
+    if type(model) in mapping:
+        return _retyped(model, mapping[type(model)])
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None and type(child) in mapping:
+                parent._modules[name] = _retyped(child, mapping[type(child)])
+    return model
