@@ -41,7 +41,7 @@ constexpr int64_t kSegment = 2048;
 constexpr int64_t kRowBlock = 16384;
 // Rowwise coefficient arrays are tiled to at least this many elements, so
 // small channel counts still fill whole vectors.
-constexpr int64_t kMinPeriod = 64;
+constexpr int64_t kMinPeriod = 512;
 
 // ---------------------------------------------------------------- staging --
 
@@ -85,8 +85,8 @@ void write_back(const acc_t* buf, scalar_t* dst, int64_t n) {
 // Scratch buffers of one task, one per staged stream.
 template <typename acc_t>
 struct Scratch {
-  explicit Scratch(int64_t n) : x(n), dy(n), residual(n), out(n), out2(n), dz(n), xc(n) {}
-  std::vector<acc_t> x, dy, residual, out, out2, dz, xc;
+  explicit Scratch(int64_t n) : x(n), dy(n), residual(n), out(n), out2(n), xc(n) {}
+  std::vector<acc_t> x, dy, residual, out, out2, xc;
 };
 
 // ------------------------------------------------------------ activations --
@@ -170,46 +170,83 @@ void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t 
   }
 }
 
-// dz = dy * act'(z) with z recomputed from x; xc = x - mean.
+// dz = dy * act'(z) at element i, with z recomputed from xc = x - mean.
 template <bool kPerElement, typename acc_t>
-void grad_z_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, acc_t* dz, acc_t* xc, int64_t n,
-                    const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
+Vectorized<acc_t> vector_grad_z(Vectorized<acc_t> xc, Vectorized<acc_t> dy, const acc_t* residual, int64_t i,
+                                const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
+  if (act == Activation::None) return dy;
+  auto z = xc * c.scale.vec(i) + c.shift.vec(i);
+  if (residual) z = z + Vectorized<acc_t>::loadu(residual + i);
+  return dy * vector_activation_derivative(act, z, slope);
+}
+
+template <bool kPerElement, typename acc_t>
+acc_t grad_z(acc_t xc, acc_t dy, const acc_t* residual, int64_t i, const ForwardCoefs<kPerElement, acc_t>& c,
+             Activation act, acc_t slope) {
+  if (act == Activation::None) return dy;
+  acc_t z = xc * c.scale.at(i) + c.shift.at(i);
+  if (residual) z += residual[i];
+  return dy * activation_derivative(act, z, slope);
+}
+
+// Adds sum(dz) and sum(dz * (x - mean)) of a segment to sum_dz, sum_dz_xc:
+// per position (rowwise, arrays of length n) or in total (planar, scalars).
+template <bool kPerElement, typename acc_t>
+void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, int64_t n,
+                       const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope, acc_t* sum_dz,
+                       acc_t* sum_dz_xc) {
   using Vec = Vectorized<acc_t>;
+  Vec lanes_dz(0), lanes_dz_xc(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec centred = Vec::loadu(x + i) - c.mean.vec(i);
-    centred.store(xc + i);
-    Vec g = Vec::loadu(dy + i);
-    if (act != Activation::None) {
-      Vec z = centred * c.scale.vec(i) + c.shift.vec(i);
-      if (residual) z = z + Vec::loadu(residual + i);
-      g = g * vector_activation_derivative(act, z, slope);
+    const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
+    const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
+    if constexpr (kPerElement) {
+      (Vec::loadu(sum_dz + i) + dz).store(sum_dz + i);
+      at::vec::fmadd(dz, xc, Vec::loadu(sum_dz_xc + i)).store(sum_dz_xc + i);
+    } else {
+      lanes_dz = lanes_dz + dz;
+      lanes_dz_xc = at::vec::fmadd(dz, xc, lanes_dz_xc);
     }
-    g.store(dz + i);
+  }
+  auto add = [](Vec& u, Vec& v) { return u + v; };
+  if constexpr (!kPerElement) {
+    *sum_dz += at::vec::vec_reduce_all<acc_t>(add, lanes_dz);
+    *sum_dz_xc += at::vec::vec_reduce_all<acc_t>(add, lanes_dz_xc);
   }
   for (; i < n; ++i) {
-    xc[i] = x[i] - c.mean.at(i);
-    acc_t g = dy[i];
-    if (act != Activation::None) {
-      acc_t z = xc[i] * c.scale.at(i) + c.shift.at(i);
-      if (residual) z += residual[i];
-      g *= activation_derivative(act, z, slope);
-    }
-    dz[i] = g;
+    const acc_t xc = x[i] - c.mean.at(i);
+    const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
+    sum_dz[kPerElement ? i : 0] += dz;
+    sum_dz_xc[kPerElement ? i : 0] += dz * xc;
   }
 }
 
-// dx = dz * dz_coef + xc * xc_coef + const_coef
 template <bool kPerElement, typename acc_t>
-void grad_input_segment(const acc_t* dz, const acc_t* xc, acc_t* dx, int64_t n,
-                        Coef<kPerElement, acc_t> dz_coef, Coef<kPerElement, acc_t> xc_coef,
-                        Coef<kPerElement, acc_t> const_coef) {
+struct GradCoefs {
+  Coef<kPerElement, acc_t> dz_coef, xc_coef, const_coef;
+};
+
+// grad_input = dz * dz_coef + (x - mean) * xc_coef + const_coef and/or
+// grad_residual = dz (either output may be null).
+template <bool kPerElement, typename acc_t>
+void grad_elementwise_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, acc_t* dx, acc_t* dres,
+                              int64_t n, const ForwardCoefs<kPerElement, acc_t>& c,
+                              const GradCoefs<kPerElement, acc_t>& k, Activation act, acc_t slope) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    (Vec::loadu(dz + i) * dz_coef.vec(i) + Vec::loadu(xc + i) * xc_coef.vec(i) + const_coef.vec(i)).store(dx + i);
+    const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
+    const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
+    if (dx) at::vec::fmadd(xc, k.xc_coef.vec(i), at::vec::fmadd(dz, k.dz_coef.vec(i), k.const_coef.vec(i))).store(dx + i);
+    if (dres) dz.store(dres + i);
   }
-  for (; i < n; ++i) dx[i] = dz[i] * dz_coef.at(i) + xc[i] * xc_coef.at(i) + const_coef.at(i);
+  for (; i < n; ++i) {
+    const acc_t xc = x[i] - c.mean.at(i);
+    const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
+    if (dx) dx[i] = dz * k.dz_coef.at(i) + xc * k.xc_coef.at(i) + k.const_coef.at(i);
+    if (dres) dres[i] = dz;
+  }
 }
 
 // sum(a * b) (or sum(a) when b is null) of one segment, in vector lanes first.
@@ -535,36 +572,32 @@ struct BackwardChannel {
   Coef<false, acc_t> dz_coef, xc_coef, const_coef;
 };
 
-// One segment of the backward: recompute dz into s.dz (and x - mean into
-// s.xc). With sums given, accumulates sum(dz) and sum(dz * xc) into them;
-// with grad coefficients given, writes grad_input and/or grad_residual.
+// The backward's two passes over one segment at element offset `off`, with
+// float16/bfloat16 data staged through scratch buffers.
 template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_segment(const BackwardPlan& p, int64_t off, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
-                      acc_t slope, Scratch<acc_t>& s) {
+void backward_sums(const BackwardPlan& p, int64_t off, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
+                   acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz, acc_t* sum_dz_xc) {
   const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() + off : nullptr;
-  grad_z_segment<kPerElement, acc_t>(read_as_acc(p.x.const_data_ptr<scalar_t>() + off, len, s.x.data()),
-                                     read_as_acc(p.grad_out.const_data_ptr<scalar_t>() + off, len, s.dy.data()),
-                                     res ? read_as_acc(res, len, s.residual.data()) : nullptr, s.dz.data(),
-                                     s.xc.data(), len, fc, p.activation, slope);
+  grad_sums_segment<kPerElement, acc_t>(read_as_acc(p.x.const_data_ptr<scalar_t>() + off, len, s.x.data()),
+                                        read_as_acc(p.grad_out.const_data_ptr<scalar_t>() + off, len, s.dy.data()),
+                                        res ? read_as_acc(res, len, s.residual.data()) : nullptr, len, fc,
+                                        p.activation, slope, sum_dz, sum_dz_xc);
 }
 
 template <bool kPerElement, typename scalar_t, typename acc_t>
-void write_grads_segment(const BackwardPlan& p, int64_t off, int64_t len, Coef<kPerElement, acc_t> dz_coef,
-                         Coef<kPerElement, acc_t> xc_coef, Coef<kPerElement, acc_t> const_coef, Scratch<acc_t>& s) {
-  if (p.grad_input.numel()) {
-    scalar_t* dx = p.grad_input.mutable_data_ptr<scalar_t>() + off;
-    acc_t* target = write_target(dx, s.out.data());
-    grad_input_segment<kPerElement, acc_t>(s.dz.data(), s.xc.data(), target, len, dz_coef, xc_coef, const_coef);
-    write_back(target, dx, len);
-  }
-  if (p.grad_residual.numel()) {
-    scalar_t* dres = p.grad_residual.mutable_data_ptr<scalar_t>() + off;
-    if constexpr (kSameType<scalar_t, acc_t>) {
-      std::copy(s.dz.data(), s.dz.data() + len, dres);
-    } else {
-      at::vec::convert(s.dz.data(), dres, len);
-    }
-  }
+void backward_elementwise(const BackwardPlan& p, int64_t off, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
+                          const GradCoefs<kPerElement, acc_t>& k, acc_t slope, Scratch<acc_t>& s) {
+  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() + off : nullptr;
+  scalar_t* dx = p.grad_input.numel() ? p.grad_input.mutable_data_ptr<scalar_t>() + off : nullptr;
+  scalar_t* dres = p.grad_residual.numel() ? p.grad_residual.mutable_data_ptr<scalar_t>() + off : nullptr;
+  acc_t* dx_acc = dx ? write_target(dx, s.out.data()) : nullptr;
+  acc_t* dres_acc = dres ? write_target(dres, s.out2.data()) : nullptr;
+  grad_elementwise_segment<kPerElement, acc_t>(
+      read_as_acc(p.x.const_data_ptr<scalar_t>() + off, len, s.x.data()),
+      read_as_acc(p.grad_out.const_data_ptr<scalar_t>() + off, len, s.dy.data()),
+      res ? read_as_acc(res, len, s.residual.data()) : nullptr, dx_acc, dres_acc, len, fc, k, p.activation, slope);
+  if (dx) write_back(dx_acc, dx, len);
+  if (dres) write_back(dres_acc, dres, len);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
@@ -605,17 +638,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
           };
           if (want_sums) {
             for_each_segment([&](int64_t off, int64_t len) {
-              backward_segment<false, scalar_t, acc_t>(p, off, len, fc, slope, s);
-              sum_dz[c] += sum_segment<acc_t>(s.dz.data(), nullptr, len);
-              sum_dz_xc[c] += sum_segment<acc_t>(s.dz.data(), s.xc.data(), len);
+              backward_sums<false, scalar_t, acc_t>(p, off, len, fc, slope, s, &sum_dz[c], &sum_dz_xc[c]);
             });
           }
           k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
           if (want_elementwise) {
+            const GradCoefs<false, acc_t> gc{{&k[c].dz_coef}, {&k[c].xc_coef}, {&k[c].const_coef}};
             for_each_segment([&](int64_t off, int64_t len) {
-              backward_segment<false, scalar_t, acc_t>(p, off, len, fc, slope, s);
-              write_grads_segment<false, scalar_t, acc_t>(p, off, len, {&k[c].dz_coef}, {&k[c].xc_coef},
-                                                          {&k[c].const_coef}, s);
+              backward_elementwise<false, scalar_t, acc_t>(p, off, len, fc, gc, slope, s);
             });
           }
         }
@@ -632,9 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
           std::vector<acc_t> col_dz(period.length, 0), col_dz_xc(period.length, 0);
           for (int64_t off = begin; off < end; off += period.length) {
             const int64_t len = std::min(period.length, end - off);
-            backward_segment<true, scalar_t, acc_t>(p, off, len, fc, slope, s);
-            accumulate_columns<acc_t>(s.dz.data(), nullptr, col_dz.data(), len);
-            accumulate_columns<acc_t>(s.dz.data(), s.xc.data(), col_dz_xc.data(), len);
+            backward_sums<true, scalar_t, acc_t>(p, off, len, fc, slope, s, col_dz.data(), col_dz_xc.data());
           }
           period.fold_into(col_dz, part_dz[chunk].data());
           period.fold_into(col_dz_xc, part_dz_xc[chunk].data());
@@ -655,9 +683,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
       }
       if (want_elementwise) {
         const auto dz_t = period.tile(dz_coef), xc_t = period.tile(xc_coef), const_t = period.tile(const_coef);
+        const GradCoefs<true, acc_t> gc{{dz_t.data()}, {xc_t.data()}, {const_t.data()}};
         for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
-          backward_segment<true, scalar_t, acc_t>(p, off, len, fc, slope, s);
-          write_grads_segment<true, scalar_t, acc_t>(p, off, len, {dz_t.data()}, {xc_t.data()}, {const_t.data()}, s);
+          backward_elementwise<true, scalar_t, acc_t>(p, off, len, fc, gc, slope, s);
         });
       }
     }
