@@ -78,8 +78,10 @@ _lib.impl("batch_norm_train", _train_bump_versions, "ADInplaceOrView", with_keys
 def _eval_setup_context(ctx, inputs, output):
     input, running_mean, running_var, weight, bias, eps, activation, negative_slope, residual = inputs
     stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    # Copies, never views: the running statistics may change before backward
+    # (and an op below autograd may not return its input, which .to() would).
     mean = running_mean.to(stats_dtype, copy=True)
-    rstd = torch.rsqrt(running_var.to(stats_dtype) + eps)
+    rstd = running_var.to(stats_dtype, copy=True).add_(eps).rsqrt_()
     ctx.save_for_backward(input, weight, bias, residual, mean, rstd)
     ctx.activation, ctx.negative_slope = activation, negative_slope
     needs = ctx.needs_input_grad

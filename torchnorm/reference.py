@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["activation", "batch_norm"]
+__all__ = ["apply_activation", "batch_norm"]
 
 
-def activation(z: Tensor, name: Optional[str], negative_slope: float = 0.01) -> Tensor:
+def apply_activation(z: Tensor, name: Optional[str], negative_slope: float = 0.01) -> Tensor:
     """The activations torchnorm fuses, by name (None or "none": identity)."""
     if name is None or name == "none":
         return z
@@ -37,16 +37,13 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    activation_name: Optional[str] = None,
+    activation: Optional[str] = None,
     negative_slope: float = 0.01,
     residual: Optional[Tensor] = None,
-    *,
-    activation: Optional[str] = None,
 ) -> Tensor:
     """float64 ``act(BN(input) + residual)``; same arguments as
-    :func:`torchnorm.functional.batch_norm` (``activation`` may be passed by
-    keyword). Updates the running statistics in place when training."""
-    act = activation if activation is not None else activation_name
+    :func:`torchnorm.functional.batch_norm`. Updates the running statistics in
+    place when training."""
     x = input.double()
     shape = [1, -1] + [1] * (x.dim() - 2)
     dims = [0] + list(range(2, x.dim()))
@@ -68,4 +65,4 @@ def batch_norm(
         y = y + bias.double().view(shape)
     if residual is not None:
         y = y + residual.double()
-    return activation(y, act, negative_slope)
+    return apply_activation(y, activation, negative_slope)

@@ -12,10 +12,11 @@ enum class Activation : int { None = 0, ReLU = 1, LeakyReLU = 2, SiLU = 3 };
 template <typename T>
 TN_HOST_DEVICE T activation_forward(Activation act, T z, T negative_slope) {
   switch (act) {
+    // Written so that NaN passes through, as torch.relu lets it.
     case Activation::ReLU:
-      return z > T(0) ? z : T(0);
+      return z < T(0) ? T(0) : z;
     case Activation::LeakyReLU:
-      return z > T(0) ? z : z * negative_slope;
+      return z < T(0) ? z * negative_slope : z;
     case Activation::SiLU:
       return z / (T(1) + exp(-z));
     default:

@@ -15,7 +15,10 @@ from .. import functional as F
 def _batch_norm_forward(module, input: Tensor, activation: Optional[str], negative_slope: float,
                         residual: Optional[Tensor]) -> Tensor:
     """torch.nn's _BatchNorm.forward, with torchnorm's op and an epilogue."""
-    module._check_input_dim(input)
+    if not torch.fx._symbolic_trace.is_fx_tracing():
+        # A shape check is control flow on a traced value; the operator
+        # checks the rank again anyway.
+        module._check_input_dim(input)
     momentum = 0.0 if module.momentum is None else module.momentum
     update_stats = module.training and module.track_running_stats
     if update_stats and module.num_batches_tracked is not None and module.momentum is None:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build the CUDA kernels, run the test suite on
+# the GPU, run compute-sanitizer over a short CUDA test, run the benchmark
+# suite. Logs and results go to $OUT (the device tool's folder), at most 7
+# files: env.txt build.log tests.log sanitizer.log and the benchmark's
+# <card>.csv/.md/.png. Commit those under benchmarks/results/.
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} TORCHNORM_CUDA=1 PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step env
+{ nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
+  > "$OUT/env.txt" 2>&1
+card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+
+step build
+if ! $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "build failed"; exit 1
+fi
+
+step tests
+timeout 900 $PY -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
+tail -5 "$OUT/tests.log"
+
+step sanitizer
+# memcheck over the CUDA tests of the ops (small shapes), kept short.
+timeout 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY -m pytest tests/test_batch_norm.py -q -x -p no:cacheprovider -k "cuda and not large and not compile" \
+  > "$OUT/sanitizer.log" 2>&1 || status=1
+tail -5 "$OUT/sanitizer.log"
+
+step benchmarks
+$PY -m benchmarks --device cuda --out "$OUT/$card.csv" 2>&1 | tail -40 || status=1
+
+step done
+exit $status

@@ -1,0 +1,173 @@
+"""Shared helpers for the torchnorm tests (imported as `from conftest import ...`).
+
+Inputs are drawn in float64 on the CPU from a seeded generator, rounded to the
+dtype under test, moved to the device and laid out as asked, so every device
+and layout sees the same values. Nothing is ever tested on zeros: inputs,
+weights, biases, residuals and running statistics are all random and nonzero.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tolerances import tol
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Parametrize `device` over these: CUDA runs whenever a GPU is present.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")],
+    ),
+]
+
+ACTIVATIONS = [None, "relu", "leaky_relu", "silu"]
+NEGATIVE_SLOPE = 0.2  # not the default, so a kernel ignoring it is caught
+
+# (input dtype, parameter/statistics dtype)
+DTYPES_ALL = [
+    pytest.param((torch.float32, torch.float32), id="f32"),
+    pytest.param((torch.float64, torch.float64), id="f64"),
+    pytest.param((torch.float16, torch.float16), id="f16"),
+    pytest.param((torch.bfloat16, torch.bfloat16), id="bf16"),
+    pytest.param((torch.float16, torch.float32), id="f16-f32params"),
+    pytest.param((torch.bfloat16, torch.float32), id="bf16-f32params"),
+]
+
+# Modes of the functional API: (training, running statistics given)
+MODES = [
+    pytest.param((True, True), id="train-track"),
+    pytest.param((True, False), id="train-notrack"),
+    pytest.param((False, True), id="eval"),
+]
+
+
+def act_name(activation):
+    """The op-level spelling of an activation."""
+    return "none" if activation is None else activation
+
+
+def torch_act(y, activation, negative_slope=NEGATIVE_SLOPE):
+    """torch's own activation, the truth for the fused one."""
+    if activation is None or activation == "none":
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(activation)
+
+
+def generator(seed):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def randn(shape, seed, dtype=torch.float32, device="cpu", scale=1.0, offset=0.0):
+    """Seeded normal values drawn on the CPU in float64, then cast and moved."""
+    t = torch.randn(shape, generator=generator(seed), dtype=torch.float64) * scale + offset
+    return t.to(dtype).to(device)
+
+
+def channel_offsets(shape, seed):
+    """A per-channel offset broadcastable against shape (so batch means differ)."""
+    C = shape[1]
+    off = torch.randn(C, generator=generator(seed + 7919), dtype=torch.float64) * 1.5
+    return off.view((1, C) + (1,) * (len(shape) - 2))
+
+
+def apply_layout(t, layout):
+    """Returns a tensor equal to t laid out as asked (a view for the strided ones)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        assert t.dim() == 4
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        assert t.dim() == 5
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "transposed":
+        # the last two dims swapped in memory
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert t.numel() <= 1 or not out.is_contiguous() or min(t.shape[-2:]) <= 1
+        return out
+    if layout == "sliced":
+        # every other element of a buffer twice as long in the last dim
+        big = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+        big.fill_(float("nan"))
+        out = big[..., ::2]
+        out.copy_(t)
+        return out
+    raise ValueError(layout)
+
+
+def make_input(shape, dtype, device="cpu", layout="contiguous", seed=0, scale=2.0, offset=True):
+    """A test input: seeded values with per-channel offsets, in the given layout."""
+    x = torch.randn(shape, generator=generator(seed), dtype=torch.float64) * scale
+    if offset and len(shape) >= 2 and shape[1] > 0:
+        x = x + channel_offsets(shape, seed)
+    return apply_layout(x.to(dtype).to(device), layout)
+
+
+def make_params(C, dtype, device="cpu", seed=100, affine=True, track=True):
+    """weight, bias, running_mean, running_var: random, nonzero, positive variance."""
+    w = b = rm = rv = None
+    if affine:
+        w = randn((C,), seed, dtype, device, scale=0.5, offset=1.0)
+        b = randn((C,), seed + 1, dtype, device, scale=0.5, offset=0.25)
+    if track:
+        rm = randn((C,), seed + 2, dtype, device, scale=0.5, offset=0.1)
+        rv = (torch.rand(C, generator=generator(seed + 3), dtype=torch.float64) + 0.5).to(dtype).to(device)
+    return w, b, rm, rv
+
+
+def clone_opt(t):
+    return None if t is None else t.detach().clone()
+
+
+def to64(t, device="cpu"):
+    """A float64 CPU leaf copy (requires_grad as the source)."""
+    if t is None:
+        return None
+    out = t.detach().to(device=device, dtype=torch.float64).clone()
+    return out.requires_grad_(t.requires_grad)
+
+
+def poison(device, nbytes=None):
+    """Fill allocator blocks with NaN and free them, so that an output the kernel
+    forgets to write reads as NaN instead of a lucky zero. On CUDA the caching
+    allocator hands these blocks out again; on the CPU malloc's free lists do."""
+    sizes = [16, 256, 4096, 16384]
+    if nbytes is not None:
+        sizes.append(max(1, nbytes // 4))
+    elif device != "cpu":
+        sizes += [1 << 18] * 3
+    blocks = [torch.full((n,), float("nan"), dtype=torch.float32, device=device) for n in sizes]
+    del blocks
+
+
+def assert_close(actual, expected, dtype, kind, msg=""):
+    """Compares actual with expected (any dtype/device) in float64 on the CPU with
+    the tolerance of `dtype` and `kind` from tests/tolerances.py."""
+    assert actual is not None, f"{msg}: missing result"
+    assert tuple(actual.shape) == tuple(expected.shape), f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(
+        actual.detach().to("cpu", torch.float64),
+        expected.detach().to("cpu", torch.float64),
+        **tol(dtype, kind),
+        equal_nan=False,
+        msg=lambda m: f"{msg}\n{m}" if msg else m,
+    )
+
+
+def memory_format_of(t):
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
