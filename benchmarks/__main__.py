@@ -1,0 +1,113 @@
+"""``python -m benchmarks``: run a suite, append rows to a CSV, write its markdown table and plot.
+
+Examples::
+
+    python -m benchmarks                                   # default suite, default device
+    python -m benchmarks --providers torch,torch_compile   # without torchnorm
+    python -m benchmarks --device cpu --quick --out /tmp/bench.csv   # smoke test
+    python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import OrderedDict
+
+from . import harness, report, suites
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _list(text: str, allowed: tuple, what: str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise SystemExit(f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options."""
+    import torch
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="batch_norm", choices=sorted(suites.SUITES))
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"],
+                    default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda when available, else cpu; all: cpu then cuda")
+    ap.add_argument("--providers", default=",".join(suites.PROVIDERS),
+                    help=f"comma-separated, from {','.join(suites.PROVIDERS)} (default: all)")
+    ap.add_argument("--modes", default=",".join(suites.MODES),
+                    help=f"comma-separated, from {','.join(suites.MODES)} (default: all)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and short timing: a smoke test")
+    ap.add_argument("--out", help="CSV to append rows to; the .md and .png go next to it "
+                                  f"(default: {os.path.relpath(RESULTS)}/local/<device>.csv)")
+    ap.add_argument("--min-run-time", type=float,
+                    help="seconds of timed calls per row (default: 1.0 on cpu, 0.3 on cuda)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    args = ap.parse_args(argv)
+    args.providers = _list(args.providers, suites.PROVIDERS, "provider")
+    args.modes = _list(args.modes, suites.MODES, "mode")
+    return args
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; return the process exit status (0 ok, 1 some rows failed, 2 cannot run)."""
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            harness.log("--device cuda: no CUDA device is available")
+            return 2
+        harness.log("no CUDA device: running the cpu part of --device all only")
+        devices.remove("cuda")
+    try:
+        for p in args.providers:
+            suites.check_provider(p)
+    except suites.ProviderUnavailable as e:
+        harness.log(f"error: {e}")
+        return 2
+
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    outs = OrderedDict()  # CSV path -> devices written to it
+    for device in devices:
+        path = args.out or os.path.join(RESULTS, "local", harness.device_slug(device) + ".csv")
+        outs.setdefault(path, []).append(device)
+    plan = {d: suites.SUITES[args.suite](d, args.quick) for d in devices}
+    total = sum(len(c) for c in plan.values()) * len(args.providers) * len(args.modes)
+    harness.log(f"suite {args.suite}: {total} rows on {', '.join(devices)}; torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads; providers {','.join(args.providers)}; "
+                f"modes {','.join(args.modes)}; run {run_id}")
+
+    if "cpu" in devices:
+        harness.warn_if_busy()
+    failures, counter, start = [], [0], time.perf_counter()
+    for path, path_devices in outs.items():
+        writer = harness.CsvWriter(path)
+        for device in path_devices:
+            harness.log(f"{device}: {harness.device_name(device)} -> {path}")
+            settings = harness.Settings(device, args.quick, args.min_run_time)
+            failures += harness.run_suite(plan[device], device, args.providers, args.modes, writer,
+                                          run_id, settings, counter, total)
+        text = report.write_report(path, run_id)
+        stem = os.path.splitext(path)[0]
+        print(text, end="", flush=True)
+        harness.log(f"wrote {path} (appended), {stem}.md, {stem}.png")
+    harness.log(f"done in {time.perf_counter() - start:.0f} s")
+    if failures:
+        harness.log(f"{len(failures)} failed:")
+        for label, msg in failures:
+            harness.log(f"  {label}: {msg}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
