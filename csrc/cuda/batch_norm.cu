@@ -1,0 +1,1060 @@
+// CUDA kernels of torchnorm's BatchNorm ops (batch_norm_train, batch_norm_eval,
+// batch_norm_backward). Argument checks, layout classification and output
+// allocation are done by plan_forward / plan_backward (common/batch_norm_host.h);
+// the per-element math comes from common/ (welford.h, batch_norm_math.h,
+// activations.h), so the CPU and CUDA kernels compute the same functions.
+//
+// Memory traffic (n = N*C*S elements; per-channel data is O(C) and ignored):
+//
+//   batch_norm_train: 2 reads of x, 1 write of out (+1 read of residual).
+//     1. reduce    read x once. Each thread runs Welford over its elements,
+//                  a block Chan-combines its threads into one partial
+//                  (count, mean, M2) per channel, written to a workspace.
+//     2. finalize  per channel: combine the partials, write mean / rstd,
+//                  update the running statistics, and precompute the
+//                  normalize coefficients (scale = weight*rstd, shift = bias).
+//     3. normalize read x (+ residual), write out = act((x-mean)*scale+shift+r).
+//     Reading x once would need it kept on chip between 1 and 3 (a persistent
+//     cooperative kernel); x is re-read instead (from L2 when it fits there).
+//
+//   batch_norm_eval: 1 read of x (+ residual), 1 write of out, after a tiny
+//     per-channel kernel that turns the running statistics into coefficients.
+//
+//   batch_norm_backward: reduce pass reads x and dy (+ residual when an
+//     activation needs the pre-activation z) for sum(dz) and sum(dz*(x-mean));
+//     finalize writes grad_weight / grad_bias and the grad_input coefficients;
+//     an element-wise pass reads x, dy (+ residual) and writes grad_input
+//     and/or grad_residual. The reduce pass runs only when something needs the
+//     sums (grad_weight, grad_bias, or grad_input in training), so an eval-mode
+//     grad_input costs a single pass.
+//
+// Layouts (BatchNormGeometry): Planar = (N, C, S) contiguous, Rowwise = (R, C)
+// with R = N*S rows (channels_last or 2-D input). The reductions have one
+// kernel per layout; the element-wise kernels treat both as a flat array whose
+// element e is in channel (e / S) % C (Rowwise is the case S = 1).
+//
+// Templates: reductions per input dtype x layout x {statistics, gradient
+// sums}, element-wise kernels per dtype x {16-byte vector, scalar} x
+// {forward, backward}, finalize kernels per dtype (44 kernels in all). The
+// parameter dtype (input dtype or float32), the activation and the optional
+// tensors are run-time switches: parameters are read once per channel per
+// block or thread, and the activation switch is uniform across a launch.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "common/activations.h"
+#include "common/batch_norm_host.h"
+#include "common/batch_norm_math.h"
+#include "common/welford.h"
+
+namespace torchnorm {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block, for every kernel here
+constexpr int kWarp = 32;
+constexpr int kUnroll = 4;  // independent loads each thread issues per iteration of a reduction loop
+
+template <typename scalar_t>
+using acc_type_of = at::acc_type<scalar_t, /*is_cuda=*/true>;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// ---------------------------------------------------------------------------
+// Per-channel vectors with a run-time dtype
+// ---------------------------------------------------------------------------
+
+// A per-channel 1-D tensor (weight, bias, running stats, saved mean / rstd,
+// grad_weight, grad_bias) in either the input's dtype or float32. Reading it
+// through this instead of a second AT_DISPATCH keeps one instantiation per
+// input dtype. The stride is kept because a 1-D tensor may be a strided view
+// (e.g. running stats sliced out of a bigger buffer), and running stats must be
+// updated in place, not in a contiguous copy.
+template <typename scalar_t>
+struct ChannelParam {
+  using acc_t = acc_type_of<scalar_t>;
+  void* ptr = nullptr;  // nullptr: the tensor is absent (or not wanted)
+  int64_t stride = 1;
+  bool is_float = false;  // stored as float32 rather than scalar_t
+
+  __device__ __forceinline__ bool present() const { return ptr != nullptr; }
+
+  __device__ __forceinline__ acc_t load(int64_t c, acc_t absent) const {
+    if (ptr == nullptr) return absent;
+    if (is_float) return static_cast<acc_t>(static_cast<const float*>(ptr)[c * stride]);
+    return static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[c * stride]);
+  }
+
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    if (is_float) {
+      static_cast<float*>(ptr)[c * stride] = static_cast<float>(v);
+    } else {
+      static_cast<scalar_t*>(ptr)[c * stride] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
+template <typename scalar_t>
+ChannelParam<scalar_t> channel_param(const at::Tensor& t, bool writable) {
+  ChannelParam<scalar_t> p;
+  if (!t.defined()) return p;
+  TORCH_INTERNAL_ASSERT(t.dim() == 1);
+  TORCH_INTERNAL_ASSERT(
+      t.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value || t.scalar_type() == at::kFloat,
+      "torchnorm: unexpected per-channel dtype ", t.scalar_type());
+  // const_data_ptr for inputs: mutable_data_ptr would materialize a
+  // copy-on-write storage that the kernel never writes.
+  p.ptr = writable ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
+  p.stride = t.stride(0);
+  p.is_float = t.scalar_type() == at::kFloat;
+  return p;
+}
+
+template <typename scalar_t>
+ChannelParam<scalar_t> channel_param(const std::optional<at::Tensor>& t, bool writable) {
+  return t.has_value() ? channel_param<scalar_t>(*t, writable) : ChannelParam<scalar_t>{};
+}
+
+// ---------------------------------------------------------------------------
+// Accumulators and their block-level combination
+// ---------------------------------------------------------------------------
+
+// Backward sums of one channel: sum(dz) and sum(dz * (x - mean)).
+template <typename acc_t>
+struct SumPair {
+  acc_t dz = acc_t(0);
+  acc_t dz_xc = acc_t(0);
+};
+
+template <typename acc_t>
+__device__ __forceinline__ MeanM2<acc_t> merge(const MeanM2<acc_t>& a, const MeanM2<acc_t>& b) {
+  return combine(a, b);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ SumPair<acc_t> merge(const SumPair<acc_t>& a, const SumPair<acc_t>& b) {
+  SumPair<acc_t> r;
+  r.dz = a.dz + b.dz;
+  r.dz_xc = a.dz_xc + b.dz_xc;
+  return r;
+}
+
+// Partials live in a (fields, splits, C) workspace of acc_t: one field after
+// the other, so a warp reading consecutive channels of one split is coalesced.
+template <typename acc_t>
+__device__ __forceinline__ void store_partial(acc_t* ws, int64_t field_stride, int64_t i, const MeanM2<acc_t>& a) {
+  ws[i] = a.count;
+  ws[field_stride + i] = a.mean;
+  ws[2 * field_stride + i] = a.m2;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void load_partial(const acc_t* ws, int64_t field_stride, int64_t i, MeanM2<acc_t>& a) {
+  a.count = ws[i];
+  a.mean = ws[field_stride + i];
+  a.m2 = ws[2 * field_stride + i];
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_partial(acc_t* ws, int64_t field_stride, int64_t i, const SumPair<acc_t>& a) {
+  ws[i] = a.dz;
+  ws[field_stride + i] = a.dz_xc;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void load_partial(const acc_t* ws, int64_t field_stride, int64_t i, SumPair<acc_t>& a) {
+  a.dz = ws[i];
+  a.dz_xc = ws[field_stride + i];
+}
+
+// Combines the accumulators of the threads that share `col`, over `rows`
+// threads (a power of two), with a shared-memory tree; every thread gets its
+// column's total. `sm` holds rows * width accumulators. A tree (not warp
+// shuffles) because the reduced axis is sometimes inside a warp and sometimes
+// across warps, and its cost is nothing next to the loop that precedes it.
+template <typename Acc>
+__device__ Acc block_tree_reduce(Acc* sm, const Acc& v, int row, int col, int rows, int width) {
+  sm[row * width + col] = v;
+  __syncthreads();
+  for (int half = rows / 2; half > 0; half /= 2) {
+    if (row < half) sm[row * width + col] = merge(sm[row * width + col], sm[(row + half) * width + col]);
+    __syncthreads();
+  }
+  return sm[col];
+}
+
+// ---------------------------------------------------------------------------
+// What the reduction kernels accumulate
+// ---------------------------------------------------------------------------
+
+// dL/dz from dL/dy: the activation's derivative at the recomputed
+// pre-activation z = (x - mean) * scale + shift + residual, written exactly as
+// the forward computes it so the two agree on which side of a kink z is.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pre_activation_grad(
+    Activation act, acc_t slope, acc_t dy, acc_t xc, acc_t scale, acc_t shift, acc_t r) {
+  if (act == Activation::None) return dy;
+  const acc_t z = xc * scale + shift + r;
+  return dy * activation_derivative(act, z, slope);
+}
+
+// Forward statistics: Welford over x.
+template <typename scalar_t>
+struct StatsOp {
+  using acc_t = acc_type_of<scalar_t>;
+  using Acc = MeanM2<acc_t>;
+  using Loaded = acc_t;
+  struct Channel {};
+  static constexpr int kFields = 3;
+
+  const scalar_t* x;
+
+  __device__ __forceinline__ Channel channel(int64_t) const { return {}; }
+  __device__ __forceinline__ Loaded load(int64_t i) const { return static_cast<acc_t>(x[i]); }
+  __device__ __forceinline__ void add(Acc& a, const Channel&, Loaded v) const { welford_add(a, v); }
+};
+
+// Backward sums: sum(dz) and sum(dz * (x - mean)).
+template <typename scalar_t>
+struct GradOp {
+  using acc_t = acc_type_of<scalar_t>;
+  using Acc = SumPair<acc_t>;
+  struct Loaded {
+    acc_t x, dy, r;
+  };
+  struct Channel {
+    acc_t mean, scale, shift;
+  };
+  static constexpr int kFields = 2;
+
+  const scalar_t* x;
+  const scalar_t* dy;
+  const scalar_t* residual;  // only when the activation needs z, else nullptr
+  ChannelParam<scalar_t> mean, rstd, weight, bias;
+  Activation act;
+  acc_t slope;
+
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    const auto fc = forward_coefficients(rstd.load(c, acc_t(1)), weight.load(c, acc_t(1)), bias.load(c, acc_t(0)));
+    return {mean.load(c, acc_t(0)), fc.scale, fc.shift};
+  }
+  __device__ __forceinline__ Loaded load(int64_t i) const {
+    return {static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]),
+            residual != nullptr ? static_cast<acc_t>(residual[i]) : acc_t(0)};
+  }
+  __device__ __forceinline__ void add(Acc& a, const Channel& ch, const Loaded& v) const {
+    const acc_t xc = v.x - ch.mean;
+    const acc_t dz = pre_activation_grad(act, slope, v.dy, xc, ch.scale, ch.shift, v.r);
+    a.dz += dz;
+    a.dz_xc += dz * xc;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Reduction kernels: one partial per (grid row, channel)
+// ---------------------------------------------------------------------------
+
+// Planar (N, C, S). grid = (C, n_splits * s_splits), block = (tx, ty) with
+// tx * ty = kThreads. Block (c, y) covers the planes n = y_n*ty + threadIdx.y
+// (step n_splits*ty) and positions s = y_s*tx + threadIdx.x (step s_splits*tx)
+// of channel c: threadIdx.x runs along the contiguous s axis (coalesced), and
+// threadIdx.y over planes keeps threads busy when S is small. Splitting a
+// channel over several blocks fills the GPU when C is small; the partials are
+// combined by the finalize kernel.
+template <typename Op>
+__global__ void __launch_bounds__(kThreads) planar_reduce_kernel(
+    Op op, int64_t N, int64_t C, int64_t S, unsigned s_splits, typename Op::acc_t* __restrict__ partials) {
+  using Acc = typename Op::Acc;
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(Acc)];
+
+  const int64_t c = blockIdx.x;
+  // 32-bit divisions (gridDim.y < 2^16): a 64-bit one is a subroutine call.
+  const int64_t n_splits = gridDim.y / s_splits;
+  const int64_t split_n = blockIdx.y / s_splits;
+  const int64_t split_s = blockIdx.y % s_splits;
+  const int64_t n_step = n_splits * blockDim.y;
+  const int64_t s_step = s_splits * blockDim.x;
+  const int64_t s_first = split_s * blockDim.x + threadIdx.x;
+
+  const auto ch = op.channel(c);
+  Acc acc;
+  for (int64_t n = split_n * blockDim.y + threadIdx.y; n < N; n += n_step) {
+    const int64_t plane = (n * C + c) * S;
+    for (int64_t s = s_first; s < S; s += kUnroll * s_step) {
+      // All loads first, then the dependent accumulation, so kUnroll loads
+      // per thread are in flight.
+      typename Op::Loaded v[kUnroll] = {};
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (s + u * s_step < S) v[u] = op.load(plane + s + u * s_step);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (s + u * s_step < S) op.add(acc, ch, v[u]);
+      }
+    }
+  }
+
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const Acc total = block_tree_reduce(reinterpret_cast<Acc*>(smem), acc, tid, 0, kThreads, 1);
+  if (tid == 0) store_partial(partials, int64_t(gridDim.y) * C, int64_t(blockIdx.y) * C + c, total);
+}
+
+// Rowwise (R, C). grid = (ceil(C / bx), row_splits), block = (bx, by) with bx
+// a power of two <= 32 and bx * by = kThreads. Thread (tx, ty) owns channel
+// c = blockIdx.x*bx + tx and rows r = blockIdx.y*by + ty (step row_splits*by):
+// a warp reads consecutive channels of one row, or whole consecutive rows when
+// C < 32, so loads are coalesced either way.
+template <typename Op>
+__global__ void __launch_bounds__(kThreads) rowwise_reduce_kernel(
+    Op op, int64_t R, int64_t C, typename Op::acc_t* __restrict__ partials) {
+  using Acc = typename Op::Acc;
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(Acc)];
+
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  Acc acc;
+  if (c < C) {
+    const auto ch = op.channel(c);
+    const int64_t r_step = int64_t(gridDim.y) * blockDim.y;
+    for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < R; r += kUnroll * r_step) {
+      typename Op::Loaded v[kUnroll] = {};
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r + u * r_step < R) v[u] = op.load((r + u * r_step) * C + c);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r + u * r_step < R) op.add(acc, ch, v[u]);
+      }
+    }
+  }
+  // Every thread takes part in the tree (it synchronizes), idle columns with
+  // an empty accumulator.
+  const Acc total =
+      block_tree_reduce(reinterpret_cast<Acc*>(smem), acc, threadIdx.y, threadIdx.x, blockDim.y, blockDim.x);
+  if (threadIdx.y == 0 && c < C) store_partial(partials, int64_t(gridDim.y) * C, int64_t(blockIdx.y) * C + c, total);
+}
+
+// ---------------------------------------------------------------------------
+// Finalize kernels: one result per channel
+// ---------------------------------------------------------------------------
+
+// The finalize kernels use block = (bx, by), bx * by = kThreads, grid =
+// ceil(C / bx): threadIdx.x picks the channel (consecutive channels are
+// consecutive in the (fields, splits, C) workspace), threadIdx.y strides over
+// the splits. by grows with the number of splits (finalize_block), so a few
+// channels with many partials each (small C, large N*S) still combine in
+// parallel rather than one thread walking hundreds of partials.
+
+// The total of channel c's `splits` partials, in the threads with threadIdx.y == 0.
+template <typename Acc, typename acc_t>
+__device__ Acc combine_partials(const acc_t* __restrict__ partials, int64_t splits, int64_t C, int64_t c) {
+  __shared__ __align__(16) unsigned char smem[kThreads * sizeof(Acc)];
+  Acc acc;
+  if (c < C) {
+    for (int64_t k = threadIdx.y; k < splits; k += blockDim.y) {
+      Acc p;
+      load_partial(partials, splits * C, k * C + c, p);
+      acc = merge(acc, p);
+    }
+  }
+  return block_tree_reduce(reinterpret_cast<Acc*>(smem), acc, threadIdx.y, threadIdx.x, blockDim.y, blockDim.x);
+}
+
+// Training forward: batch mean / rstd, running statistics, and the normalize
+// coefficients. `count` is N*S, exact, rather than the partials' summed count
+// (a float count stops being exact above 2^24).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
+    const acc_type_of<scalar_t>* __restrict__ partials,
+    int64_t splits,
+    int64_t C,
+    acc_type_of<scalar_t> count,
+    acc_type_of<scalar_t> eps,
+    acc_type_of<scalar_t> momentum,
+    ChannelParam<scalar_t> weight,
+    ChannelParam<scalar_t> bias,
+    ChannelParam<scalar_t> running_mean,
+    ChannelParam<scalar_t> running_var,
+    acc_type_of<scalar_t>* __restrict__ mean_out,
+    acc_type_of<scalar_t>* __restrict__ rstd_out,
+    acc_type_of<scalar_t>* __restrict__ scale_out,
+    acc_type_of<scalar_t>* __restrict__ shift_out) {
+  using acc_t = acc_type_of<scalar_t>;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const MeanM2<acc_t> total = combine_partials<MeanM2<acc_t>>(partials, splits, C, c);
+  if (threadIdx.y != 0 || c >= C) return;
+
+  const acc_t rstd = rstd_from_var(total.m2 / count, eps);  // biased variance normalizes
+  mean_out[c] = total.mean;
+  rstd_out[c] = rstd;
+  const auto fc = forward_coefficients(rstd, weight.load(c, acc_t(1)), bias.load(c, acc_t(0)));
+  scale_out[c] = fc.scale;
+  shift_out[c] = fc.shift;
+  if (running_mean.present()) {
+    acc_t rm = running_mean.load(c, acc_t(0));
+    acc_t rv = running_var.load(c, acc_t(1));
+    update_running_stats(rm, rv, total.mean, total.m2, count, momentum);
+    running_mean.store(c, rm);
+    running_var.store(c, rv);
+  }
+}
+
+// Eval forward: coefficients from the running statistics. coef is (3, C):
+// mean, scale, shift.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) eval_coefficients_kernel(
+    int64_t C,
+    acc_type_of<scalar_t> eps,
+    ChannelParam<scalar_t> running_mean,
+    ChannelParam<scalar_t> running_var,
+    ChannelParam<scalar_t> weight,
+    ChannelParam<scalar_t> bias,
+    acc_type_of<scalar_t>* __restrict__ coef) {
+  using acc_t = acc_type_of<scalar_t>;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const acc_t rstd = rstd_from_var(running_var.load(c, acc_t(1)), eps);
+  const auto fc = forward_coefficients(rstd, weight.load(c, acc_t(1)), bias.load(c, acc_t(0)));
+  coef[c] = running_mean.load(c, acc_t(0));
+  coef[C + c] = fc.scale;
+  coef[2 * C + c] = fc.shift;
+}
+
+// Layout of the backward's (6, C) coefficient workspace: mean, scale, shift
+// (to recompute z), then grad_input's dz_coef, xc_coef, const_coef.
+enum BackwardCoef : int { kMean = 0, kScale, kShift, kDzCoef, kXcCoef, kConstCoef };
+
+// Backward: grad_weight / grad_bias (when wanted) and the coefficients of the
+// element-wise pass (coef, laid out as BackwardCoef). With splits == 0 (no reduction
+// was needed) the sums are zero, which only the unused training terms read.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) grad_finalize_kernel(
+    const acc_type_of<scalar_t>* __restrict__ partials,
+    int64_t splits,
+    int64_t C,
+    acc_type_of<scalar_t> count,
+    bool training,
+    ChannelParam<scalar_t> mean,
+    ChannelParam<scalar_t> rstd,
+    ChannelParam<scalar_t> weight,
+    ChannelParam<scalar_t> bias,
+    ChannelParam<scalar_t> grad_weight,
+    ChannelParam<scalar_t> grad_bias,
+    acc_type_of<scalar_t>* __restrict__ coef) {
+  using acc_t = acc_type_of<scalar_t>;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const SumPair<acc_t> sums = combine_partials<SumPair<acc_t>>(partials, splits, C, c);
+  if (threadIdx.y != 0 || c >= C) return;
+
+  const acc_t m = mean.load(c, acc_t(0));
+  const acc_t r = rstd.load(c, acc_t(1));
+  const acc_t w = weight.load(c, acc_t(1));
+  if (grad_weight.present()) grad_weight.store(c, sums.dz_xc * r);
+  if (grad_bias.present()) grad_bias.store(c, sums.dz);
+  const auto fc = forward_coefficients(r, w, bias.load(c, acc_t(0)));
+  const auto bc = backward_coefficients(training, r, w, sums.dz, sums.dz_xc, count);
+  coef[kMean * C + c] = m;
+  coef[kScale * C + c] = fc.scale;
+  coef[kShift * C + c] = fc.shift;
+  coef[kDzCoef * C + c] = bc.dz_coef;
+  coef[kXcCoef * C + c] = bc.xc_coef;
+  coef[kConstCoef * C + c] = bc.const_coef;
+}
+
+// ---------------------------------------------------------------------------
+// Element-wise kernels
+// ---------------------------------------------------------------------------
+
+// VEC elements moved as one 16-byte (or, for VEC = 1, one scalar) access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p, int64_t i) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p + i * VEC);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T, VEC>& v) {
+  *reinterpret_cast<Pack<T, VEC>*>(p + i * VEC) = v;
+}
+
+// Element e of the flat array is at position s = e % S of channel
+// c = (e / S) % C. A grid-stride loop advances e by a fixed stride, so the
+// (s, c) pair is carried along with additions instead of two 64-bit divisions
+// per element: only the constructor divides.
+struct ChannelWalker {
+  int64_t S, C;
+  int64_t s, c;            // position of the current element
+  int64_t step_s, step_c;  // the stride, decomposed the same way
+
+  __device__ __forceinline__ ChannelWalker(int64_t start, int64_t stride, int64_t S_, int64_t C_) : S(S_), C(C_) {
+    const int64_t plane = start / S;
+    s = start - plane * S;
+    c = plane % C;
+    const int64_t step_planes = stride / S;
+    step_s = stride - step_planes * S;
+    step_c = step_planes % C;
+  }
+
+  // e += stride. s + step_s < 2S, so at most one carry into the plane index;
+  // c + step_c + carry <= 2C - 1, so one wrap.
+  __device__ __forceinline__ void advance() {
+    s += step_s;
+    int64_t carry = 0;
+    if (s >= S) {
+      s -= S;
+      carry = 1;
+    }
+    c += step_c + carry;
+    if (c >= C) c -= C;
+  }
+};
+
+// e += 1 inside a vector.
+__device__ __forceinline__ void next_element(int64_t& s, int64_t& c, int64_t S, int64_t C) {
+  if (++s == S) {
+    s = 0;
+    if (++c == C) c = 0;
+  }
+}
+
+// The element-wise kernels fetch per-channel coefficients for G consecutive
+// elements at a time, G = 16 bytes of acc_t (or VEC if smaller): one vector
+// load when packed, and no more than 16 bytes of each coefficient array live
+// in registers (the backward has six arrays; whole-VEC gathers cost half-
+// precision kernels occupancy).
+template <typename scalar_t, int VEC>
+constexpr int coef_chunk() {
+  constexpr int per16 = 16 / int(sizeof(acc_type_of<scalar_t>));
+  return VEC < per16 ? VEC : per16;
+}
+
+// The coefficients of one per-channel array `a` for the G consecutive
+// elements that start at position s of channel c. Per-element loads would be
+// correct everywhere but cost: in the rowwise layout a warp's load of a[c]
+// then touches G cache lines, which makes L1, not DRAM, the limit. So:
+//  - all G elements in one channel (planar, unless the chunk crosses a plane
+//    boundary): one broadcast load;
+//  - packed (rowwise with C % G == 0, so c % G == 0 and no wrap inside the
+//    chunk): the G consecutive channels as one aligned vector load;
+//  - otherwise element by element.
+template <int G, typename acc_t>
+__device__ __forceinline__ void gather_channels(
+    const acc_t* __restrict__ a, int64_t s, int64_t c, int64_t S, int64_t C, bool packed, acc_t (&out)[G]) {
+  if (s + G <= S) {
+    const acc_t v = a[c];
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = v;
+  } else if (packed) {
+    const Pack<acc_t, G> p = *reinterpret_cast<const Pack<acc_t, G>*>(a + c);
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = p.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      out[k] = a[c];
+      next_element(s, c, S, C);
+    }
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t normalize_one(
+    acc_t x, acc_t r, acc_t mean, acc_t scale, acc_t shift, Activation act, acc_t slope) {
+  const acc_t z = (x - mean) * scale + shift + r;
+  return activation_forward(act, z, slope);
+}
+
+// out = act((x - mean) * scale + shift + residual), over the flat array; the
+// vector loop covers numel / VEC whole vectors and a tail of < VEC elements
+// is done one per thread. `packed`: see gather_channels (host-checked,
+// including the alignment of mean / scale / shift).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) forward_elementwise_kernel(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ residual,  // nullable
+    scalar_t* __restrict__ out,
+    const acc_type_of<scalar_t>* __restrict__ mean,
+    const acc_type_of<scalar_t>* __restrict__ scale,
+    const acc_type_of<scalar_t>* __restrict__ shift,
+    int64_t numel,
+    int64_t S,
+    int64_t C,
+    bool packed,
+    Activation act,
+    acc_type_of<scalar_t> slope) {
+  using acc_t = acc_type_of<scalar_t>;
+  constexpr int G = coef_chunk<scalar_t, VEC>();
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t nvec = numel / VEC;
+  const bool has_residual = residual != nullptr;
+
+  ChannelWalker walk(tid * VEC, nthreads * VEC, S, C);
+  for (int64_t i = tid; i < nvec; i += nthreads) {
+    const Pack<scalar_t, VEC> xv = load_pack<VEC>(x, i);
+    Pack<scalar_t, VEC> rv{};
+    if (has_residual) rv = load_pack<VEC>(residual, i);
+    Pack<scalar_t, VEC> ov;
+    int64_t s = walk.s, c = walk.c;  // position of element k0
+#pragma unroll
+    for (int k0 = 0; k0 < VEC; k0 += G) {
+      acc_t m[G], sc[G], sh[G];
+      gather_channels<G>(mean, s, c, S, C, packed, m);
+      gather_channels<G>(scale, s, c, S, C, packed, sc);
+      gather_channels<G>(shift, s, c, S, C, packed, sh);
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        const acc_t r = has_residual ? static_cast<acc_t>(rv.v[k0 + k]) : acc_t(0);
+        ov.v[k0 + k] =
+            static_cast<scalar_t>(normalize_one(static_cast<acc_t>(xv.v[k0 + k]), r, m[k], sc[k], sh[k], act, slope));
+      }
+      if (k0 + G < VEC) {
+#pragma unroll
+        for (int k = 0; k < G; ++k) next_element(s, c, S, C);
+      }
+    }
+    store_pack<VEC>(out, i, ov);
+    walk.advance();
+  }
+
+  if constexpr (VEC > 1) {
+    const int64_t e = nvec * VEC + tid;
+    if (e < numel) {
+      const int64_t c = (e / S) % C;
+      const acc_t r = has_residual ? static_cast<acc_t>(residual[e]) : acc_t(0);
+      out[e] = static_cast<scalar_t>(
+          normalize_one(static_cast<acc_t>(x[e]), r, mean[c], scale[c], shift[c], act, slope));
+    }
+  }
+}
+
+template <typename acc_t>
+struct GradOut {
+  acc_t grad_input, grad_residual;
+};
+
+// One element of the backward: dz from dy, then grad_residual = dz and
+// grad_input = dz * dz_coef + (x - mean) * xc_coef + const_coef.
+template <typename acc_t>
+__device__ __forceinline__ GradOut<acc_t> backward_one(
+    acc_t x, acc_t dy, acc_t r, acc_t mean, acc_t scale, acc_t shift, acc_t dz_coef, acc_t xc_coef,
+    acc_t const_coef, Activation act, acc_t slope) {
+  const acc_t xc = x - mean;
+  const acc_t dz = pre_activation_grad(act, slope, dy, xc, scale, shift, r);
+  return {dz * dz_coef + xc * xc_coef + const_coef, dz};
+}
+
+// At least 3 resident blocks (<= 80 registers), which every instantiation
+// fits; without the bound ptxas picks 64 for half and spills.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads, 3) backward_elementwise_kernel(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ dy,
+    const scalar_t* __restrict__ residual,  // nullable; given only when the activation needs z
+    scalar_t* __restrict__ grad_input,      // nullable
+    scalar_t* __restrict__ grad_residual,   // nullable
+    const acc_type_of<scalar_t>* __restrict__ coef,
+    int64_t numel,
+    int64_t S,
+    int64_t C,
+    bool packed,
+    Activation act,
+    acc_type_of<scalar_t> slope) {
+  using acc_t = acc_type_of<scalar_t>;
+  constexpr int G = coef_chunk<scalar_t, VEC>();
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t nvec = numel / VEC;
+  const bool has_residual = residual != nullptr;
+  const bool needs_z = act != Activation::None;
+  const bool want_input = grad_input != nullptr;
+
+  ChannelWalker walk(tid * VEC, nthreads * VEC, S, C);
+  for (int64_t i = tid; i < nvec; i += nthreads) {
+    const Pack<scalar_t, VEC> xv = load_pack<VEC>(x, i);
+    const Pack<scalar_t, VEC> dyv = load_pack<VEC>(dy, i);
+    Pack<scalar_t, VEC> rv{};
+    if (has_residual) rv = load_pack<VEC>(residual, i);
+    Pack<scalar_t, VEC> gi, gr;
+    int64_t s = walk.s, c = walk.c;  // position of element k0
+#pragma unroll
+    for (int k0 = 0; k0 < VEC; k0 += G) {
+      // Only the coefficients something reads are loaded: scale / shift only
+      // to recompute z, the grad_input ones only when grad_input is wanted.
+      acc_t m[G], sc[G] = {}, sh[G] = {}, dzc[G] = {}, xcc[G] = {}, cc[G] = {};
+      gather_channels<G>(coef + kMean * C, s, c, S, C, packed, m);
+      if (needs_z) {
+        gather_channels<G>(coef + kScale * C, s, c, S, C, packed, sc);
+        gather_channels<G>(coef + kShift * C, s, c, S, C, packed, sh);
+      }
+      if (want_input) {
+        gather_channels<G>(coef + kDzCoef * C, s, c, S, C, packed, dzc);
+        gather_channels<G>(coef + kXcCoef * C, s, c, S, C, packed, xcc);
+        gather_channels<G>(coef + kConstCoef * C, s, c, S, C, packed, cc);
+      }
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        const acc_t r = has_residual ? static_cast<acc_t>(rv.v[k0 + k]) : acc_t(0);
+        const GradOut<acc_t> g = backward_one(static_cast<acc_t>(xv.v[k0 + k]), static_cast<acc_t>(dyv.v[k0 + k]), r,
+                                              m[k], sc[k], sh[k], dzc[k], xcc[k], cc[k], act, slope);
+        gi.v[k0 + k] = static_cast<scalar_t>(g.grad_input);
+        gr.v[k0 + k] = static_cast<scalar_t>(g.grad_residual);
+      }
+      if (k0 + G < VEC) {
+#pragma unroll
+        for (int k = 0; k < G; ++k) next_element(s, c, S, C);
+      }
+    }
+    if (want_input) store_pack<VEC>(grad_input, i, gi);
+    if (grad_residual != nullptr) store_pack<VEC>(grad_residual, i, gr);
+    walk.advance();
+  }
+
+  if constexpr (VEC > 1) {
+    const int64_t e = nvec * VEC + tid;
+    if (e < numel) {
+      const int64_t c = (e / S) % C;
+      const acc_t r = has_residual ? static_cast<acc_t>(residual[e]) : acc_t(0);
+      const GradOut<acc_t> g = backward_one(
+          static_cast<acc_t>(x[e]), static_cast<acc_t>(dy[e]), r, coef[kMean * C + c], coef[kScale * C + c],
+          coef[kShift * C + c], coef[kDzCoef * C + c], coef[kXcCoef * C + c], coef[kConstCoef * C + c], act, slope);
+      if (want_input) grad_input[e] = static_cast<scalar_t>(g.grad_input);
+      if (grad_residual != nullptr) grad_residual[e] = static_cast<scalar_t>(g.grad_residual);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side: launch configuration
+// ---------------------------------------------------------------------------
+
+// Blocks of `kernel` (kThreads threads, static shared memory only) that fit on
+// the whole GPU at once. Grids are sized to one such wave: the element-wise
+// kernels loop over the rest (no half-empty last wave), the reductions split
+// their work into about that many blocks. Cached per call site, i.e. per
+// kernel: the first device's answer is reused for others, which only affects
+// speed if a process mixes GPU architectures.
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+  return std::max(n, 1);
+}
+
+int64_t wave_blocks(int per_sm) {
+  return int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+bool is_aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+bool is_aligned16(const void* p) {
+  return is_aligned(p, 16);
+}
+
+// Whether the element-wise kernels may load G consecutive channels'
+// coefficients as one vector (see gather_channels): rowwise, C % G == 0 (then
+// every chunk starts at a channel c with c % G == 0, as VEC % G == 0), and
+// every coefficient array aligned to G of them.
+template <int G, typename acc_t>
+bool packed_channels(const BatchNormGeometry& g, std::initializer_list<const acc_t*> arrays) {
+  if (G == 1 || g.layout != Layout::Rowwise || g.C % G != 0) return false;
+  for (const acc_t* a : arrays) {
+    if (!is_aligned(a, G * sizeof(acc_t))) return false;
+  }
+  return true;
+}
+
+// Runs the reduction of `op` over the input's geometry and returns the
+// (Op::kFields, splits, C) workspace of partials.
+template <typename Op>
+at::Tensor launch_reduce(const Op& op, const BatchNormGeometry& g, const at::TensorOptions& acc_options,
+                         cudaStream_t stream) {
+  using acc_t = typename Op::acc_t;
+  at::Tensor partials;
+  if (g.layout == Layout::Planar) {
+    static const int per_sm = blocks_per_sm(planar_reduce_kernel<Op>);
+    TORCH_CHECK(g.C <= std::numeric_limits<int32_t>::max(), "torchnorm: too many channels (", g.C, ")");
+    int tx = 1;  // smallest power of two >= S, at most kThreads
+    while (tx < kThreads && tx < g.S) tx *= 2;
+    const int ty = kThreads / tx;
+    // Blocks per channel so that C * per_channel is about one wave; split the
+    // planes first, then each plane's positions.
+    const int64_t per_channel = std::min<int64_t>(ceil_div(wave_blocks(per_sm), g.C), 16384);
+    const int64_t n_splits = std::min(ceil_div(g.N, ty), per_channel);
+    const int64_t s_splits = std::min(ceil_div(g.S, tx), ceil_div(per_channel, n_splits));
+    // n_splits * s_splits < 2 * per_channel <= 32768: fits gridDim.y.
+    const dim3 block(tx, ty);
+    const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(n_splits * s_splits));
+    partials = at::empty({Op::kFields, int64_t(grid.y), g.C}, acc_options);
+    planar_reduce_kernel<Op><<<grid, block, 0, stream>>>(
+        op, g.N, g.C, g.S, static_cast<unsigned>(s_splits), partials.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    static const int per_sm = blocks_per_sm(rowwise_reduce_kernel<Op>);
+    const int64_t R = g.N * g.S;
+    int bx = 1;  // smallest power of two >= C, at most a warp
+    while (bx < kWarp && bx < g.C) bx *= 2;
+    const int by = kThreads / bx;
+    const int64_t col_tiles = ceil_div(g.C, bx);
+    TORCH_CHECK(col_tiles <= std::numeric_limits<int32_t>::max(), "torchnorm: too many channels (", g.C, ")");
+    const int64_t row_splits =
+        std::max<int64_t>(1, std::min({ceil_div(R, by), ceil_div(wave_blocks(per_sm), col_tiles), int64_t(65535)}));
+    const dim3 block(bx, by);
+    const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_splits));
+    partials = at::empty({Op::kFields, row_splits, g.C}, acc_options);
+    rowwise_reduce_kernel<Op><<<grid, block, 0, stream>>>(op, R, g.C, partials.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return partials;
+}
+
+// Block of the finalize kernels: about 4 partials per thread along y.
+dim3 finalize_block(int64_t splits) {
+  int by = 1;
+  while (by < kThreads && int64_t(by) * 4 < splits) by *= 2;
+  return dim3(kThreads / by, by);
+}
+
+dim3 finalize_grid(const dim3& block, int64_t C) {
+  return dim3(static_cast<unsigned>(ceil_div(C, block.x)));
+}
+
+// Geometry of the flat element-wise view: element e is in channel (e / S) % C.
+int64_t flat_spatial(const BatchNormGeometry& g) {
+  return g.layout == Layout::Planar ? g.S : 1;
+}
+
+dim3 elementwise_grid(int64_t numel, int vec, int per_sm) {
+  const int64_t threads_needed = std::max<int64_t>(1, numel / vec);
+  return dim3(static_cast<unsigned>(std::min(ceil_div(threads_needed, kThreads), wave_blocks(per_sm))));
+}
+
+template <typename scalar_t>
+void launch_forward_elementwise(const ForwardPlan& p, const acc_type_of<scalar_t>* mean,
+                                const acc_type_of<scalar_t>* scale, const acc_type_of<scalar_t>* shift,
+                                double negative_slope, cudaStream_t stream) {
+  using acc_t = acc_type_of<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t numel = p.x.numel();
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* residual = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = p.out.mutable_data_ptr<scalar_t>();
+  const int64_t S = flat_spatial(p.g);
+  const acc_t slope = static_cast<acc_t>(negative_slope);
+  const bool vectorize =
+      is_aligned16(x) && is_aligned16(out) && (residual == nullptr || is_aligned16(residual));
+  if (vectorize) {
+    const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(p.g, {mean, scale, shift});
+    static const int per_sm = blocks_per_sm(forward_elementwise_kernel<scalar_t, kVec>);
+    forward_elementwise_kernel<scalar_t, kVec><<<elementwise_grid(numel, kVec, per_sm), kThreads, 0, stream>>>(
+        x, residual, out, mean, scale, shift, numel, S, p.g.C, packed, p.activation, slope);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    static const int per_sm = blocks_per_sm(forward_elementwise_kernel<scalar_t, 1>);
+    forward_elementwise_kernel<scalar_t, 1><<<elementwise_grid(numel, 1, per_sm), kThreads, 0, stream>>>(
+        x, residual, out, mean, scale, shift, numel, S, p.g.C, /*packed=*/false, p.activation, slope);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    double momentum,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    const std::optional<at::Tensor>& residual) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const ForwardPlan p = plan_forward("torchnorm.batch_norm_train", input, weight, bias, running_mean, running_var,
+                                     residual, /*training=*/true, eps, std::string(activation));
+  const BatchNormGeometry& g = p.g;
+  const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
+  const int64_t count = g.count_per_channel();
+  if (count == 0) {
+    // Empty batch: no statistics to take, running stats stay as they are.
+    return {p.out, at::zeros({g.C}, acc_options), at::zeros({g.C}, acc_options)};
+  }
+  at::Tensor mean = at::empty({g.C}, acc_options);
+  at::Tensor rstd = at::empty({g.C}, acc_options);
+  at::Tensor coef = at::empty({2, g.C}, acc_options);  // scale, shift
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_train", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    StatsOp<scalar_t> op{p.x.const_data_ptr<scalar_t>()};
+    const at::Tensor partials = launch_reduce(op, g, acc_options, stream);
+
+    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
+    const dim3 block = finalize_block(partials.size(1));
+    stats_finalize_kernel<scalar_t><<<finalize_grid(block, g.C), block, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), partials.size(1), g.C, static_cast<acc_t>(count),
+        static_cast<acc_t>(eps), static_cast<acc_t>(momentum), channel_param<scalar_t>(weight, false),
+        channel_param<scalar_t>(bias, false), channel_param<scalar_t>(running_mean, true),
+        channel_param<scalar_t>(running_var, true), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(),
+        coef_ptr, coef_ptr + g.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    launch_forward_elementwise<scalar_t>(p, mean.const_data_ptr<acc_t>(), coef_ptr, coef_ptr + g.C, negative_slope,
+                                         stream);
+  });
+  return {p.out, mean, rstd};
+}
+
+at::Tensor batch_norm_eval_cuda(
+    const at::Tensor& input,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps,
+    c10::string_view activation,
+    double negative_slope,
+    const std::optional<at::Tensor>& residual) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const ForwardPlan p = plan_forward("torchnorm.batch_norm_eval", input, weight, bias, running_mean, running_var,
+                                     residual, /*training=*/false, eps, std::string(activation));
+  if (p.x.numel() == 0) return p.out;
+  const BatchNormGeometry& g = p.g;
+  const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
+  at::Tensor coef = at::empty({3, g.C}, acc_options);  // mean, scale, shift
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_eval", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
+    eval_coefficients_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+        g.C, static_cast<acc_t>(eps), channel_param<scalar_t>(running_mean, false),
+        channel_param<scalar_t>(running_var, false), channel_param<scalar_t>(weight, false),
+        channel_param<scalar_t>(bias, false), coef_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward_elementwise<scalar_t>(p, coef_ptr, coef_ptr + g.C, coef_ptr + 2 * g.C, negative_slope, stream);
+  });
+  return p.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    bool training,
+    c10::string_view activation,
+    double negative_slope,
+    std::array<bool, 4> output_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  BackwardPlan p = plan_backward(grad_output, input, weight, bias, residual, mean, rstd, std::string(activation),
+                                 output_mask);
+  const BatchNormGeometry& g = p.g;
+  const bool want_input = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2],
+             want_residual = output_mask[3];
+  const auto result = [&] { return std::make_tuple(p.grad_input, p.grad_weight, p.grad_bias, p.grad_residual); };
+  const int64_t count = g.count_per_channel();
+  if (count == 0) {
+    // Sums over an empty batch are zero; grad_input / grad_residual are empty.
+    if (want_weight) p.grad_weight.zero_();
+    if (want_bias) p.grad_bias.zero_();
+    return result();
+  }
+  if (!(want_input || want_weight || want_bias || want_residual)) return result();
+
+  const bool need_sums = want_weight || want_bias || (training && want_input);
+  const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
+  at::Tensor coef = at::empty({6, g.C}, acc_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_backward", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+    const scalar_t* dy = p.grad_out.const_data_ptr<scalar_t>();
+    // The residual only matters through z, which only an activation looks at.
+    const scalar_t* res = (p.activation != Activation::None && p.residual.defined())
+        ? p.residual.const_data_ptr<scalar_t>()
+        : nullptr;
+    const auto mean_p = channel_param<scalar_t>(mean, false);
+    const auto rstd_p = channel_param<scalar_t>(rstd, false);
+    const auto weight_p = channel_param<scalar_t>(weight, false);
+    const auto bias_p = channel_param<scalar_t>(bias, false);
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+
+    at::Tensor partials;
+    if (need_sums) {
+      GradOp<scalar_t> op{x, dy, res, mean_p, rstd_p, weight_p, bias_p, p.activation, slope};
+      partials = launch_reduce(op, g, acc_options, stream);
+    }
+    const int64_t splits = partials.defined() ? partials.size(1) : 0;
+    const acc_t* partials_ptr = partials.defined() ? partials.const_data_ptr<acc_t>() : nullptr;
+
+    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
+    const dim3 block = finalize_block(splits);
+    grad_finalize_kernel<scalar_t><<<finalize_grid(block, g.C), block, 0, stream>>>(
+        partials_ptr, splits, g.C, static_cast<acc_t>(count), training, mean_p, rstd_p, weight_p, bias_p,
+        want_weight ? channel_param<scalar_t>(p.grad_weight, true) : ChannelParam<scalar_t>{},
+        want_bias ? channel_param<scalar_t>(p.grad_bias, true) : ChannelParam<scalar_t>{}, coef_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    if (want_input || want_residual) {
+      scalar_t* gi = want_input ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gr = want_residual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+      const int64_t numel = p.x.numel();
+      const int64_t S = flat_spatial(g);
+      const bool vectorize = is_aligned16(x) && is_aligned16(dy) && (res == nullptr || is_aligned16(res)) &&
+          (gi == nullptr || is_aligned16(gi)) && (gr == nullptr || is_aligned16(gr));
+      if (vectorize) {
+        // Every row of coef is aligned when coef is and C % G == 0.
+        const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, {coef_ptr});
+        static const int per_sm = blocks_per_sm(backward_elementwise_kernel<scalar_t, kVec>);
+        backward_elementwise_kernel<scalar_t, kVec><<<elementwise_grid(numel, kVec, per_sm), kThreads, 0, stream>>>(
+            x, dy, res, gi, gr, coef_ptr, numel, S, g.C, packed, p.activation, slope);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        static const int per_sm = blocks_per_sm(backward_elementwise_kernel<scalar_t, 1>);
+        backward_elementwise_kernel<scalar_t, 1><<<elementwise_grid(numel, 1, per_sm), kThreads, 0, stream>>>(
+            x, dy, res, gi, gr, coef_ptr, numel, S, g.C, /*packed=*/false, p.activation, slope);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+  return result();
+}
+
+}  // namespace
+}  // namespace torchnorm
+
+TORCH_LIBRARY_IMPL(torchnorm, CUDA, m) {
+  m.impl("batch_norm_train", TORCH_FN(torchnorm::batch_norm_train_cuda));
+  m.impl("batch_norm_eval", TORCH_FN(torchnorm::batch_norm_eval_cuda));
+  m.impl("batch_norm_backward", TORCH_FN(torchnorm::batch_norm_backward_cuda));
+}
