@@ -58,7 +58,11 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need
     # (C++17 up to torch 2.13, C++20 from 2.14).
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is an OpenMP template in torch's headers;
+    # without it the loops silently run on one thread. The libgomp.so.1 this
+    # links against is the one torch has already loaded.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     avx2 = _flag("TORCHNORM_CPU_AVX2")
     if avx2 or (avx2 is None and _host_has_avx2()):
         # Selects ATen's 256-bit at::vec::Vectorized specializations.
@@ -66,7 +70,9 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _build_cuda():
         print("torchnorm: building the CPU kernels only")
-        return CppExtension("torchnorm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension(
+            "torchnorm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: build for Ampere and Hopper.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -79,6 +85,7 @@ def extension():
         include_dirs=include_dirs + _cuda_wheel_includes(),
         define_macros=[("TORCHNORM_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

@@ -276,6 +276,18 @@ void accumulate_columns(const acc_t* a, const acc_t* b, acc_t* column, int64_t n
   for (; i < n; ++i) column[i] += b ? a[i] * b[i] : a[i];
 }
 
+// column[j] += (x[j] - mean[j])^2
+template <typename acc_t>
+void accumulate_centred_squares(const acc_t* x, const acc_t* mean, acc_t* column, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec d = Vec::loadu(x + i) - Vec::loadu(mean + i);
+    at::vec::fmadd(d, d, Vec::loadu(column + i)).store(column + i);
+  }
+  for (; i < n; ++i) column[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
+}
+
 // (count, mean, M2) of one L1-resident segment by two passes.
 template <typename acc_t>
 MeanM2<acc_t> segment_mean_m2(const acc_t* x, int64_t n, acc_t* scratch) {
@@ -360,13 +372,15 @@ struct RowPeriod {
   template <typename acc_t>
   std::vector<acc_t> tile(const std::vector<acc_t>& per_channel) const {
     std::vector<acc_t> out(length);
-    for (int64_t j = 0; j < length; ++j) out[j] = per_channel[j % C];
+    for (int64_t r = 0; r < rows; ++r) std::copy(per_channel.begin(), per_channel.begin() + C, out.begin() + r * C);
     return out;
   }
   // Adds tiled per-position sums into per_channel.
   template <typename acc_t>
   void fold_into(const std::vector<acc_t>& tiled, acc_t* per_channel) const {
-    for (int64_t j = 0; j < length; ++j) per_channel[j % C] += tiled[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < C; ++c) per_channel[c] += tiled[r * C + c];
+    }
   }
 };
 
@@ -380,7 +394,7 @@ void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
   at::parallel_for(0, periods, std::max<int64_t>(1, kSegment / period.length), [&](int64_t q0, int64_t q1) {
     Scratch<acc_t> s(period.length);
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t reversed = periods - 1 - q;
+      const int64_t reversed = q;
       fn(reversed * period.length, std::min(period.length, total - reversed * period.length), s);
     }
   });
@@ -412,7 +426,7 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const at::Tensor& x, const BatchNormGeo
   const int64_t max_chunks = 4 * at::get_num_threads();
   std::vector<std::vector<MeanM2<acc_t>>> partial(max_chunks, std::vector<MeanM2<acc_t>>(C));
   const int64_t chunks = for_each_chunk(period, total, [&](int64_t k, int64_t begin, int64_t end) {
-    std::vector<acc_t> staged(block_len), columns(period.length), centred(period.length), mean(C), m2(C);
+    std::vector<acc_t> staged(block_len), columns(period.length), mean(C), m2(C);
     for (int64_t b0 = begin; b0 < end; b0 += block_len) {
       const int64_t len = std::min(block_len, end - b0);
       const acc_t* block = read_as_acc(data + b0, len, staged.data());
@@ -430,9 +444,8 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const at::Tensor& x, const BatchNormGeo
       std::fill(columns.begin(), columns.end(), acc_t(0));
       std::fill(m2.begin(), m2.end(), acc_t(0));
       for (int64_t off = 0; off < len; off += period.length) {
-        const int64_t n = std::min(period.length, len - off);
-        for (int64_t j = 0; j < n; ++j) centred[j] = block[off + j] - mean_tiled[j];
-        accumulate_columns<acc_t>(centred.data(), centred.data(), columns.data(), n);
+        accumulate_centred_squares<acc_t>(block + off, mean_tiled.data(), columns.data(),
+                                          std::min(period.length, len - off));
       }
       period.fold_into(columns, m2.data());
       for (int64_t c = 0; c < C; ++c) partial[k][c] = combine(partial[k][c], MeanM2<acc_t>{rows, mean[c], m2[c]});
