@@ -23,6 +23,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <array>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -190,7 +192,9 @@ acc_t grad_z(acc_t xc, acc_t dy, const acc_t* residual, int64_t i, const Forward
 }
 
 // Adds sum(dz) and sum(dz * (x - mean)) of a segment to sum_dz, sum_dz_xc:
-// per position (rowwise, arrays of length n) or in total (planar, scalars).
+// per position (rowwise: arrays of length n) or per vector lane (planar:
+// arrays of Vec::size(), which the caller sums once per channel, so short
+// planes pay no horizontal reduction each).
 template <bool kPerElement, typename acc_t>
 void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, int64_t n,
                        const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope, acc_t* sum_dz,
@@ -209,10 +213,9 @@ void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, i
       lanes_dz_xc = at::vec::fmadd(dz, xc, lanes_dz_xc);
     }
   }
-  auto add = [](Vec& u, Vec& v) { return u + v; };
   if constexpr (!kPerElement) {
-    *sum_dz += at::vec::vec_reduce_all<acc_t>(add, lanes_dz);
-    *sum_dz_xc += at::vec::vec_reduce_all<acc_t>(add, lanes_dz_xc);
+    (Vec::loadu(sum_dz) + lanes_dz).store(sum_dz);
+    (Vec::loadu(sum_dz_xc) + lanes_dz_xc).store(sum_dz_xc);
   }
   for (; i < n; ++i) {
     const acc_t xc = x[i] - c.mean.at(i);
@@ -345,19 +348,29 @@ MeanM2<acc_t> planar_channel_stats(const scalar_t* x, const BatchNormGeometry& g
   return acc;
 }
 
+// Raw pointers of a forward, fetched once per op: Tensor::data_ptr checks the
+// dtype on every call, which adds up over thousands of short planes.
+template <typename scalar_t>
+struct ForwardData {
+  const scalar_t* x;
+  const scalar_t* residual;  // may be null
+  scalar_t* out;
+  explicit ForwardData(const ForwardPlan& p)
+      : x(p.x.const_data_ptr<scalar_t>()),
+        residual(p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr),
+        out(p.out.mutable_data_ptr<scalar_t>()) {}
+};
+
 template <typename scalar_t, typename acc_t>
-void normalize_plane(const ForwardPlan& p, int64_t plane, const ForwardCoefs<false, acc_t>& coefs, acc_t slope,
-                     Scratch<acc_t>& s) {
-  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = p.out.mutable_data_ptr<scalar_t>();
+void normalize_plane(const ForwardData<scalar_t>& d, const ForwardPlan& p, int64_t plane,
+                     const ForwardCoefs<false, acc_t>& coefs, acc_t slope, Scratch<acc_t>& s) {
   for (int64_t s0 = 0; s0 < p.g.S; s0 += kSegment) {
     const int64_t off = plane * p.g.S + s0, len = std::min(kSegment, p.g.S - s0);
-    acc_t* y = write_target(out + off, s.out.data());
-    normalize_segment<false, acc_t>(read_as_acc(x + off, len, s.x.data()),
-                                    res ? read_as_acc(res + off, len, s.residual.data()) : nullptr, y, len, coefs,
-                                    p.activation, slope);
-    write_back(y, out + off, len);
+    acc_t* y = write_target(d.out + off, s.out.data());
+    normalize_segment<false, acc_t>(read_as_acc(d.x + off, len, s.x.data()),
+                                    d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, y,
+                                    len, coefs, p.activation, slope);
+    write_back(y, d.out + off, len);
   }
 }
 
@@ -457,18 +470,16 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const at::Tensor& x, const BatchNormGeo
 
 template <typename scalar_t, typename acc_t>
 void normalize_rowwise(const ForwardPlan& p, const ChannelCoefs<acc_t>& cc, acc_t slope) {
-  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = p.out.mutable_data_ptr<scalar_t>();
+  const ForwardData<scalar_t> d(p);
   const RowPeriod period(p.g.C);
   const auto mean = period.tile(cc.mean), scale = period.tile(cc.scale), shift = period.tile(cc.shift);
   const ForwardCoefs<true, acc_t> coefs{{mean.data()}, {scale.data()}, {shift.data()}};
   for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
-    acc_t* y = write_target(out + off, s.out.data());
-    normalize_segment<true, acc_t>(read_as_acc(x + off, len, s.x.data()),
-                                   res ? read_as_acc(res + off, len, s.residual.data()) : nullptr, y, len, coefs,
-                                   p.activation, slope);
-    write_back(y, out + off, len);
+    acc_t* y = write_target(d.out + off, s.out.data());
+    normalize_segment<true, acc_t>(read_as_acc(d.x + off, len, s.x.data()),
+                                   d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, y,
+                                   len, coefs, p.activation, slope);
+    write_back(y, d.out + off, len);
   });
 }
 
@@ -512,16 +523,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
       // Statistics and normalization of a channel in one task, so the second
       // read of the channel comes from cache.
       const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
-      const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+      const ForwardData<scalar_t> d(p);
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
-          stats[c] = planar_channel_stats<scalar_t, acc_t>(x, p.g, c, s);
+          stats[c] = planar_channel_stats<scalar_t, acc_t>(d.x, p.g, c, s);
           mean[c] = stats[c].mean;
           rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
           const auto f = forward_coefficients(rstd[c], w[c], b[c]);
           const ForwardCoefs<false, acc_t> coefs{{&mean[c]}, {&f.scale}, {&f.shift}};
-          for (int64_t n = 0; n < p.g.N; ++n) normalize_plane<scalar_t, acc_t>(p, n * C + c, coefs, slope, s);
+          for (int64_t n = 0; n < p.g.N; ++n) normalize_plane<scalar_t, acc_t>(d, p, n * C + c, coefs, slope, s);
         }
       });
     } else {
@@ -562,12 +573,13 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& runnin
     for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_var(var[c], static_cast<acc_t>(eps));
     const auto cc = forward_channel_coefs(mean, rstd, weight, bias);
     if (p.g.layout == Layout::Planar) {
+      const ForwardData<scalar_t> d(p);
       at::parallel_for(0, p.g.N * C, 1, [&](int64_t i0, int64_t i1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t c = i % C;
           const ForwardCoefs<false, acc_t> coefs{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
-          normalize_plane<scalar_t, acc_t>(p, i, coefs, slope, s);
+          normalize_plane<scalar_t, acc_t>(d, p, i, coefs, slope, s);
         }
       });
     } else {
@@ -587,32 +599,48 @@ struct BackwardChannel {
   Coef<false, acc_t> dz_coef, xc_coef, const_coef;
 };
 
+// Raw pointers of a backward, fetched once per op (see ForwardData).
+template <typename scalar_t>
+struct BackwardData {
+  const scalar_t* x;
+  const scalar_t* dy;
+  const scalar_t* residual;  // may be null
+  scalar_t* dx;              // null when not wanted
+  scalar_t* dres;            // null when not wanted
+  Activation activation;
+  explicit BackwardData(const BackwardPlan& p)
+      : x(p.x.const_data_ptr<scalar_t>()),
+        dy(p.grad_out.const_data_ptr<scalar_t>()),
+        residual(p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr),
+        dx(p.grad_input.numel() ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr),
+        dres(p.grad_residual.numel() ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr),
+        activation(p.activation) {}
+};
+
 // The backward's two passes over one segment at element offset `off`, with
 // float16/bfloat16 data staged through scratch buffers.
 template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_sums(const BackwardPlan& p, int64_t off, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
-                   acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz, acc_t* sum_dz_xc) {
-  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() + off : nullptr;
-  grad_sums_segment<kPerElement, acc_t>(read_as_acc(p.x.const_data_ptr<scalar_t>() + off, len, s.x.data()),
-                                        read_as_acc(p.grad_out.const_data_ptr<scalar_t>() + off, len, s.dy.data()),
-                                        res ? read_as_acc(res, len, s.residual.data()) : nullptr, len, fc,
-                                        p.activation, slope, sum_dz, sum_dz_xc);
+void backward_sums(const BackwardData<scalar_t>& d, int64_t off, int64_t len,
+                   const ForwardCoefs<kPerElement, acc_t>& fc, acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz,
+                   acc_t* sum_dz_xc) {
+  grad_sums_segment<kPerElement, acc_t>(
+      read_as_acc(d.x + off, len, s.x.data()), read_as_acc(d.dy + off, len, s.dy.data()),
+      d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, len, fc, d.activation, slope,
+      sum_dz, sum_dz_xc);
 }
 
 template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_elementwise(const BackwardPlan& p, int64_t off, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
-                          const GradCoefs<kPerElement, acc_t>& k, acc_t slope, Scratch<acc_t>& s) {
-  const scalar_t* res = p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() + off : nullptr;
-  scalar_t* dx = p.grad_input.numel() ? p.grad_input.mutable_data_ptr<scalar_t>() + off : nullptr;
-  scalar_t* dres = p.grad_residual.numel() ? p.grad_residual.mutable_data_ptr<scalar_t>() + off : nullptr;
-  acc_t* dx_acc = dx ? write_target(dx, s.out.data()) : nullptr;
-  acc_t* dres_acc = dres ? write_target(dres, s.out2.data()) : nullptr;
+void backward_elementwise(const BackwardData<scalar_t>& d, int64_t off, int64_t len,
+                          const ForwardCoefs<kPerElement, acc_t>& fc, const GradCoefs<kPerElement, acc_t>& k,
+                          acc_t slope, Scratch<acc_t>& s) {
+  acc_t* dx_acc = d.dx ? write_target(d.dx + off, s.out.data()) : nullptr;
+  acc_t* dres_acc = d.dres ? write_target(d.dres + off, s.out2.data()) : nullptr;
   grad_elementwise_segment<kPerElement, acc_t>(
-      read_as_acc(p.x.const_data_ptr<scalar_t>() + off, len, s.x.data()),
-      read_as_acc(p.grad_out.const_data_ptr<scalar_t>() + off, len, s.dy.data()),
-      res ? read_as_acc(res, len, s.residual.data()) : nullptr, dx_acc, dres_acc, len, fc, k, p.activation, slope);
-  if (dx) write_back(dx_acc, dx, len);
-  if (dres) write_back(dres_acc, dres, len);
+      read_as_acc(d.x + off, len, s.x.data()), read_as_acc(d.dy + off, len, s.dy.data()),
+      d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, dx_acc, dres_acc, len, fc, k,
+      d.activation, slope);
+  if (d.dx) write_back(dx_acc, d.dx + off, len);
+  if (d.dres) write_back(dres_acc, d.dres + off, len);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
@@ -639,6 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const auto cc = forward_channel_coefs(channel_values<acc_t>(mean, C, 0), r, weight, bias);
     std::vector<acc_t> sum_dz(C, 0), sum_dz_xc(C, 0);
     std::vector<BackwardCoefficients<acc_t>> k(C);
+    const BackwardData<scalar_t> d(p);
     if (p.g.layout == Layout::Planar) {
       // Sums and element-wise gradients of a channel in one task, so the
       // second read of x and dy comes from cache.
@@ -652,15 +681,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
             }
           };
           if (want_sums) {
+            std::array<acc_t, Vectorized<acc_t>::size()> lanes_dz{}, lanes_dz_xc{};
             for_each_segment([&](int64_t off, int64_t len) {
-              backward_sums<false, scalar_t, acc_t>(p, off, len, fc, slope, s, &sum_dz[c], &sum_dz_xc[c]);
+              backward_sums<false, scalar_t, acc_t>(d, off, len, fc, slope, s, lanes_dz.data(), lanes_dz_xc.data());
             });
+            sum_dz[c] = std::accumulate(lanes_dz.begin(), lanes_dz.end(), acc_t(0));
+            sum_dz_xc[c] = std::accumulate(lanes_dz_xc.begin(), lanes_dz_xc.end(), acc_t(0));
           }
           k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
           if (want_elementwise) {
             const GradCoefs<false, acc_t> gc{{&k[c].dz_coef}, {&k[c].xc_coef}, {&k[c].const_coef}};
             for_each_segment([&](int64_t off, int64_t len) {
-              backward_elementwise<false, scalar_t, acc_t>(p, off, len, fc, gc, slope, s);
+              backward_elementwise<false, scalar_t, acc_t>(d, off, len, fc, gc, slope, s);
             });
           }
         }
@@ -677,7 +709,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
           std::vector<acc_t> col_dz(period.length, 0), col_dz_xc(period.length, 0);
           for (int64_t off = begin; off < end; off += period.length) {
             const int64_t len = std::min(period.length, end - off);
-            backward_sums<true, scalar_t, acc_t>(p, off, len, fc, slope, s, col_dz.data(), col_dz_xc.data());
+            backward_sums<true, scalar_t, acc_t>(d, off, len, fc, slope, s, col_dz.data(), col_dz_xc.data());
           }
           period.fold_into(col_dz, part_dz[chunk].data());
           period.fold_into(col_dz_xc, part_dz_xc[chunk].data());
@@ -700,7 +732,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
         const auto dz_t = period.tile(dz_coef), xc_t = period.tile(xc_coef), const_t = period.tile(const_coef);
         const GradCoefs<true, acc_t> gc{{dz_t.data()}, {xc_t.data()}, {const_t.data()}};
         for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
-          backward_elementwise<true, scalar_t, acc_t>(p, off, len, fc, gc, slope, s);
+          backward_elementwise<true, scalar_t, acc_t>(d, off, len, fc, gc, slope, s);
         });
       }
     }
