@@ -43,7 +43,7 @@ constexpr int64_t kSegment = 2048;
 constexpr int64_t kRowBlock = 16384;
 // Rowwise coefficient arrays are tiled to at least this many elements, so
 // small channel counts still fill whole vectors.
-constexpr int64_t kMinPeriod = 512;
+constexpr int64_t kMinPeriod = 1024;
 
 // ---------------------------------------------------------------- staging --
 
