@@ -1,8 +1,9 @@
 """torchnorm: fast normalization kernels for PyTorch.
 
 Importing the package loads ``torchnorm._C``, which registers the
-``torch.ops.torchnorm.*`` operators (C++ CPU kernels, CUDA kernels when built
-with CUDA), then their fake (meta) kernels and autograd formulas.
+``torch.ops.torchnorm.*`` operators with their CPU kernels, CUDA kernels (when
+built with CUDA) and autograd (csrc/autograd.cpp), then their fake (meta)
+kernels from Python (_fake.py).
 """
 import torch  # noqa: F401  (the extension needs torch's symbols loaded)
 
@@ -14,7 +15,7 @@ except ImportError as error:  # pragma: no cover - only without a build
         f"in the torchnorm checkout first. ({error})"
     ) from error
 
-from . import _autograd, _fake  # noqa: F401,E402  (registrations)
+from . import _fake  # noqa: F401,E402  (fake kernels; autograd is registered in C++)
 from . import functional, nn, reference  # noqa: E402
 from .nn import convert  # noqa: E402
 
