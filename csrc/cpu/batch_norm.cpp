@@ -44,6 +44,14 @@ constexpr int64_t kRowBlock = 16384;
 // Rowwise coefficient arrays are tiled to at least this many elements, so
 // small channel counts still fill whole vectors.
 constexpr int64_t kMinPeriod = 1024;
+// Fewest elements worth a parallel task: waking the thread pool costs
+// microseconds, more than a small tensor's whole kernel.
+constexpr int64_t kMinTaskElements = 32768;
+
+// at::parallel_for grain for items of `item_elements` elements each.
+int64_t grain_for(int64_t item_elements) {
+  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, item_elements));
+}
 
 // ---------------------------------------------------------------- staging --
 
@@ -404,7 +412,7 @@ struct RowPeriod {
 template <typename acc_t, typename Fn>
 void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
   const int64_t periods = (total + period.length - 1) / period.length;
-  at::parallel_for(0, periods, std::max<int64_t>(1, kSegment / period.length), [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, periods, grain_for(period.length), [&](int64_t q0, int64_t q1) {
     Scratch<acc_t> s(period.length);
     for (int64_t q = q0; q < q1; ++q) fn(q * period.length, std::min(period.length, total - q * period.length), s);
   });
@@ -415,7 +423,8 @@ void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
 template <typename Fn>
 int64_t for_each_chunk(const RowPeriod& period, int64_t total, const Fn& fn) {
   const int64_t periods = (total + period.length - 1) / period.length;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(periods, 4 * at::get_num_threads()));
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({periods, int64_t(4) * at::get_num_threads(), total / kMinTaskElements}));
   const int64_t per_chunk = (periods + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -524,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
       // read of the channel comes from cache.
       const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
       const ForwardData<scalar_t> d(p);
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
           stats[c] = planar_channel_stats<scalar_t, acc_t>(d.x, p.g, c, s);
@@ -574,7 +583,7 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& runnin
     const auto cc = forward_channel_coefs(mean, rstd, weight, bias);
     if (p.g.layout == Layout::Planar) {
       const ForwardData<scalar_t> d(p);
-      at::parallel_for(0, p.g.N * C, 1, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, p.g.N * C, grain_for(p.g.S), [&](int64_t i0, int64_t i1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t c = i % C;
@@ -671,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     if (p.g.layout == Layout::Planar) {
       // Sums and element-wise gradients of a channel in one task, so the
       // second read of x and dy comes from cache.
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
           const ForwardCoefs<false, acc_t> fc{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
