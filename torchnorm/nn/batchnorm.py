@@ -11,11 +11,15 @@ from torch import Tensor
 
 from .. import functional as F
 
+# True while torch.fx.symbolic_trace runs (older torch: its broader check).
+_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                            torch.fx._symbolic_trace.is_fx_tracing)
+
 
 def _batch_norm_forward(module, input: Tensor, activation: Optional[str], negative_slope: float,
                         residual: Optional[Tensor]) -> Tensor:
     """torch.nn's _BatchNorm.forward, with torchnorm's op and an epilogue."""
-    if not torch.fx._symbolic_trace.is_fx_tracing():
+    if not _symbolic_tracing():
         # A shape check is control flow on a traced value; the operator
         # checks the rank again anyway.
         module._check_input_dim(input)
