@@ -274,17 +274,14 @@ acc_t sum_segment(const acc_t* a, const acc_t* b, int64_t n) {
   return total;
 }
 
-// column[j] += a[j] * b[j] (or a[j] when b is null): per-position sums of
-// rowwise data, which fold into per-channel sums at the end.
+// column[j] += x[j]: per-position sums of rowwise data, which fold into
+// per-channel sums at the end.
 template <typename acc_t>
-void accumulate_columns(const acc_t* a, const acc_t* b, acc_t* column, int64_t n) {
+void accumulate_columns(const acc_t* x, acc_t* column, int64_t n) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec add = b ? Vec::loadu(a + i) * Vec::loadu(b + i) : Vec::loadu(a + i);
-    (Vec::loadu(column + i) + add).store(column + i);
-  }
-  for (; i < n; ++i) column[i] += b ? a[i] * b[i] : a[i];
+  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(column + i) + Vec::loadu(x + i)).store(column + i);
+  for (; i < n; ++i) column[i] += x[i];
 }
 
 // column[j] += (x[j] - mean[j])^2
@@ -454,7 +451,7 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const at::Tensor& x, const BatchNormGeo
       std::fill(columns.begin(), columns.end(), acc_t(0));
       std::fill(mean.begin(), mean.end(), acc_t(0));
       for (int64_t off = 0; off < len; off += period.length) {
-        accumulate_columns<acc_t>(block + off, nullptr, columns.data(), std::min(period.length, len - off));
+        accumulate_columns<acc_t>(block + off, columns.data(), std::min(period.length, len - off));
       }
       period.fold_into(columns, mean.data());
       for (auto& v : mean) v /= rows;
