@@ -54,22 +54,40 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like, t.options()).copy_(t);
 }
 
-static bool is_supported_float(at::ScalarType t) {
+bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// A per-channel tensor must be 1-D of length C, on input's device, in input's
-// dtype or (for float16/bfloat16 inputs) float32.
-static void check_per_channel(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  const int64_t C = input.size(1);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " of shape (", C,
-              ",) to match the input's ", C, " channels, got shape ", t.sizes());
+void check_supported_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(is_supported_float(input.scalar_type()), op,
+              ": expected a float32, float64, float16 or bfloat16 input, got ", input.scalar_type());
+}
+
+void check_parameter(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                     at::IntArrayRef shape, const char* shape_meaning) {
+  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, " to match ", shape_meaning,
+              ", got shape ", t.sizes());
   TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(),
               " like the input, got it on ", t.device());
   const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
   TORCH_CHECK(t.scalar_type() == input.scalar_type() || (reduced_input && t.scalar_type() == at::kFloat), op,
               ": expected ", name, " of dtype ", input.scalar_type(),
               reduced_input ? " or float32" : "", " to match the input, got ", t.scalar_type());
+}
+
+void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": expected ", name, " of the input's shape ", input.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(),
+              " like the input, got it on ", t.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name, " of dtype ",
+              input.scalar_type(), " like the input, got ", t.scalar_type());
+}
+
+// A per-channel tensor must be 1-D of length C, on input's device, in input's
+// dtype or (for float16/bfloat16 inputs) float32.
+static void check_per_channel(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  check_parameter(op, name, t, input, {input.size(1)}, "the input's channels");
 }
 
 void check_batch_norm_args(
@@ -82,8 +100,7 @@ void check_batch_norm_args(
     const std::optional<at::Tensor>& residual,
     bool training,
     double eps) {
-  TORCH_CHECK(is_supported_float(input.scalar_type()), op,
-              ": expected a float32, float64, float16 or bfloat16 input, got ", input.scalar_type());
+  check_supported_input(op, input);
   TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op,
               ": expected an input of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got shape ",
               input.sizes());
@@ -95,14 +112,7 @@ void check_batch_norm_args(
               ": running_mean and running_var must be given together");
   if (running_mean) check_per_channel(op, "running_mean", *running_mean, input);
   if (running_var) check_per_channel(op, "running_var", *running_var, input);
-  if (residual) {
-    TORCH_CHECK(residual->sizes() == input.sizes(), op, ": expected residual of the input's shape ",
-                input.sizes(), ", got ", residual->sizes());
-    TORCH_CHECK(residual->device() == input.device(), op, ": expected residual on ", input.device(),
-                " like the input, got it on ", residual->device());
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), op, ": expected residual of dtype ",
-                input.scalar_type(), " like the input, got ", residual->scalar_type());
-  }
+  if (residual) check_like_input(op, "residual", *residual, input);
   if (training) {
     int64_t per_channel = input.size(0);
     for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);

@@ -37,6 +37,18 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like);
 // bfloat16 inputs, double for double.
 at::ScalarType accumulate_type(at::ScalarType input_type);
 
+bool is_supported_float(at::ScalarType t);
+
+// Argument checks shared by every op; each throws a clear error naming the
+// argument. The input must be float32, float64, float16 or bfloat16:
+void check_supported_input(const char* op, const at::Tensor& input);
+// A parameter of the given shape (shape_meaning says why, for the message),
+// on input's device, in input's dtype or float32 for a float16/bfloat16 input.
+void check_parameter(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                     at::IntArrayRef shape, const char* shape_meaning);
+// A tensor of the input's shape, dtype and device (residual, gradients).
+void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input);
+
 // Checks every argument of a BatchNorm forward; throws a clear error naming
 // the argument on the first problem.
 void check_batch_norm_args(

@@ -31,463 +31,13 @@
 #include "common/batch_norm_host.h"
 #include "common/batch_norm_math.h"
 #include "common/welford.h"
+#include "cpu/norm_kernels.h"
 
 namespace torchnorm {
 namespace {
 
 using at::vec::Vectorized;
-
-// Elements staged per step in planar segments (8 KiB of float: L1-resident).
-constexpr int64_t kSegment = 2048;
-// Elements per row block in rowwise reductions (64 KiB of float: L2-resident).
-constexpr int64_t kRowBlock = 16384;
-// Rowwise coefficient arrays are tiled to at least this many elements, so
-// small channel counts still fill whole vectors.
-constexpr int64_t kMinPeriod = 1024;
-// Fewest elements worth a parallel task: waking the thread pool costs
-// microseconds, more than a small tensor's whole kernel.
-constexpr int64_t kMinTaskElements = 32768;
-
-// at::parallel_for grain for items of `item_elements` elements each.
-int64_t grain_for(int64_t item_elements) {
-  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, item_elements));
-}
-
-// ---------------------------------------------------------------- staging --
-
-template <typename scalar_t, typename acc_t>
-constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-
-// Returns src as acc_t: in place for float/double, else converted into buf.
-template <typename scalar_t, typename acc_t>
-const acc_t* read_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
-  if constexpr (kSameType<scalar_t, acc_t>) {
-    return src;
-  } else {
-    using SVec = Vectorized<scalar_t>;
-    int64_t i = 0;
-    for (; i + SVec::size() <= n; i += SVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(SVec::loadu(src + i));
-      lo.store(buf + i);
-      hi.store(buf + i + Vectorized<float>::size());
-    }
-    for (; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf;
-  }
-}
-
-// Where to compute an output segment: the output itself for float/double,
-// else buf, which write_back() then converts into dst.
-template <typename scalar_t, typename acc_t>
-acc_t* write_target(scalar_t* dst, acc_t* buf) {
-  if constexpr (kSameType<scalar_t, acc_t>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void write_back(const acc_t* buf, scalar_t* dst, int64_t n) {
-  if constexpr (!kSameType<scalar_t, acc_t>) at::vec::convert(buf, dst, n);
-}
-
-// Scratch buffers of one task, one per staged stream.
-template <typename acc_t>
-struct Scratch {
-  explicit Scratch(int64_t n) : x(n), dy(n), residual(n), out(n), out2(n), xc(n) {}
-  std::vector<acc_t> x, dy, residual, out, out2, xc;
-};
-
-// ------------------------------------------------------------ activations --
-
-template <typename acc_t>
-Vectorized<acc_t> vector_activation(Activation act, Vectorized<acc_t> z, acc_t slope) {
-  using Vec = Vectorized<acc_t>;
-  switch (act) {
-    case Activation::ReLU:  // NaN passes through, as in torch.relu
-      return Vec::blendv(z, Vec(0), z < Vec(0));
-    case Activation::LeakyReLU:
-      return Vec::blendv(z, z * Vec(slope), z < Vec(0));
-    case Activation::SiLU:
-      return z / (Vec(1) + z.neg().exp());
-    default:
-      return z;
-  }
-}
-
-template <typename acc_t>
-Vectorized<acc_t> vector_activation_derivative(Activation act, Vectorized<acc_t> z, acc_t slope) {
-  using Vec = Vectorized<acc_t>;
-  switch (act) {
-    case Activation::ReLU:
-      return Vec::blendv(Vec(0), Vec(1), z > Vec(0));
-    case Activation::LeakyReLU:
-      return Vec::blendv(Vec(slope), Vec(1), z > Vec(0));
-    case Activation::SiLU: {
-      const Vec s = Vec(1) / (Vec(1) + z.neg().exp());
-      return s * (Vec(1) + z * (Vec(1) - s));
-    }
-    default:
-      return Vec(1);
-  }
-}
-
-// --------------------------------------------------------- segment math --
-// A coefficient is either one value for the whole segment (planar) or one
-// value per element, read from a tiled per-channel array (rowwise).
-
-template <bool kPerElement, typename acc_t>
-struct Coef {
-  const acc_t* p;
-  Vectorized<acc_t> vec(int64_t i) const {
-    if constexpr (kPerElement) {
-      return Vectorized<acc_t>::loadu(p + i);
-    } else {
-      return Vectorized<acc_t>(p[0]);
-    }
-  }
-  acc_t at(int64_t i) const {
-    if constexpr (kPerElement) {
-      return p[i];
-    } else {
-      return p[0];
-    }
-  }
-};
-
-// Per-element coefficients of a forward segment.
-template <bool kPerElement, typename acc_t>
-struct ForwardCoefs {
-  Coef<kPerElement, acc_t> mean, scale, shift;
-};
-
-// y = act((x - mean) * scale + shift [+ residual])
-template <bool kPerElement, typename acc_t>
-void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t n,
-                       const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec z = (Vec::loadu(x + i) - c.mean.vec(i)) * c.scale.vec(i) + c.shift.vec(i);
-    if (residual) z = z + Vec::loadu(residual + i);
-    vector_activation(act, z, slope).store(y + i);
-  }
-  for (; i < n; ++i) {
-    acc_t z = (x[i] - c.mean.at(i)) * c.scale.at(i) + c.shift.at(i);
-    if (residual) z += residual[i];
-    y[i] = activation_forward(act, z, slope);
-  }
-}
-
-// dz = dy * act'(z) at element i, with z recomputed from xc = x - mean.
-template <bool kPerElement, typename acc_t>
-Vectorized<acc_t> vector_grad_z(Vectorized<acc_t> xc, Vectorized<acc_t> dy, const acc_t* residual, int64_t i,
-                                const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
-  if (act == Activation::None) return dy;
-  auto z = xc * c.scale.vec(i) + c.shift.vec(i);
-  if (residual) z = z + Vectorized<acc_t>::loadu(residual + i);
-  return dy * vector_activation_derivative(act, z, slope);
-}
-
-template <bool kPerElement, typename acc_t>
-acc_t grad_z(acc_t xc, acc_t dy, const acc_t* residual, int64_t i, const ForwardCoefs<kPerElement, acc_t>& c,
-             Activation act, acc_t slope) {
-  if (act == Activation::None) return dy;
-  acc_t z = xc * c.scale.at(i) + c.shift.at(i);
-  if (residual) z += residual[i];
-  return dy * activation_derivative(act, z, slope);
-}
-
-// Adds sum(dz) and sum(dz * (x - mean)) of a segment to sum_dz, sum_dz_xc:
-// per position (rowwise: arrays of length n) or per vector lane (planar:
-// arrays of Vec::size(), which the caller sums once per channel, so short
-// planes pay no horizontal reduction each).
-template <bool kPerElement, typename acc_t>
-void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, int64_t n,
-                       const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope, acc_t* sum_dz,
-                       acc_t* sum_dz_xc) {
-  using Vec = Vectorized<acc_t>;
-  Vec lanes_dz(0), lanes_dz_xc(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
-    const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
-    if constexpr (kPerElement) {
-      (Vec::loadu(sum_dz + i) + dz).store(sum_dz + i);
-      at::vec::fmadd(dz, xc, Vec::loadu(sum_dz_xc + i)).store(sum_dz_xc + i);
-    } else {
-      lanes_dz = lanes_dz + dz;
-      lanes_dz_xc = at::vec::fmadd(dz, xc, lanes_dz_xc);
-    }
-  }
-  if constexpr (!kPerElement) {
-    (Vec::loadu(sum_dz) + lanes_dz).store(sum_dz);
-    (Vec::loadu(sum_dz_xc) + lanes_dz_xc).store(sum_dz_xc);
-  }
-  for (; i < n; ++i) {
-    const acc_t xc = x[i] - c.mean.at(i);
-    const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
-    sum_dz[kPerElement ? i : 0] += dz;
-    sum_dz_xc[kPerElement ? i : 0] += dz * xc;
-  }
-}
-
-template <bool kPerElement, typename acc_t>
-struct GradCoefs {
-  Coef<kPerElement, acc_t> dz_coef, xc_coef, const_coef;
-};
-
-// grad_input = dz * dz_coef + (x - mean) * xc_coef + const_coef and/or
-// grad_residual = dz (either output may be null).
-template <bool kPerElement, typename acc_t>
-void grad_elementwise_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, acc_t* dx, acc_t* dres,
-                              int64_t n, const ForwardCoefs<kPerElement, acc_t>& c,
-                              const GradCoefs<kPerElement, acc_t>& k, Activation act, acc_t slope) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
-    const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
-    if (dx) at::vec::fmadd(xc, k.xc_coef.vec(i), at::vec::fmadd(dz, k.dz_coef.vec(i), k.const_coef.vec(i))).store(dx + i);
-    if (dres) dz.store(dres + i);
-  }
-  for (; i < n; ++i) {
-    const acc_t xc = x[i] - c.mean.at(i);
-    const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
-    if (dx) dx[i] = dz * k.dz_coef.at(i) + xc * k.xc_coef.at(i) + k.const_coef.at(i);
-    if (dres) dres[i] = dz;
-  }
-}
-
-// sum(a * b) (or sum(a) when b is null) of one segment, in vector lanes first.
-template <typename acc_t>
-acc_t sum_segment(const acc_t* a, const acc_t* b, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  Vec lanes(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    lanes = b ? at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), lanes) : lanes + Vec::loadu(a + i);
-  }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, lanes);
-  for (; i < n; ++i) total += b ? a[i] * b[i] : a[i];
-  return total;
-}
-
-// column[j] += x[j]: per-position sums of rowwise data, which fold into
-// per-channel sums at the end.
-template <typename acc_t>
-void accumulate_columns(const acc_t* x, acc_t* column, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(column + i) + Vec::loadu(x + i)).store(column + i);
-  for (; i < n; ++i) column[i] += x[i];
-}
-
-// column[j] += (x[j] - mean[j])^2
-template <typename acc_t>
-void accumulate_centred_squares(const acc_t* x, const acc_t* mean, acc_t* column, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = Vec::loadu(x + i) - Vec::loadu(mean + i);
-    at::vec::fmadd(d, d, Vec::loadu(column + i)).store(column + i);
-  }
-  for (; i < n; ++i) column[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
-}
-
-// (count, mean, M2) of one L1-resident segment by two passes.
-template <typename acc_t>
-MeanM2<acc_t> segment_mean_m2(const acc_t* x, int64_t n, acc_t* scratch) {
-  MeanM2<acc_t> r;
-  r.count = acc_t(n);
-  r.mean = sum_segment<acc_t>(x, nullptr, n) / r.count;
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) - Vec(r.mean)).store(scratch + i);
-  for (; i < n; ++i) scratch[i] = x[i] - r.mean;
-  r.m2 = sum_segment<acc_t>(scratch, scratch, n);
-  return r;
-}
-
-// ------------------------------------------------------ per-channel data --
-
-// A per-channel tensor (weight, bias, running stats) as a contiguous acc_t
-// array, or `fill` when absent.
-template <typename acc_t>
-std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t C, acc_t fill) {
-  if (!t) return std::vector<acc_t>(C, fill);
-  const auto acc = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const acc_t* p = acc.template data_ptr<acc_t>();
-  return std::vector<acc_t>(p, p + C);
-}
-
-// Values a kernel needs per channel, as acc_t arrays.
-template <typename acc_t>
-struct ChannelCoefs {
-  std::vector<acc_t> mean, scale, shift;
-};
-
-// Tensor of acc_t values, shape (C,).
-template <typename acc_t>
-at::Tensor to_tensor(const std::vector<acc_t>& v, const at::Tensor& like) {
-  auto t = at::empty({static_cast<int64_t>(v.size())}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  std::copy(v.begin(), v.end(), t.template mutable_data_ptr<acc_t>());
-  return t;
-}
-
-// ---------------------------------------------------------------- planar --
-// Planar kernels work on one (n, c) plane of S contiguous elements at a time,
-// in kSegment pieces.
-
-template <typename scalar_t, typename acc_t>
-MeanM2<acc_t> planar_channel_stats(const scalar_t* x, const BatchNormGeometry& g, int64_t c, Scratch<acc_t>& s) {
-  MeanM2<acc_t> acc;
-  for (int64_t n = 0; n < g.N; ++n) {
-    const scalar_t* plane = x + (n * g.C + c) * g.S;
-    for (int64_t s0 = 0; s0 < g.S; s0 += kSegment) {
-      const int64_t len = std::min(kSegment, g.S - s0);
-      acc = combine(acc, segment_mean_m2(read_as_acc(plane + s0, len, s.x.data()), len, s.xc.data()));
-    }
-  }
-  return acc;
-}
-
-// Raw pointers of a forward, fetched once per op: Tensor::data_ptr checks the
-// dtype on every call, which adds up over thousands of short planes.
-template <typename scalar_t>
-struct ForwardData {
-  const scalar_t* x;
-  const scalar_t* residual;  // may be null
-  scalar_t* out;
-  explicit ForwardData(const ForwardPlan& p)
-      : x(p.x.const_data_ptr<scalar_t>()),
-        residual(p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr),
-        out(p.out.mutable_data_ptr<scalar_t>()) {}
-};
-
-template <typename scalar_t, typename acc_t>
-void normalize_plane(const ForwardData<scalar_t>& d, const ForwardPlan& p, int64_t plane,
-                     const ForwardCoefs<false, acc_t>& coefs, acc_t slope, Scratch<acc_t>& s) {
-  for (int64_t s0 = 0; s0 < p.g.S; s0 += kSegment) {
-    const int64_t off = plane * p.g.S + s0, len = std::min(kSegment, p.g.S - s0);
-    acc_t* y = write_target(d.out + off, s.out.data());
-    normalize_segment<false, acc_t>(read_as_acc(d.x + off, len, s.x.data()),
-                                    d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, y,
-                                    len, coefs, p.activation, slope);
-    write_back(y, d.out + off, len);
-  }
-}
-
-// --------------------------------------------------------------- rowwise --
-// Rowwise kernels work on "periods": whole rows, at least kMinPeriod
-// elements, against per-channel arrays tiled to the period's length.
-
-struct RowPeriod {
-  int64_t C, rows, length;  // length = rows * C
-  explicit RowPeriod(int64_t channels)
-      : C(channels), rows((kMinPeriod + channels - 1) / channels), length(rows * channels) {}
-  template <typename acc_t>
-  std::vector<acc_t> tile(const std::vector<acc_t>& per_channel) const {
-    std::vector<acc_t> out(length);
-    for (int64_t r = 0; r < rows; ++r) std::copy(per_channel.begin(), per_channel.begin() + C, out.begin() + r * C);
-    return out;
-  }
-  // Adds tiled per-position sums into per_channel.
-  template <typename acc_t>
-  void fold_into(const std::vector<acc_t>& tiled, acc_t* per_channel) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < C; ++c) per_channel[c] += tiled[r * C + c];
-    }
-  }
-};
-
-// Splits [0, total) elements into whole periods and runs
-// fn(offset, length, scratch) on each, in parallel. (Walking back to front,
-// to reuse what a preceding reduction left in L3, measured slower here: the
-// hardware prefetchers favour ascending streams.)
-template <typename acc_t, typename Fn>
-void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
-  const int64_t periods = (total + period.length - 1) / period.length;
-  at::parallel_for(0, periods, grain_for(period.length), [&](int64_t q0, int64_t q1) {
-    Scratch<acc_t> s(period.length);
-    for (int64_t q = q0; q < q1; ++q) fn(q * period.length, std::min(period.length, total - q * period.length), s);
-  });
-}
-
-// Splits [0, total) elements into a few chunks of whole periods per thread and
-// runs fn(chunk, first offset, end offset); returns the number of chunks.
-template <typename Fn>
-int64_t for_each_chunk(const RowPeriod& period, int64_t total, const Fn& fn) {
-  const int64_t periods = (total + period.length - 1) / period.length;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({periods, int64_t(4) * at::get_num_threads(), total / kMinTaskElements}));
-  const int64_t per_chunk = (periods + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      fn(k, std::min(total, k * per_chunk * period.length), std::min(total, (k + 1) * per_chunk * period.length));
-    }
-  });
-  return chunks;
-}
-
-// Per-channel (count, mean, M2): each chunk is reduced in blocks of whole
-// periods; a block's mean and M2 come from two passes while it is in cache.
-template <typename scalar_t, typename acc_t>
-std::vector<MeanM2<acc_t>> rowwise_stats(const at::Tensor& x, const BatchNormGeometry& g) {
-  const scalar_t* data = x.const_data_ptr<scalar_t>();
-  const int64_t C = g.C, total = g.N * g.S * C;
-  const RowPeriod period(C);
-  const int64_t block_len = std::max<int64_t>(1, kRowBlock / period.length) * period.length;
-  const int64_t max_chunks = 4 * at::get_num_threads();
-  std::vector<std::vector<MeanM2<acc_t>>> partial(max_chunks, std::vector<MeanM2<acc_t>>(C));
-  const int64_t chunks = for_each_chunk(period, total, [&](int64_t k, int64_t begin, int64_t end) {
-    std::vector<acc_t> staged(block_len), columns(period.length), mean(C), m2(C);
-    for (int64_t b0 = begin; b0 < end; b0 += block_len) {
-      const int64_t len = std::min(block_len, end - b0);
-      const acc_t* block = read_as_acc(data + b0, len, staged.data());
-      const acc_t rows = acc_t(len / C);
-      // Pass 1: per-channel mean of the block.
-      std::fill(columns.begin(), columns.end(), acc_t(0));
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      for (int64_t off = 0; off < len; off += period.length) {
-        accumulate_columns<acc_t>(block + off, columns.data(), std::min(period.length, len - off));
-      }
-      period.fold_into(columns, mean.data());
-      for (auto& v : mean) v /= rows;
-      const auto mean_tiled = period.tile(mean);
-      // Pass 2: per-channel sum of squared deviations from it.
-      std::fill(columns.begin(), columns.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
-      for (int64_t off = 0; off < len; off += period.length) {
-        accumulate_centred_squares<acc_t>(block + off, mean_tiled.data(), columns.data(),
-                                          std::min(period.length, len - off));
-      }
-      period.fold_into(columns, m2.data());
-      for (int64_t c = 0; c < C; ++c) partial[k][c] = combine(partial[k][c], MeanM2<acc_t>{rows, mean[c], m2[c]});
-    }
-  });
-  std::vector<MeanM2<acc_t>> stats(C);
-  for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t c = 0; c < C; ++c) stats[c] = combine(stats[c], partial[k][c]);
-  }
-  return stats;
-}
-
-template <typename scalar_t, typename acc_t>
-void normalize_rowwise(const ForwardPlan& p, const ChannelCoefs<acc_t>& cc, acc_t slope) {
-  const ForwardData<scalar_t> d(p);
-  const RowPeriod period(p.g.C);
-  const auto mean = period.tile(cc.mean), scale = period.tile(cc.scale), shift = period.tile(cc.shift);
-  const ForwardCoefs<true, acc_t> coefs{{mean.data()}, {scale.data()}, {shift.data()}};
-  for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
-    acc_t* y = write_target(d.out + off, s.out.data());
-    normalize_segment<true, acc_t>(read_as_acc(d.x + off, len, s.x.data()),
-                                   d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, y,
-                                   len, coefs, p.activation, slope);
-    write_back(y, d.out + off, len);
-  });
-}
+using namespace cpu;
 
 // ------------------------------------------------------------------- ops --
 
@@ -529,25 +79,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
       // Statistics and normalization of a channel in one task, so the second
       // read of the channel comes from cache.
       const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
-      const ForwardData<scalar_t> d(p);
+      const auto d = forward_data<scalar_t>(p.x, p.residual, p.out, p.activation);
+      const int64_t S = p.g.S;
       at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
-          stats[c] = planar_channel_stats<scalar_t, acc_t>(d.x, p.g, c, s);
+          stats[c] = MeanM2<acc_t>{};
+          for (int64_t n = 0; n < p.g.N; ++n) {
+            stats[c] = combine(stats[c], range_mean_m2<scalar_t, acc_t>(d.x + (n * C + c) * S, S, s));
+          }
           mean[c] = stats[c].mean;
           rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
           const auto f = forward_coefficients(rstd[c], w[c], b[c]);
           const ForwardCoefs<false, acc_t> coefs{{&mean[c]}, {&f.scale}, {&f.shift}};
-          for (int64_t n = 0; n < p.g.N; ++n) normalize_plane<scalar_t, acc_t>(d, p, n * C + c, coefs, slope, s);
+          for (int64_t n = 0; n < p.g.N; ++n) normalize_range<scalar_t, acc_t>(d.at((n * C + c) * S), S, coefs, slope, s);
         }
       });
     } else {
-      stats = rowwise_stats<scalar_t, acc_t>(p.x, p.g);
+      stats = rowwise_stats<scalar_t, acc_t>(p.x.const_data_ptr<scalar_t>(), p.x.numel(), C);
       for (int64_t c = 0; c < C; ++c) {
         mean[c] = stats[c].mean;
         rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
       }
-      normalize_rowwise<scalar_t, acc_t>(p, forward_channel_coefs(mean, rstd, weight, bias), slope);
+      normalize_rowwise<scalar_t, acc_t>(forward_data<scalar_t>(p.x, p.residual, p.out, p.activation), p.x.numel(), C,
+                                         forward_channel_coefs(mean, rstd, weight, bias), slope);
     }
     if (running_mean) {
       auto rm = channel_values<acc_t>(running_mean, C, 0), rv = channel_values<acc_t>(running_var, C, 1);
@@ -578,76 +133,24 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& runnin
     std::vector<acc_t> rstd(C);
     for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_var(var[c], static_cast<acc_t>(eps));
     const auto cc = forward_channel_coefs(mean, rstd, weight, bias);
+    const auto d = forward_data<scalar_t>(p.x, p.residual, p.out, p.activation);
     if (p.g.layout == Layout::Planar) {
-      const ForwardData<scalar_t> d(p);
       at::parallel_for(0, p.g.N * C, grain_for(p.g.S), [&](int64_t i0, int64_t i1) {
         Scratch<acc_t> s(kSegment);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t c = i % C;
           const ForwardCoefs<false, acc_t> coefs{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
-          normalize_plane<scalar_t, acc_t>(d, p, i, coefs, slope, s);
+          normalize_range<scalar_t, acc_t>(d.at(i * p.g.S), p.g.S, coefs, slope, s);
         }
       });
     } else {
-      normalize_rowwise<scalar_t, acc_t>(p, cc, slope);
+      normalize_rowwise<scalar_t, acc_t>(d, p.x.numel(), C, cc, slope);
     }
   });
   return p.out;
 }
 
 // ------------------------------------------------------------- backward --
-
-// The backward's per-channel arrays: forward coefficients to recompute z, and
-// the gradient coefficients once the sums are known.
-template <typename acc_t>
-struct BackwardChannel {
-  ForwardCoefs<false, acc_t> forward;
-  Coef<false, acc_t> dz_coef, xc_coef, const_coef;
-};
-
-// Raw pointers of a backward, fetched once per op (see ForwardData).
-template <typename scalar_t>
-struct BackwardData {
-  const scalar_t* x;
-  const scalar_t* dy;
-  const scalar_t* residual;  // may be null
-  scalar_t* dx;              // null when not wanted
-  scalar_t* dres;            // null when not wanted
-  Activation activation;
-  explicit BackwardData(const BackwardPlan& p)
-      : x(p.x.const_data_ptr<scalar_t>()),
-        dy(p.grad_out.const_data_ptr<scalar_t>()),
-        residual(p.residual.defined() ? p.residual.const_data_ptr<scalar_t>() : nullptr),
-        dx(p.grad_input.numel() ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr),
-        dres(p.grad_residual.numel() ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr),
-        activation(p.activation) {}
-};
-
-// The backward's two passes over one segment at element offset `off`, with
-// float16/bfloat16 data staged through scratch buffers.
-template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_sums(const BackwardData<scalar_t>& d, int64_t off, int64_t len,
-                   const ForwardCoefs<kPerElement, acc_t>& fc, acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz,
-                   acc_t* sum_dz_xc) {
-  grad_sums_segment<kPerElement, acc_t>(
-      read_as_acc(d.x + off, len, s.x.data()), read_as_acc(d.dy + off, len, s.dy.data()),
-      d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, len, fc, d.activation, slope,
-      sum_dz, sum_dz_xc);
-}
-
-template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_elementwise(const BackwardData<scalar_t>& d, int64_t off, int64_t len,
-                          const ForwardCoefs<kPerElement, acc_t>& fc, const GradCoefs<kPerElement, acc_t>& k,
-                          acc_t slope, Scratch<acc_t>& s) {
-  acc_t* dx_acc = d.dx ? write_target(d.dx + off, s.out.data()) : nullptr;
-  acc_t* dres_acc = d.dres ? write_target(d.dres + off, s.out2.data()) : nullptr;
-  grad_elementwise_segment<kPerElement, acc_t>(
-      read_as_acc(d.x + off, len, s.x.data()), read_as_acc(d.dy + off, len, s.dy.data()),
-      d.residual ? read_as_acc(d.residual + off, len, s.residual.data()) : nullptr, dx_acc, dres_acc, len, fc, k,
-      d.activation, slope);
-  if (d.dx) write_back(dx_acc, d.dx + off, len);
-  if (d.dres) write_back(dres_acc, d.dres + off, len);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -673,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const auto cc = forward_channel_coefs(channel_values<acc_t>(mean, C, 0), r, weight, bias);
     std::vector<acc_t> sum_dz(C, 0), sum_dz_xc(C, 0);
     std::vector<BackwardCoefficients<acc_t>> k(C);
-    const BackwardData<scalar_t> d(p);
+    const auto d = backward_data<scalar_t>(p.x, p.grad_out, p.residual, p.grad_input, p.grad_residual, p.activation);
     if (p.g.layout == Layout::Planar) {
       // Sums and element-wise gradients of a channel in one task, so the
       // second read of x and dy comes from cache.
@@ -681,15 +184,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
         Scratch<acc_t> s(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
           const ForwardCoefs<false, acc_t> fc{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
-          auto for_each_segment = [&](auto&& fn) {
+          auto for_each_channel_segment = [&](auto&& fn) {
             for (int64_t n = 0; n < p.g.N; ++n) {
-              for (int64_t s0 = 0; s0 < p.g.S; s0 += kSegment) fn((n * C + c) * p.g.S + s0, std::min(kSegment, p.g.S - s0));
+              const int64_t plane = (n * C + c) * p.g.S;
+              for_each_segment(p.g.S, [&](int64_t s0, int64_t len) { fn(plane + s0, len); });
             }
           };
           if (want_sums) {
             std::array<acc_t, Vectorized<acc_t>::size()> lanes_dz{}, lanes_dz_xc{};
-            for_each_segment([&](int64_t off, int64_t len) {
-              backward_sums<false, scalar_t, acc_t>(d, off, len, fc, slope, s, lanes_dz.data(), lanes_dz_xc.data());
+            for_each_channel_segment([&](int64_t off, int64_t len) {
+              backward_sums<false, scalar_t, acc_t>(d.at(off), len, fc, slope, s, lanes_dz.data(), lanes_dz_xc.data());
             });
             sum_dz[c] = std::accumulate(lanes_dz.begin(), lanes_dz.end(), acc_t(0));
             sum_dz_xc[c] = std::accumulate(lanes_dz_xc.begin(), lanes_dz_xc.end(), acc_t(0));
@@ -697,50 +201,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
           k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
           if (want_elementwise) {
             const GradCoefs<false, acc_t> gc{{&k[c].dz_coef}, {&k[c].xc_coef}, {&k[c].const_coef}};
-            for_each_segment([&](int64_t off, int64_t len) {
-              backward_elementwise<false, scalar_t, acc_t>(d, off, len, fc, gc, slope, s);
+            for_each_channel_segment([&](int64_t off, int64_t len) {
+              backward_elementwise<false, scalar_t, acc_t>(d.at(off), len, fc, gc, slope, s);
             });
           }
         }
       });
     } else {
-      const RowPeriod period(C);
-      const auto mean_t = period.tile(cc.mean), scale_t = period.tile(cc.scale), shift_t = period.tile(cc.shift);
-      const ForwardCoefs<true, acc_t> fc{{mean_t.data()}, {scale_t.data()}, {shift_t.data()}};
-      if (want_sums) {
-        const int64_t max_chunks = 4 * at::get_num_threads();
-        std::vector<std::vector<acc_t>> part_dz(max_chunks, std::vector<acc_t>(C, 0)), part_dz_xc = part_dz;
-        const int64_t chunks = for_each_chunk(period, p.x.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
-          Scratch<acc_t> s(period.length);
-          std::vector<acc_t> col_dz(period.length, 0), col_dz_xc(period.length, 0);
-          for (int64_t off = begin; off < end; off += period.length) {
-            const int64_t len = std::min(period.length, end - off);
-            backward_sums<true, scalar_t, acc_t>(d, off, len, fc, slope, s, col_dz.data(), col_dz_xc.data());
-          }
-          period.fold_into(col_dz, part_dz[chunk].data());
-          period.fold_into(col_dz_xc, part_dz_xc[chunk].data());
-        });
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          for (int64_t c = 0; c < C; ++c) {
-            sum_dz[c] += part_dz[chunk][c];
-            sum_dz_xc[c] += part_dz_xc[chunk][c];
-          }
-        }
-      }
-      std::vector<acc_t> dz_coef(C), xc_coef(C), const_coef(C);
+      if (want_sums) rowwise_grad_sums<scalar_t, acc_t>(d, p.x.numel(), C, cc, slope, sum_dz.data(), sum_dz_xc.data());
+      ChannelGradCoefs<acc_t> gc(C);
       for (int64_t c = 0; c < C; ++c) {
         k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
-        dz_coef[c] = k[c].dz_coef;
-        xc_coef[c] = k[c].xc_coef;
-        const_coef[c] = k[c].const_coef;
+        gc.dz_coef[c] = k[c].dz_coef;
+        gc.xc_coef[c] = k[c].xc_coef;
+        gc.const_coef[c] = k[c].const_coef;
       }
-      if (want_elementwise) {
-        const auto dz_t = period.tile(dz_coef), xc_t = period.tile(xc_coef), const_t = period.tile(const_coef);
-        const GradCoefs<true, acc_t> gc{{dz_t.data()}, {xc_t.data()}, {const_t.data()}};
-        for_each_period<acc_t>(period, p.x.numel(), [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
-          backward_elementwise<true, scalar_t, acc_t>(d, off, len, fc, gc, slope, s);
-        });
-      }
+      if (want_elementwise) rowwise_grad_elementwise<scalar_t, acc_t>(d, p.x.numel(), C, cc, gc, slope);
     }
     if (p.grad_weight.numel()) {
       std::vector<acc_t> gw(C);
