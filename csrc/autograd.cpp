@@ -1,6 +1,6 @@
 // Autograd for torchnorm's forward ops, for every backend at once (the
 // Autograd dispatch key). Each forward saves what its backward op needs and
-// the backward calls torchnorm::batch_norm_backward through the dispatcher,
+// the backward calls its backward op (torchnorm::*_backward) through the dispatcher,
 // so autograd, torch.fx, torch.compile and torch.export all see plain ops.
 //
 // This lives in C++ rather than in Python (torch.library.register_autograd)
@@ -129,18 +129,22 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
   }
 };
 
+// The running statistics were written in place: bump their versions, as the
+// ADInplaceOrView kernel of an ATen in-place op does, so a graph that saved
+// them notices.
+void bump_versions(const optional<Tensor>& running_mean, const optional<Tensor>& running_var) {
+  for (const auto* running : {&running_mean, &running_var}) {
+    if (*running) (*running)->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, double momentum, double eps,
     c10::string_view activation, double negative_slope, const optional<Tensor>& residual) {
   auto r = BatchNormTrain::apply(input, weight, bias, running_mean, running_var, momentum, eps, activation,
                                  negative_slope, residual);
-  // The running statistics were written in place: bump their versions, as
-  // the ADInplaceOrView kernel of an ATen in-place op does, so a graph that
-  // saved them notices.
-  for (const auto* running : {&running_mean, &running_var}) {
-    if (*running) (*running)->unsafeGetTensorImpl()->bump_version();
-  }
+  bump_versions(running_mean, running_var);
   return {r[0], r[1], r[2]};
 }
 
@@ -152,11 +156,198 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const Tensor& running_mean,
                               residual)[0];
 }
 
+// ------------------------------------------------------ per-sample norms --
+
+using LayerNormSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, at::IntArrayRef, const optional<Tensor>&, const optional<Tensor>&, double, const optional<Tensor>&);
+using RmsNormSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, at::IntArrayRef, const optional<Tensor>&,
+                                                            double, const optional<Tensor>&);
+using LayerNormBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const optional<Tensor>&, const Tensor&, at::IntArrayRef, const optional<Tensor>&, const Tensor&,
+    const optional<Tensor>&, std::array<bool, 3>);
+using GroupNormSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, const optional<Tensor>&,
+                                                              const optional<Tensor>&, double, c10::string_view,
+                                                              double);
+using GroupNormBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const optional<Tensor>&,
+    const optional<Tensor>&, c10::string_view, double, std::array<bool, 3>);
+using InstanceNormSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const optional<Tensor>&,
+                                                                 const optional<Tensor>&, const optional<Tensor>&,
+                                                                 const optional<Tensor>&, double, double);
+
+// LayerNorm (mean defined) and RMSNorm (mean undefined): saves the tensor that
+// was normalized (the sum when a residual was fused), the statistics and the
+// weight. Returns (grad of input, grad_weight, grad_bias); the residual's
+// gradient is the input's.
+void save_row_norm(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
+                   const optional<Tensor>& weight, const optional<Tensor>& bias, const optional<Tensor>& residual,
+                   const Tensor& normalized, const Tensor& mean, const Tensor& rstd) {
+  ctx->save_for_backward({normalized, or_undefined(weight), mean, rstd});
+  ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+  ctx->saved_data["has_residual"] = residual.has_value();
+  ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad() || requires_grad(residual)) |
+                                   int64_t(requires_grad(weight)) << 1 | int64_t(requires_grad(bias)) << 2;
+}
+
+std::array<Tensor, 3> row_norm_grads(AutogradContext* ctx, const variable_list& grads) {
+  const auto saved = ctx->get_saved_variables();
+  const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
+  const int64_t wanted = ctx->saved_data["grad_wanted"].toInt();
+  const std::array<bool, 3> mask{bool(wanted & 1), bool(wanted & 2), bool(wanted & 4)};
+  if (!(mask[0] || mask[1] || mask[2])) return {};
+  const optional<Tensor> grad_sum =
+      ctx->saved_data["has_residual"].toBool() ? as_optional(grads[1]) : std::nullopt;
+  static const auto backward = find_op<LayerNormBackwardSignature>("torchnorm::layer_norm_backward");
+  auto [gi, gw, gb] = backward.call(grads[0], grad_sum, saved[0], normalized_shape, as_optional(saved[2]), saved[3],
+                                    as_optional(saved[1]), mask);
+  return {mask[0] ? gi : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor()};
+}
+
+// layer_norm(input, normalized_shape, weight, bias, eps, residual) -> (out, sum, mean, rstd)
+struct LayerNorm : public torch::autograd::Function<LayerNorm> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
+                               const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
+                               const optional<Tensor>& residual) {
+    static const auto op = find_op<LayerNormSignature>("torchnorm::layer_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, sum, mean, rstd] = op.call(input, normalized_shape, weight, bias, eps, residual);
+    save_row_norm(ctx, input, normalized_shape, weight, bias, residual, residual ? sum : input, mean, rstd);
+    ctx->mark_non_differentiable(residual ? variable_list{mean, rstd} : variable_list{sum, mean, rstd});
+    return {out, sum, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto [gi, gw, gb] = row_norm_grads(ctx, grads);
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    return {gi, Tensor(), gw, gb, Tensor(), has_residual ? gi : Tensor()};
+  }
+};
+
+// rms_norm(input, normalized_shape, weight, eps, residual) -> (out, sum, rstd)
+struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
+                               const optional<Tensor>& weight, double eps, const optional<Tensor>& residual) {
+    static const auto op = find_op<RmsNormSignature>("torchnorm::rms_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, sum, rstd] = op.call(input, normalized_shape, weight, eps, residual);
+    save_row_norm(ctx, input, normalized_shape, weight, std::nullopt, residual, residual ? sum : input, Tensor(),
+                  rstd);
+    ctx->mark_non_differentiable(residual ? variable_list{rstd} : variable_list{sum, rstd});
+    return {out, sum, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto [gi, gw, gb] = row_norm_grads(ctx, grads);
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    return {gi, Tensor(), gw, Tensor(), has_residual ? gi : Tensor()};
+  }
+};
+
+// Saves what group_norm_backward needs; shared by GroupNorm and InstanceNorm.
+void save_group_norm(AutogradContext* ctx, const Tensor& input, int64_t num_groups, const optional<Tensor>& weight,
+                     const optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd,
+                     c10::string_view activation, double negative_slope) {
+  ctx->save_for_backward({input, or_undefined(weight), or_undefined(bias), mean, rstd});
+  ctx->saved_data["num_groups"] = num_groups;
+  ctx->saved_data["activation"] = std::string(activation);
+  ctx->saved_data["negative_slope"] = negative_slope;
+  ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(requires_grad(weight)) << 1 |
+                                   int64_t(requires_grad(bias)) << 2;
+}
+
+std::array<Tensor, 3> group_norm_grads(AutogradContext* ctx, const Tensor& grad_output) {
+  const auto saved = ctx->get_saved_variables();
+  const int64_t wanted = ctx->saved_data["grad_wanted"].toInt();
+  const std::array<bool, 3> mask{bool(wanted & 1), bool(wanted & 2), bool(wanted & 4)};
+  if (!(mask[0] || mask[1] || mask[2])) return {};
+  static const auto backward = find_op<GroupNormBackwardSignature>("torchnorm::group_norm_backward");
+  auto [gi, gw, gb] = backward.call(grad_output, saved[0], ctx->saved_data["num_groups"].toInt(), saved[3], saved[4],
+                                    as_optional(saved[1]), as_optional(saved[2]),
+                                    ctx->saved_data["activation"].toStringRef(),
+                                    ctx->saved_data["negative_slope"].toDouble(), mask);
+  return {mask[0] ? gi : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor()};
+}
+
+// group_norm(input, num_groups, weight, bias, eps, activation, negative_slope) -> (out, mean, rstd)
+struct GroupNorm : public torch::autograd::Function<GroupNorm> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, int64_t num_groups,
+                               const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
+                               c10::string_view activation, double negative_slope) {
+    static const auto op = find_op<GroupNormSignature>("torchnorm::group_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = op.call(input, num_groups, weight, bias, eps, activation, negative_slope);
+    save_group_norm(ctx, input, num_groups, weight, bias, mean, rstd, activation, negative_slope);
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto [gi, gw, gb] = group_norm_grads(ctx, grads[0]);
+    return {gi, Tensor(), gw, gb, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// instance_norm(input, weight, bias, running_mean, running_var, momentum, eps) -> (out, mean, rstd)
+struct InstanceNorm : public torch::autograd::Function<InstanceNorm> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                               const optional<Tensor>& running_var, double momentum, double eps) {
+    static const auto op = find_op<InstanceNormSignature>("torchnorm::instance_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = op.call(input, weight, bias, running_mean, running_var, momentum, eps);
+    save_group_norm(ctx, input, input.size(1), weight, bias, mean, rstd, "none", 0.0);
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto [gi, gw, gb] = group_norm_grads(ctx, grads[0]);
+    return {gi, gw, gb, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
+                                                               const optional<Tensor>& weight,
+                                                               const optional<Tensor>& bias, double eps,
+                                                               const optional<Tensor>& residual) {
+  auto r = LayerNorm::apply(input, normalized_shape, weight, bias, eps, residual);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
+                                                     const optional<Tensor>& weight, double eps,
+                                                     const optional<Tensor>& residual) {
+  auto r = RmsNorm::apply(input, normalized_shape, weight, eps, residual);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_autograd(const Tensor& input, int64_t num_groups,
+                                                       const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                                       double eps, c10::string_view activation,
+                                                       double negative_slope) {
+  auto r = GroupNorm::apply(input, num_groups, weight, bias, eps, activation, negative_slope);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(const Tensor& input, const optional<Tensor>& weight,
+                                                          const optional<Tensor>& bias,
+                                                          const optional<Tensor>& running_mean,
+                                                          const optional<Tensor>& running_var, double momentum,
+                                                          double eps) {
+  auto r = InstanceNorm::apply(input, weight, bias, running_mean, running_var, momentum, eps);
+  bump_versions(running_mean, running_var);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchnorm, Autograd, m) {
   m.impl("batch_norm_train", &batch_norm_train_autograd);
   m.impl("batch_norm_eval", &batch_norm_eval_autograd);
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("group_norm", &group_norm_autograd);
+  m.impl("instance_norm", &instance_norm_autograd);
 }
 
 }  // namespace torchnorm

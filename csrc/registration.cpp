@@ -29,6 +29,44 @@ TORCH_LIBRARY(torchnorm, m) {
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor? residual, Tensor mean, Tensor rstd, bool training, str activation, "
       "float negative_slope, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Per-sample norms. Saved statistics are float32 (float64 for float64
+  // input); an output that is not produced is an empty tensor of shape (0,).
+  //
+  // LayerNorm over the trailing normalized_shape of s = input + residual (or
+  // of input): returns (out, s, mean, rstd), s only when a residual is given
+  // (the pre-norm residual stream, written in the same pass). mean and rstd
+  // are shaped input.shape[:-len(normalized_shape)] + (1,) * len(normalized_shape).
+  m.def(
+      "layer_norm(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor)");
+  // RMSNorm: out = s / sqrt(mean(s^2) + eps) * weight; returns (out, s, rstd).
+  m.def(
+      "rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, float eps, Tensor? residual) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients of layer_norm (mean given) or rms_norm (mean None). input is the
+  // tensor that was normalized (s); grad_sum, the gradient reaching s
+  // directly, is added to grad_input. Returns (grad_input, grad_weight, grad_bias).
+  m.def(
+      "layer_norm_backward(Tensor grad_output, Tensor? grad_sum, Tensor input, int[] normalized_shape, "
+      "Tensor? mean, Tensor rstd, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // GroupNorm on (N, C, *), contiguous or channels-last:
+  // out = act((x - mean) * rstd * weight + bias), statistics per (sample,
+  // group), returned with shape (N, num_groups).
+  m.def(
+      "group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_backward(Tensor grad_output, Tensor input, int num_groups, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, str activation, float negative_slope, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  // InstanceNorm with the input's statistics (GroupNorm with one group per
+  // channel); returns (out, mean, rstd), statistics of shape (N, C). Given
+  // running statistics, updates them as torch.nn.functional.instance_norm
+  // does, with the batch average of each instance's mean and unbiased variance.
+  m.def(
+      "instance_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the
