@@ -61,3 +61,74 @@ def _batch_norm_backward(grad_output, input, weight, bias, residual, mean, rstd,
         per_channel(output_mask[2], bias_dtype),
         like_input(output_mask[3]),
     )
+
+
+def _row_stats(input, normalized_shape):
+    # One value per row, shaped as aten.native_layer_norm shapes its statistics.
+    k = len(normalized_shape)
+    shape = tuple(input.shape[: input.dim() - k]) + (1,) * k
+    return input.new_empty(shape, dtype=_accumulate_dtype(input.dtype))
+
+
+def _contiguous_like(input):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("torchnorm::layer_norm")
+def _layer_norm(input, normalized_shape, weight, bias, eps, residual):
+    _check_devices("torchnorm.layer_norm", input, weight=weight, bias=bias, residual=residual)
+    total = _contiguous_like(input) if residual is not None else input.new_empty((0,))
+    return _contiguous_like(input), total, _row_stats(input, normalized_shape), _row_stats(input, normalized_shape)
+
+
+@torch.library.register_fake("torchnorm::rms_norm")
+def _rms_norm(input, normalized_shape, weight, eps, residual):
+    _check_devices("torchnorm.rms_norm", input, weight=weight, residual=residual)
+    total = _contiguous_like(input) if residual is not None else input.new_empty((0,))
+    return _contiguous_like(input), total, _row_stats(input, normalized_shape)
+
+
+@torch.library.register_fake("torchnorm::layer_norm_backward")
+def _layer_norm_backward(grad_output, grad_sum, input, normalized_shape, mean, rstd, weight, output_mask):
+    _check_devices("torchnorm.layer_norm_backward", input, grad_output=grad_output, grad_sum=grad_sum, mean=mean,
+                   rstd=rstd, weight=weight)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+
+    def param(wanted):
+        return input.new_empty(tuple(normalized_shape) if wanted else (0,), dtype=param_dtype)
+
+    grad_input = _contiguous_like(input) if output_mask[0] else input.new_empty((0,))
+    return grad_input, param(output_mask[1]), param(output_mask[2])
+
+
+def _group_stats(input, groups):
+    return input.new_empty((input.shape[0], groups), dtype=_accumulate_dtype(input.dtype))
+
+
+@torch.library.register_fake("torchnorm::group_norm")
+def _group_norm(input, num_groups, weight, bias, eps, activation, negative_slope):
+    _check_devices("torchnorm.group_norm", input, weight=weight, bias=bias)
+    return _kernel_layout(input), _group_stats(input, num_groups), _group_stats(input, num_groups)
+
+
+@torch.library.register_fake("torchnorm::group_norm_backward")
+def _group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, bias, activation, negative_slope,
+                         output_mask):
+    _check_devices("torchnorm.group_norm_backward", input, grad_output=grad_output, mean=mean, rstd=rstd,
+                   weight=weight, bias=bias)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    bias_dtype = bias.dtype if bias is not None else param_dtype
+    channels = input.shape[1]
+    grad_input = _kernel_layout(input) if output_mask[0] else input.new_empty((0,))
+    return (
+        grad_input,
+        input.new_empty((channels,) if output_mask[1] else (0,), dtype=param_dtype),
+        input.new_empty((channels,) if output_mask[2] else (0,), dtype=bias_dtype),
+    )
+
+
+@torch.library.register_fake("torchnorm::instance_norm")
+def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps):
+    _check_devices("torchnorm.instance_norm", input, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var)
+    return _kernel_layout(input), _group_stats(input, input.shape[1]), _group_stats(input, input.shape[1])

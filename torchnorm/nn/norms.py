@@ -1,0 +1,91 @@
+"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm modules running torchnorm's kernels.
+
+Each class subclasses its torch.nn counterpart, so constructor arguments,
+parameters, buffers, state_dict keys, ``isinstance`` checks and repr are
+torch.nn's; only the forward runs torchnorm's operator, with the fused
+options as extra (optional) arguments.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in for :class:`torch.nn.LayerNorm`, with an optional fused residual.
+
+    ``forward(x)`` is torch.nn.LayerNorm's; ``forward(x, residual)`` returns
+    ``(layer_norm(x + residual), x + residual)`` from one pass over memory.
+    """
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in for :class:`torch.nn.RMSNorm`, with an optional fused residual.
+
+    ``forward(x, residual)`` returns ``(rms_norm(x + residual), x + residual)``.
+    """
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """Drop-in for :class:`torch.nn.GroupNorm`, with an optional fused activation.
+
+    Args:
+        activation: (keyword) ``None`` (torch.nn's GroupNorm), ``"relu"``,
+            ``"leaky_relu"`` or ``"silu"`` applied in the same pass.
+        negative_slope: slope of ``"leaky_relu"`` for negative inputs.
+        Other arguments as :class:`torch.nn.GroupNorm`.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, *, activation: Optional[str] = None, negative_slope: float = 0.01, **kwargs) -> None:
+        # kwargs: torch.nn.GroupNorm's keyword-only arguments (e.g. bias, in torch >= 2.12).
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
+        F._activation_name(activation)  # reject unknown names at construction
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.activation,
+                            self.negative_slope)
+
+    def extra_repr(self) -> str:
+        extra = "" if self.activation is None else f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + extra
+
+
+class _InstanceNormMixin:
+    # torch.nn's _InstanceNorm.forward checks the input and handles unbatched
+    # inputs, then calls this; only the operator changes.
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return F.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
+    """Drop-in for :class:`torch.nn.InstanceNorm1d` (inputs ``(N, C, L)`` or ``(C, L)``)."""
+
+
+class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
+    """Drop-in for :class:`torch.nn.InstanceNorm2d` (inputs ``(N, C, H, W)`` or ``(C, H, W)``)."""
+
+
+class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
+    """Drop-in for :class:`torch.nn.InstanceNorm3d` (inputs ``(N, C, D, H, W)`` or ``(C, D, H, W)``)."""
