@@ -161,7 +161,7 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const Tensor& running_mean,
 using LayerNormSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, at::IntArrayRef, const optional<Tensor>&, const optional<Tensor>&, double, const optional<Tensor>&);
 using RmsNormSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, at::IntArrayRef, const optional<Tensor>&,
-                                                            double, const optional<Tensor>&);
+                                                            optional<double>, const optional<Tensor>&);
 using LayerNormBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const optional<Tensor>&, const Tensor&, at::IntArrayRef, const optional<Tensor>&, const Tensor&,
     const optional<Tensor>&, std::array<bool, 3>);
@@ -226,7 +226,8 @@ struct LayerNorm : public torch::autograd::Function<LayerNorm> {
 // rms_norm(input, normalized_shape, weight, eps, residual) -> (out, sum, rstd)
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
-                               const optional<Tensor>& weight, double eps, const optional<Tensor>& residual) {
+                               const optional<Tensor>& weight, optional<double> eps,
+                               const optional<Tensor>& residual) {
     static const auto op = find_op<RmsNormSignature>("torchnorm::rms_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, sum, rstd] = op.call(input, normalized_shape, weight, eps, residual);
@@ -315,7 +316,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& inp
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                     const optional<Tensor>& weight, double eps,
+                                                     const optional<Tensor>& weight, optional<double> eps,
                                                      const optional<Tensor>& residual) {
   auto r = RmsNorm::apply(input, normalized_shape, weight, eps, residual);
   return {r[0], r[1], r[2]};

@@ -41,8 +41,10 @@ TORCH_LIBRARY(torchnorm, m) {
       "layer_norm(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, "
       "Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor)");
   // RMSNorm: out = s / sqrt(mean(s^2) + eps) * weight; returns (out, s, rstd).
+  // eps None is the machine epsilon of the computation type (float32 for
+  // float32/float16/bfloat16 input, float64 for float64), as in torch.
   m.def(
-      "rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, float eps, Tensor? residual) "
+      "rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, float? eps, Tensor? residual) "
       "-> (Tensor, Tensor, Tensor)");
   // Gradients of layer_norm (mean given) or rms_norm (mean None). input is the
   // tensor that was normalized (s); grad_sum, the gradient reaching s

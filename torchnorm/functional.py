@@ -116,11 +116,10 @@ def rms_norm(
 
     Args:
         input, normalized_shape, weight, residual: as :func:`layer_norm`.
-        eps: added to the mean square; ``None`` means
-            ``torch.finfo(input.dtype).eps``, as in torch.
+        eps: added to the mean square; ``None`` means the machine epsilon of
+            the computation type (float32's for float32, float16 and bfloat16
+            input, float64's for float64), as torch resolves it.
     """
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
     out, total, _ = torch.ops.torchnorm.rms_norm.default(input, _shape_list(normalized_shape), weight, eps, residual)
     return out if residual is None else (out, total)
 
@@ -183,7 +182,7 @@ def instance_norm(
         return out
     if running_mean is None or running_var is None:
         raise ValueError("instance_norm: running_mean and running_var are required when use_input_stats=False")
-    if input.dim() < 3:
+    if isinstance(input, Tensor) and input.dim() < 3:  # (an fx Proxy's rank is unknown)
         raise ValueError(f"instance_norm: expected an input of shape (N, C, *spatial), got shape {tuple(input.shape)}")
     # With fixed statistics every instance is normalized alike: BatchNorm's
     # inference kernel.

@@ -1,5 +1,6 @@
 #include "norm_host.h"
 
+#include <limits>
 #include <vector>
 
 namespace torchnorm {
@@ -36,6 +37,12 @@ void check_stats(const char* op, const char* name, const at::Tensor& stat, const
 }
 
 }  // namespace
+
+double rms_norm_eps(const at::Tensor& input, std::optional<double> eps) {
+  if (eps) return *eps;
+  return input.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                            : std::numeric_limits<float>::epsilon();
+}
 
 RowNormPlan plan_row_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

@@ -34,6 +34,11 @@ struct RowNormPlan {
   at::Tensor rstd;      // M values (stats shape)
 };
 
+// eps of an RMSNorm call: the given value, or the machine epsilon of the
+// computation type (float32 for float32/float16/bfloat16, float64 for float64),
+// as torch.nn.functional.rms_norm resolves None.
+double rms_norm_eps(const at::Tensor& input, std::optional<double> eps);
+
 // rms: RMSNorm (no mean, no bias). bias must be nullopt then.
 RowNormPlan plan_row_norm(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

@@ -185,8 +185,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input,
                                                             at::IntArrayRef normalized_shape,
-                                                            const std::optional<at::Tensor>& weight, double eps,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            std::optional<double> eps_or_none,
                                                             const std::optional<at::Tensor>& residual) {
+  const double eps = rms_norm_eps(input, eps_or_none);
   RowNormPlan p = plan_row_norm("torchnorm.rms_norm", input, normalized_shape, weight, std::nullopt, residual, eps, true);
   if (p.M > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rms_norm_cpu",

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .batchnorm import _symbolic_tracing
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -64,6 +65,13 @@ class GroupNorm(torch.nn.GroupNorm):
 
 
 class _InstanceNormMixin:
+    def forward(self, input: Tensor) -> Tensor:
+        if _symbolic_tracing():
+            # torch.nn's checks branch on the input's shape, which a traced
+            # value cannot do; the operator checks the rank again anyway.
+            return self._apply_instance_norm(input)
+        return super().forward(input)
+
     # torch.nn's _InstanceNorm.forward checks the input and handles unbatched
     # inputs, then calls this; only the operator changes.
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
