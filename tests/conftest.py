@@ -171,3 +171,38 @@ def memory_format_of(t):
     if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------
+# Helpers of the per-sample norm tests (LayerNorm, RMSNorm, GroupNorm,
+# InstanceNorm).
+# ---------------------------------------------------------------------------
+
+
+def make_affine(shape, dtype, device="cpu", seed=100, affine="wb"):
+    """weight and bias of the given shape (random, nonzero; weight around 1),
+    or None where `affine` ("wb", "w", "none") leaves them out."""
+    w = randn(shape, seed, dtype, device, scale=0.5, offset=1.0) if affine in ("wb", "w") else None
+    b = randn(shape, seed + 1, dtype, device, scale=0.5, offset=0.25) if affine == "wb" else None
+    return w, b
+
+
+def leaf(t, requires_grad=True):
+    """A detached leaf of t (None stays None)."""
+    return None if t is None else t.detach().requires_grad_(requires_grad)
+
+
+def grads_of(outputs, inputs, grad_outputs):
+    """torch.autograd.grad of the outputs (with their grad_outputs; a None
+    grad_output leaves that output out) with respect to the inputs that are
+    not None; None in the result where the input is None."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    present = [t for t in inputs if t is not None]
+    got = torch.autograd.grad([o for o, _ in pairs], present, [g for _, g in pairs], allow_unused=True)
+    it = iter(got)
+    return [None if t is None else next(it) for t in inputs]
+
+
+def accumulate_dtype(dtype):
+    """The dtype of saved statistics: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

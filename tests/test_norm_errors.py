@@ -1,0 +1,406 @@
+"""Bad input to the LayerNorm / RMSNorm / GroupNorm / InstanceNorm ops,
+torchnorm.functional and the modules: each is a clear error naming the
+problem (normalized_shape, weight, bias, residual, num_groups, running
+statistics, dtypes, devices, ranks), and running statistics are left untouched
+by a rejected call.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import torchnorm  # noqa: F401  (registers the ops)
+import torchnorm.functional as tnf
+import torchnorm.nn as tnn
+from conftest import HAS_CUDA, NEGATIVE_SLOPE, make_affine, make_input, make_params
+
+OPS = torch.ops.torchnorm
+EPS = 1e-5
+ERRORS = (RuntimeError, ValueError, TypeError)
+OTHER_DEVICE = "cuda" if HAS_CUDA else "meta"
+DEVICE_MATCH = r"(?i)device|cpu|meta|cuda"
+DTYPE_MATCH = r"(?i)dtype|float|type"
+
+NAME = {"w": "weight", "b": "bias", "res": "residual", "rm": "running_mean", "rv": "running_var"}
+
+
+class StatsUnchanged:
+    """Snapshots the (CPU / real-device) running statistics; checks them afterwards."""
+
+    def __init__(self, *tensors):
+        self.pairs = [(t, t.detach().clone()) for t in tensors if t is not None and t.device.type != "meta"]
+
+    def check(self):
+        for t, before in self.pairs:
+            assert torch.equal(t, before), f"running statistics changed by a failing call: {before} -> {t}"
+
+
+def expect_error(fn, match, stats=None, types=ERRORS):
+    with pytest.raises(types, match=match):
+        out = fn()
+        # a lazily reported error must at least surface when the result is used
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out.cpu()
+    if stats is not None:
+        stats.check()
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------
+
+LN_ENTRIES = ["ln-op", "ln-functional", "rms-op", "rms-functional"]
+
+
+def ln_entry_args(whiches):
+    """(entry, which) pairs, leaving out RMSNorm's (absent) bias."""
+    return [
+        pytest.param(e, w, id=f"{e}-{w}")
+        for e in LN_ENTRIES
+        for w in whiches
+        if not (w == "b" and e.startswith("rms"))
+    ]
+
+
+def ln_args(shape=(4, 5, 7), ns=(7,), dtype=torch.float32, pdtype=None, device="cpu"):
+    x = make_input(shape, dtype, device)
+    w, b = make_affine(ns, pdtype or dtype, device, seed=3)
+    res = make_input(shape, dtype, device, seed=9, offset=False)
+    return dict(x=x, ns=ns, w=w, b=b, res=res)
+
+
+def call_ln(entry, x, ns, w, b, res):
+    if entry == "ln-op":
+        return OPS.layer_norm(x, list(ns), w, b, EPS, res)
+    if entry == "ln-functional":
+        return tnf.layer_norm(x, ns, w, b, EPS, residual=res)
+    if entry == "rms-op":
+        return OPS.rms_norm(x, list(ns), w, EPS, res)
+    return tnf.rms_norm(x, ns, w, EPS, residual=res)
+
+
+@pytest.mark.parametrize(
+    "bad_ns",
+    [(6,), (5,), (4, 5), (5, 6), (7, 5), (3, 4, 5, 7)],
+    ids=["D-1", "middle-dim", "leading-dims", "2dims-wrong", "reversed", "longer-than-input"],
+)
+@pytest.mark.parametrize("entry", LN_ENTRIES)
+def test_normalized_shape_mismatch(entry, bad_ns):
+    args = dict(ln_args(), ns=bad_ns, w=None, b=None, res=None)
+    expect_error(lambda: call_ln(entry, **args), "normalized_shape")
+
+
+@pytest.mark.parametrize("bad_shape", [(8,), (6,), (1, 7), (7, 1), ()], ids=["D+1", "D-1", "1xD", "Dx1", "0-D"])
+@pytest.mark.parametrize("entry,which", ln_entry_args(["w", "b"]))
+def test_weight_bias_shape_mismatch(entry, which, bad_shape):
+    args = ln_args()
+    args[which] = make_input(bad_shape, torch.float32, seed=4, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    expect_error(lambda: call_ln(entry, **args), NAME[which])
+
+
+@pytest.mark.parametrize("entry", LN_ENTRIES)
+def test_weight_shape_of_two_dim_normalized_shape(entry):
+    args = ln_args((3, 4, 6), (4, 6))
+    args["w"] = make_input((6, 4), torch.float32, seed=4, offset=False)
+    expect_error(lambda: call_ln(entry, **args), "weight")
+
+
+@pytest.mark.parametrize("bad_shape", [(4, 5, 6), (5, 7), (1, 5, 7), (4, 1, 7), (4, 35)], ids=["D-1", "no-batch", "broadcast-0", "broadcast-1", "flattened"])
+@pytest.mark.parametrize("entry", LN_ENTRIES)
+def test_residual_shape_mismatch(entry, bad_shape):
+    args = ln_args()
+    args["res"] = make_input(bad_shape, torch.float32, seed=4, offset=False)
+    expect_error(lambda: call_ln(entry, **args), "residual")
+
+
+@pytest.mark.parametrize(
+    "x_dtype,bad_dtype",
+    [(torch.float32, torch.float64), (torch.float32, torch.float16), (torch.float64, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64), (torch.float16, torch.float64)],
+    ids=["f32-f64", "f32-f16", "f64-f32", "f16-bf16", "bf16-f64", "f16-f64"],
+)
+@pytest.mark.parametrize("entry,which", ln_entry_args(["w", "b", "res"]))
+def test_ln_dtype_mismatch(entry, which, x_dtype, bad_dtype):
+    args = ln_args(dtype=x_dtype)
+    args[which] = args[which].to(bad_dtype)
+    expect_error(lambda: call_ln(entry, **args), NAME[which])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("entry", LN_ENTRIES)
+def test_ln_integer_input(entry, dtype):
+    args = dict(ln_args(), w=None, b=None, res=None)
+    args["x"] = (args["x"] * 10).to(dtype)
+    expect_error(lambda: call_ln(entry, **args), DTYPE_MATCH)
+
+
+@pytest.mark.parametrize("entry,which", ln_entry_args(["x", "w", "b", "res"]))
+def test_ln_device_mismatch(entry, which):
+    args = ln_args()
+    args[which] = args[which].to(OTHER_DEVICE)
+    expect_error(lambda: call_ln(entry, **args), DEVICE_MATCH)
+
+
+def test_layer_norm_backward_bad_arguments():
+    args = ln_args((4, 3, 6), (6,))
+    x, ns, w, b = args["x"], [6], args["w"], args["b"]
+    _, _, mean, rstd = OPS.layer_norm(x, ns, w, b, EPS, None)
+    gy = make_input(x.shape, torch.float32, seed=5, offset=False)
+    mask = [True, True, True]
+    with pytest.raises(ERRORS, match="grad"):
+        OPS.layer_norm_backward(gy[..., :5], None, x, ns, mean, rstd, w, mask)
+    with pytest.raises(ERRORS, match="grad_sum|sum"):
+        OPS.layer_norm_backward(gy, gy[:2], x, ns, mean, rstd, w, mask)
+    with pytest.raises(ERRORS, match=r"(?i)statistic|mean|rstd"):
+        OPS.layer_norm_backward(gy, None, x, ns, mean[:2], rstd, w, mask)
+    with pytest.raises(ERRORS, match=r"(?i)statistic|rstd"):
+        OPS.layer_norm_backward(gy, None, x, ns, mean, rstd[:, :2], w, mask)
+    with pytest.raises(ERRORS, match=r"(?i)statistic|mean|rstd|dtype"):
+        OPS.layer_norm_backward(gy, None, x, ns, mean.double(), rstd.double(), w, mask)
+    with pytest.raises(ERRORS, match="normalized_shape"):
+        OPS.layer_norm_backward(gy, None, x, [5], mean, rstd, w, mask)
+    with pytest.raises(ERRORS, match="weight"):
+        OPS.layer_norm_backward(gy, None, x, ns, mean, rstd, w[:5], mask)
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm
+# ---------------------------------------------------------------------------
+
+GN_ENTRIES = ["gn-op", "gn-functional"]
+
+
+def gn_args(shape=(4, 6, 5, 5), G=3, dtype=torch.float32, device="cpu"):
+    x = make_input(shape, dtype, device)
+    w, b = make_affine((shape[1],), dtype, device, seed=3)
+    return dict(x=x, G=G, w=w, b=b)
+
+
+def call_gn(entry, x, G, w, b, activation="relu"):
+    if entry == "gn-op":
+        return OPS.group_norm(x, G, w, b, EPS, activation, NEGATIVE_SLOPE)
+    act = None if activation == "none" else activation
+    return tnf.group_norm(x, G, w, b, EPS, activation=act, negative_slope=NEGATIVE_SLOPE)
+
+
+@pytest.mark.parametrize("G", [4, 5, 12, 0, -1, -3], ids=["4-of-6", "5-of-6", "more-than-C", "zero", "minus-1", "minus-3"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_num_groups_invalid(entry, G):
+    args = dict(gn_args(), G=G)
+    expect_error(lambda: call_gn(entry, **args), "num_groups")
+
+
+@pytest.mark.parametrize("bad_shape", [(7,), (5,), (3,), (1, 6), ()], ids=["C+1", "C-1", "G", "1xC", "0-D"])
+@pytest.mark.parametrize("which", ["w", "b"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_weight_bias_shape_mismatch(entry, which, bad_shape):
+    args = gn_args()
+    args[which] = make_input(bad_shape, torch.float32, seed=4, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    expect_error(lambda: call_gn(entry, **args), NAME[which])
+
+
+@pytest.mark.parametrize("shape", [(6,), ()], ids=["1-D", "0-D"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_input_rank_too_small(entry, shape):
+    args = dict(gn_args(), w=None, b=None, G=1)
+    args["x"] = make_input(shape, torch.float32, offset=False) if shape else torch.tensor(1.0)
+    expect_error(lambda: call_gn(entry, **args), r"(?i)shape|dim|input|rank")
+
+
+@pytest.mark.parametrize(
+    "x_dtype,bad_dtype",
+    [(torch.float32, torch.float64), (torch.float32, torch.float16), (torch.float64, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64)],
+    ids=["f32-f64", "f32-f16", "f64-f32", "f16-bf16", "bf16-f64"],
+)
+@pytest.mark.parametrize("which", ["w", "b"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_dtype_mismatch(entry, which, x_dtype, bad_dtype):
+    args = gn_args(dtype=x_dtype)
+    args[which] = args[which].to(bad_dtype)
+    expect_error(lambda: call_gn(entry, **args), NAME[which])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_integer_input(entry, dtype):
+    args = dict(gn_args(), w=None, b=None)
+    args["x"] = (args["x"] * 10).to(dtype)
+    expect_error(lambda: call_gn(entry, **args), DTYPE_MATCH)
+
+
+@pytest.mark.parametrize("which", ["x", "w", "b"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_device_mismatch(entry, which):
+    args = gn_args()
+    args[which] = args[which].to(OTHER_DEVICE)
+    expect_error(lambda: call_gn(entry, **args), DEVICE_MATCH)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "ReLU", "relu6", "tanh"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_bad_activation(entry, activation):
+    args = gn_args()
+    expect_error(lambda: call_gn(entry, activation=activation, **args), "activation")
+
+
+def test_gn_module_bad_activation():
+    with pytest.raises(ERRORS, match="activation"):
+        m = tnn.GroupNorm(2, 4, activation="gelu")
+        m(make_input((2, 4, 3), torch.float32))
+
+
+def test_group_norm_backward_bad_arguments():
+    args = gn_args((4, 6, 5), 3)
+    x, w, b = args["x"], args["w"], args["b"]
+    _, mean, rstd = OPS.group_norm(x, 3, w, b, EPS, "relu", 0.0)
+    gy = make_input(x.shape, torch.float32, seed=5, offset=False)
+    mask = [True] * 3
+    with pytest.raises(ERRORS, match="grad"):
+        OPS.group_norm_backward(gy[:, :, :4], x, 3, mean, rstd, w, b, "relu", 0.0, mask)
+    with pytest.raises(ERRORS, match=r"(?i)statistic|mean|rstd"):
+        OPS.group_norm_backward(gy, x, 3, mean[:, :2], rstd, w, b, "relu", 0.0, mask)
+    with pytest.raises(ERRORS, match=r"(?i)statistic|mean|rstd|num_groups"):
+        OPS.group_norm_backward(gy, x, 2, mean, rstd, w, b, "relu", 0.0, mask)
+    with pytest.raises(ERRORS, match=r"(?i)statistic|mean|rstd|dtype"):
+        OPS.group_norm_backward(gy, x, 3, mean.double(), rstd.double(), w, b, "relu", 0.0, mask)
+    with pytest.raises(ERRORS, match="activation"):
+        OPS.group_norm_backward(gy, x, 3, mean, rstd, w, b, "gelu", 0.0, mask)
+    with pytest.raises(ERRORS, match="weight"):
+        OPS.group_norm_backward(gy, x, 3, mean, rstd, w[:5], b, "relu", 0.0, mask)
+
+
+def test_gn_module_groups_not_dividing_channels_like_torch():
+    with pytest.raises(ValueError):
+        nn.GroupNorm(4, 6)
+    with pytest.raises(ValueError):
+        tnn.GroupNorm(4, 6)
+
+
+# ---------------------------------------------------------------------------
+# InstanceNorm
+# ---------------------------------------------------------------------------
+
+IN_ENTRIES = ["in-op", "in-functional"]
+
+
+def in_args(shape=(4, 3, 5, 5), dtype=torch.float32, device="cpu"):
+    x = make_input(shape, dtype, device)
+    w, b, rm, rv = make_params(shape[1], dtype, device)
+    return dict(x=x, w=w, b=b, rm=rm, rv=rv)
+
+
+def call_in(entry, x, w, b, rm, rv):
+    if entry == "in-op":
+        return OPS.instance_norm(x, w, b, rm, rv, 0.1, EPS)
+    return tnf.instance_norm(x, rm, rv, w, b, True, 0.1, EPS)
+
+
+def expect_in_error(entry, args, match, stats=None):
+    stats = stats or StatsUnchanged(args["rm"], args["rv"])
+    expect_error(lambda: call_in(entry, **args), match, stats)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3,), ()], ids=["2-D", "1-D", "0-D"])
+@pytest.mark.parametrize("entry", IN_ENTRIES)
+def test_in_input_rank_too_small(entry, shape):
+    args = in_args()
+    args["x"] = make_input(shape, torch.float32, offset=False) if shape else torch.tensor(1.0)
+    expect_in_error(entry, args, r"(?i)shape|dim|input|rank|spatial")
+
+
+@pytest.mark.parametrize("bad_shape", [(4,), (2,), (3, 1), ()], ids=["C+1", "C-1", "2-D", "0-D"])
+@pytest.mark.parametrize("which", ["w", "b", "rm", "rv"])
+@pytest.mark.parametrize("entry", IN_ENTRIES)
+def test_in_per_channel_shape_mismatch(entry, which, bad_shape):
+    args = in_args()
+    stats = StatsUnchanged(args["rm"], args["rv"])
+    args[which] = make_input(bad_shape, torch.float32, seed=3, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    expect_in_error(entry, args, NAME[which], stats)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,bad_dtype",
+    [(torch.float32, torch.float64), (torch.float32, torch.float16), (torch.float64, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64)],
+    ids=["f32-f64", "f32-f16", "f64-f32", "f16-bf16", "bf16-f64"],
+)
+@pytest.mark.parametrize("which", ["w", "b", "rm", "rv"])
+@pytest.mark.parametrize("entry", IN_ENTRIES)
+def test_in_dtype_mismatch(entry, which, x_dtype, bad_dtype):
+    args = in_args(dtype=x_dtype)
+    stats = StatsUnchanged(args["rm"], args["rv"])
+    args[which] = args[which].to(bad_dtype)
+    expect_in_error(entry, args, NAME[which], stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("entry", IN_ENTRIES)
+def test_in_integer_input(entry, dtype):
+    args = in_args()
+    args["x"] = (args["x"] * 10).to(dtype)
+    expect_in_error(entry, args, DTYPE_MATCH)
+
+
+@pytest.mark.parametrize("which", ["x", "w", "b", "rm", "rv"])
+@pytest.mark.parametrize("entry", IN_ENTRIES)
+def test_in_device_mismatch(entry, which):
+    args = in_args()
+    args[which] = args[which].to(OTHER_DEVICE)
+    stats = StatsUnchanged(args["rm"], args["rv"])
+    expect_in_error(entry, args, DEVICE_MATCH, stats)
+
+
+@pytest.mark.parametrize("entry", IN_ENTRIES)
+def test_in_running_stats_must_come_together(entry):
+    args = in_args()
+    stats = StatsUnchanged(args["rm"], args["rv"])
+    args["rv"] = None
+    expect_in_error(entry, args, "running_(mean|var)", stats)
+
+
+@pytest.mark.parametrize(
+    "cls,shape",
+    [("InstanceNorm1d", (2, 3, 4, 4)), ("InstanceNorm1d", (3,)), ("InstanceNorm2d", (3, 4)), ("InstanceNorm2d", (2, 3, 4, 4, 4)), ("InstanceNorm3d", (2, 3, 4))],
+    ids=["1d-4D", "1d-1D", "2d-2D", "2d-5D", "3d-3D"],
+)
+def test_in_module_wrong_rank_like_torch(cls, shape):
+    with pytest.raises(ValueError):
+        getattr(nn, cls)(3, track_running_stats=True)(make_input(shape, torch.float32))
+    m = getattr(tnn, cls)(3, track_running_stats=True)
+    stats = StatsUnchanged(m.running_mean, m.running_var, m.num_batches_tracked)
+    with pytest.raises(ValueError, match=r"(?i)(\dD.*input|dim)"):
+        m(make_input(shape, torch.float32))
+    stats.check()
+
+
+@pytest.mark.parametrize("bad", ["channels", "dtype", "device"])
+def test_in_module_rejected_input_leaves_state(bad):
+    m = tnn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    _, _, rm, rv = make_params(3, torch.float32, seed=2)
+    with torch.no_grad():
+        m.running_mean.copy_(rm)
+        m.running_var.copy_(rv)
+    stats = StatsUnchanged(m.running_mean, m.running_var, m.num_batches_tracked, m.weight, m.bias)
+    if bad == "channels":
+        x = make_input((2, 4, 3, 3), torch.float32)
+    elif bad == "dtype":
+        x = make_input((2, 3, 3, 3), torch.float64)
+    else:
+        x = make_input((2, 3, 3, 3), torch.float32).to(OTHER_DEVICE)
+    with pytest.raises(ERRORS):
+        m(x).cpu()
+    stats.check()
+
+
+# ---------------------------------------------------------------------------
+# Modules of LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])
+def test_ln_module_wrong_input_shape(name):
+    m = getattr(tnn, name)((5, 7))
+    with pytest.raises(ERRORS, match="normalized_shape"):
+        m(make_input((3, 7, 5), torch.float32))
+    with pytest.raises(ERRORS, match="residual"):
+        m(make_input((3, 5, 7), torch.float32), residual=make_input((1, 5, 7), torch.float32))
+    with pytest.raises(ERRORS, match=r"weight|dtype|type"):
+        m(make_input((3, 5, 7), torch.float64))
