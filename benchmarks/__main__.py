@@ -1,8 +1,9 @@
-"""``python -m benchmarks``: run a suite, append rows to a CSV, write its markdown table and plot.
+"""``python -m benchmarks``: run benchmark suites, append rows to a CSV, write its markdown table and plot.
 
 Examples::
 
-    python -m benchmarks                                   # default suite, default device
+    python -m benchmarks                                   # every suite, default device
+    python -m benchmarks --suite layer_norm,rms_norm       # some suites (or: all)
     python -m benchmarks --providers torch,torch_compile   # without torchnorm
     python -m benchmarks --device cpu --quick --out /tmp/bench.csv   # smoke test
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
@@ -34,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="batch_norm", choices=sorted(suites.SUITES))
+    ap.add_argument("--suite", default="all",
+                    help=f"comma-separated, from {','.join(suites.SUITES)}, or all (default: all, "
+                         "in that order)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"],
                     default="cuda" if torch.cuda.is_available() else "cpu",
                     help="default: cuda when available, else cpu; all: cpu then cuda")
@@ -49,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="seconds of timed calls per row (default: 1.0 on cpu, 0.3 on cuda)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     args = ap.parse_args(argv)
+    args.suites = _list(args.suite, tuple(suites.SUITES) + ("all",), "suite")
+    if "all" in args.suites:
+        args.suites = list(suites.SUITES)
+    args.suites = list(OrderedDict.fromkeys(args.suites))
     args.providers = _list(args.providers, suites.PROVIDERS, "provider")
     args.modes = _list(args.modes, suites.MODES, "mode")
     return args
@@ -80,11 +87,12 @@ def main(argv=None) -> int:
     for device in devices:
         path = args.out or os.path.join(RESULTS, "local", harness.device_slug(device) + ".csv")
         outs.setdefault(path, []).append(device)
-    plan = {d: suites.SUITES[args.suite](d, args.quick) for d in devices}
+    plan = {d: [case for name in args.suites for case in suites.SUITES[name](d, args.quick)]
+            for d in devices}
     total = sum(len(c) for c in plan.values()) * len(args.providers) * len(args.modes)
-    harness.log(f"suite {args.suite}: {total} rows on {', '.join(devices)}; torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads; providers {','.join(args.providers)}; "
-                f"modes {','.join(args.modes)}; run {run_id}")
+    harness.log(f"suite {','.join(args.suites)}: {total} rows on {', '.join(devices)}; "
+                f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+                f"providers {','.join(args.providers)}; modes {','.join(args.modes)}; run {run_id}")
 
     if "cpu" in devices:
         harness.warn_if_busy()

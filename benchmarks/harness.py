@@ -122,12 +122,18 @@ def rotation_count(case: suites.Case, device: str) -> int:
     numel = math.prod(case.shape)
     x_bytes = max(1, numel * torch.empty((), dtype=case.dtype).element_size())
     n = math.ceil(2 * last_level_cache_bytes(device) / x_bytes)
-    per_set = x_bytes * (2 + case.residual)  # x, dy (and residual)
+    outputs = suites.OPS[case.op].outputs(case)
+    per_set = x_bytes * (1 + outputs + case.residual)  # x, dy (and ds, residual)
     return max(2, min(n, MAX_ROTATION, ROTATION_BUDGET_BYTES // per_set))
 
 
 def make_samples(case: suites.Case, device: str, count: int) -> list:
-    """``count`` input sets ``{x, dy, residual}`` in the case's layout; x and residual require grad."""
+    """``count`` input sets ``{x, dy, ds, residual}`` in the case's layout; x and residual require grad.
+
+    ``ds``, the gradient of a second output (the residual sum s of LayerNorm /
+    RMSNorm), is None when the op has one output; ``residual`` is None when
+    the case has none.
+    """
     g = torch.Generator(device=device).manual_seed(0)
     fmt = suites.memory_format(case)
 
@@ -135,8 +141,34 @@ def make_samples(case: suites.Case, device: str, count: int) -> list:
         t = torch.empty(case.shape, dtype=case.dtype, device=device, memory_format=fmt)
         return t.normal_(generator=g).requires_grad_(requires_grad)
 
-    return [{"x": tensor(True), "dy": tensor(False), "residual": tensor(True) if case.residual else None}
+    two = suites.OPS[case.op].outputs(case) == 2
+    return [{"x": tensor(True), "dy": tensor(False), "ds": tensor(False) if two else None,
+             "residual": tensor(True) if case.residual else None}
             for _ in range(count)]
+
+
+def grad_targets(sample: dict, grad_params: list) -> list:
+    """What a training step differentiates: x (and the residual) and the parameters."""
+    return [sample["x"]] + ([sample["residual"]] if sample["residual"] is not None else []) + grad_params
+
+
+def backward(out, sample: dict, targets: list, **kwargs) -> tuple:
+    """``torch.autograd.grad`` of ``fn``'s output: ``y`` with ``dy``, or ``(y, s)`` with ``(dy, ds)``.
+
+    A two-output case gets its gradient into both outputs, the same way for every provider.
+    """
+    if isinstance(out, (tuple, list)):
+        return torch.autograd.grad(list(out), targets, [sample["dy"], sample["ds"]], **kwargs)
+    return torch.autograd.grad(out, targets, sample["dy"], **kwargs)
+
+
+def check_outputs(out, case: suites.Case) -> None:
+    """Raise if ``out`` is not the one tensor or the pair of tensors the case's op returns."""
+    got = len(out) if isinstance(out, (tuple, list)) else 1
+    expected = suites.OPS[case.op].outputs(case)
+    if got != expected or not all(isinstance(t, torch.Tensor) for t in (out if got > 1 else [out])):
+        raise RuntimeError(f"{case.describe()}: the function returned {got} output(s), expected "
+                           f"{expected} tensor(s)")
 
 
 def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tuple:
@@ -158,10 +190,13 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
     it donates saved buffers, and keeping the graph is not what training does).
     Gradients are returned by autograd.grad, not accumulated into ``.grad``, so
     no accumulation kernel is timed.
+
+    A function with two outputs (``(y, s)``: LayerNorm / RMSNorm with a fused
+    residual) is differentiated with ``dy`` and ``ds`` together, so the
+    gradient flows into both, as in a pre-norm block.
     """
     n = len(samples)
-    targets = [[s["x"]] + ([s["residual"]] if s["residual"] is not None else []) + grad_params
-               for s in samples]
+    targets = [grad_targets(s, grad_params) for s in samples]
     counter = [0]
 
     def next_index():
@@ -178,7 +213,7 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
         def full():
             i = next_index()
             s = samples[i]
-            torch.autograd.grad(fn(s["x"], s["residual"]), targets[i], s["dy"])
+            backward(fn(s["x"], s["residual"]), s, targets[i])
         return None, full
     if mode == "backward":
         pending = collections.deque()
@@ -190,10 +225,10 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
         for _ in range(max(1, n - 1)):
             forward_next()
 
-        def backward():
+        def backward_oldest():
             y, i = pending.popleft()
-            torch.autograd.grad(y, targets[i], samples[i]["dy"])
-        return forward_next, backward
+            backward(y, samples[i], targets[i])
+        return forward_next, backward_oldest
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(suites.MODES)}")
 
 
@@ -351,8 +386,9 @@ def run_suite(cases: list, device: str, providers: list, modes: list, writer: Cs
                 t0 = time.perf_counter()
                 s = samples[0]
                 y = fn(s["x"], s["residual"])
+                check_outputs(y, case)
                 if any(m != "forward" for m in modes):
-                    torch.autograd.grad(y, [s["x"]] + grad_params, s["dy"], allow_unused=True)
+                    backward(y, s, grad_targets(s, grad_params), allow_unused=True)
                 del y
                 _sync(device)
                 if provider == "torch_compile":

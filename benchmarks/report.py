@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.report PATH.csv [--run-id ID]`` redraws them; by
 default only the rows of the CSV's latest run are used, so every ratio
-compares times measured in the same run.
+compares times measured in the same run. Rows are grouped by device, then by
+op (one table and one row of plot panels per op, in the order the ops ran).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 import os
 from collections import OrderedDict
 
-from .suites import MODES, PROVIDERS
+from .suites import MODES, OPS, PROVIDERS
 
 BASELINE = "torch"
 
@@ -29,6 +30,27 @@ def read_rows(csv_path: str, run_id: str = None) -> list:
 
 def _case_key(r: dict) -> tuple:
     return (r["device"], r["op"], r["mode"], r["shape"], r["layout"], r["dtype"], r["activation"], r["residual"])
+
+
+def _ops(rows: list) -> list:
+    """The ops of ``rows`` in the order they first appear (the order they ran)."""
+    return list(OrderedDict.fromkeys(r["op"] for r in rows))
+
+
+def _fused(act: str, residual: str) -> str:
+    """What is fused into the op: ``none``, ``relu``, ``residual``, ``relu+residual``..."""
+    parts = ([] if act == "none" else [act]) + (["residual"] if residual == "1" else [])
+    return "+".join(parts) or "none"
+
+
+def _gbps(value: float) -> str:
+    """GB/s with 3 significant digits, without an exponent above 1000 (GPU bandwidths)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _op_title(op: str) -> str:
+    title = getattr(OPS.get(op), "title", None)
+    return f"{op}: {title}" if title else op
 
 
 def _providers(rows: list) -> list:
@@ -67,7 +89,8 @@ def _geomean(values: list):
 
 
 def markdown(rows: list) -> str:
-    """Markdown: per device, a table of ms per provider and speedups, then geometric means per mode."""
+    """Markdown: per device, then per op, a table of ms per provider and speedups, then geometric
+    means per mode."""
     if not rows:
         return "No rows.\n"
     out = []
@@ -81,36 +104,58 @@ def markdown(rows: list) -> str:
                    f"{first['threads']} threads, run {first['run_id']}\n")
         out.append("Median ms per call. \"A vs B\" is A's speedup over B, ms(B) / ms(A), both "
                    "measured in this run: above 1.0x, A is faster. "
-                   f"GB/s: minimal bytes moved / {subject}'s time.\n")
-        header = (["mode", "shape", "layout", "dtype", "act"] + [f"{p} ms" for p in providers]
+                   f"GB/s: minimal bytes moved (counted per op in benchmarks/suites.py) / {subject}'s "
+                   "time. \"fused\": what the op computes besides the normalization (an activation "
+                   "after it; a residual: added before the activation for batch_norm, summed into the "
+                   "input and returned for layer_norm / rms_norm).\n")
+        header = (["mode", "shape", "layout", "dtype", "fused"] + [f"{p} ms" for p in providers]
                   + [f"{subject} GB/s"] + [f"{d} vs {n}" for n, d in ratios])
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join(["---"] * 5 + ["---:"] * (len(header) - 5)) + "|")
-        per_mode = {}
-        for key, by in _table(drows).items():
-            _, _, mode, shape, layout, dtype, act, residual = key
-            act = act + ("+res" if residual == "1" else "")
-            cells = [mode, shape, layout, dtype, act]
-            cells += [f"{float(by[p]['median_ms']):.4g}" if p in by else "-" for p in providers]
-            cells.append(f"{float(by[subject]['gb_per_s']):.3g}" if subject in by else "-")
-            for n, d in ratios:
-                r = _ratio(by, n, d)
-                per_mode.setdefault((mode, n, d), []).append(r)
-                cells.append(f"{r:.2f}x" if r else "-")
-            out.append("| " + " | ".join(cells) + " |")
-        if per_mode:
-            out.append("")
-            out.append("Geometric mean (min) of the speedups per mode:\n")
+        for op in _ops(drows):
+            if len(out) > 2:
+                out.append("")
+            out.append(f"#### {_op_title(op)}\n")
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "|".join(["---"] * 5 + ["---:"] * (len(header) - 5)) + "|")
+            per_mode = OrderedDict()
+            for key, by in _table([r for r in drows if r["op"] == op]).items():
+                _, _, mode, shape, layout, dtype, act, residual = key
+                cells = [mode, shape, layout, dtype, _fused(act, residual)]
+                cells += [f"{float(by[p]['median_ms']):.4g}" if p in by else "-" for p in providers]
+                cells.append(_gbps(float(by[subject]["gb_per_s"])) if subject in by else "-")
+                for n, d in ratios:
+                    r = _ratio(by, n, d)
+                    per_mode.setdefault((mode, n, d), []).append(r)
+                    cells.append(f"{r:.2f}x" if r else "-")
+                out.append("| " + " | ".join(cells) + " |")
+            lines = []
             for (mode, n, d), values in per_mode.items():
                 g = _geomean(values)
                 if g:
-                    out.append(f"- {mode}, {d} vs {n}: {g:.2f}x (min {min(v for v in values if v):.2f}x)")
+                    lines.append(f"- {mode}, {d} vs {n}: {g:.2f}x (min {min(v for v in values if v):.2f}x)")
+            if lines:
+                out.append("")
+                out.append(f"Geometric mean (min) of the {op} speedups per mode:\n")
+                out += lines
         out.append("")
     return "\n".join(out) + "\n"
 
 
+def _label(key: tuple, varying: set) -> str:
+    """A bar's label: the shape, then the layout / dtype / fusion where they vary within the op."""
+    _, _, _, shape, layout, dtype, act, residual = key
+    parts = [shape]
+    if "layout" in varying:
+        parts.append("CL" if layout == "channels_last" else "NCHW" if layout == "contiguous" else layout)
+    if "dtype" in varying:
+        parts.append(dtype)
+    if "fused" in varying:
+        parts.append(_fused(act, residual))
+    return " ".join(parts)
+
+
 def plot(rows: list, png_path: str) -> bool:
-    """Bar plot of every provider's speedup over torch eager, one panel per (device, mode).
+    """Bar plots of every provider's speedup over torch eager: one row of panels per (device, op),
+    one column per mode.
 
     Returns False (and draws nothing) when there is no ratio to plot.
     """
@@ -120,37 +165,57 @@ def plot(rows: list, png_path: str) -> bool:
     import matplotlib.pyplot as plt
 
     devices = list(OrderedDict.fromkeys(r["device"] for r in rows))
-    panels = []
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    grid = []  # (title, {mode: (labels, series)})
     for device in devices:
         drows = [r for r in rows if r["device"] == device]
         providers = _providers(drows)
         others = [p for p in providers if p != BASELINE] if BASELINE in providers else []
-        table = _table(drows)
-        for mode in [m for m in MODES if any(k[2] == m for k in table)]:
-            keys = [k for k in table if k[2] == mode]
-            labels = [f"{k[3]} {'CL' if k[4] == 'channels_last' else 'NCHW'} {k[5]} {k[6]}" for k in keys]
-            series = {p: [_ratio(table[k], BASELINE, p) or 0.0 for k in keys] for p in others}
-            if any(any(v) for v in series.values()):
-                panels.append((f"{drows[0]['device_name']} ({device}): {mode}", labels, series))
-    if not panels:
+        for op in _ops(drows):
+            orows = [r for r in drows if r["op"] == op]
+            table = _table(orows)
+            varying = {name for name, values in (
+                ("layout", {r["layout"] for r in orows}), ("dtype", {r["dtype"] for r in orows}),
+                ("fused", {_fused(r["activation"], r["residual"]) for r in orows})) if len(values) > 1}
+            constant = [v for name, v in (("layout", orows[0]["layout"]), ("dtype", orows[0]["dtype"]),
+                                          ("fused", _fused(orows[0]["activation"], orows[0]["residual"])))
+                        if name not in varying and v not in ("contiguous", "none")]
+            panels = {}
+            for mode in modes:
+                keys = [k for k in table if k[2] == mode]
+                series = {p: [_ratio(table[k], BASELINE, p) or 0.0 for k in keys] for p in others}
+                if any(any(v) for v in series.values()):
+                    panels[mode] = ([_label(k, varying) for k in keys], series)
+            if panels:
+                title = f"{op}{' (' + ', '.join(constant) + ')' if constant else ''}, " \
+                        f"{drows[0]['device_name']} ({device})"
+                grid.append((title, panels))
+    if not grid:
         return False
-    rows_n = len(panels)
-    height = sum(0.6 + 0.35 * len(p[1]) * max(1, len(p[2])) for p in panels) + 0.5
-    fig, axes = plt.subplots(rows_n, 1, figsize=(8, height), squeeze=False)
-    for ax, (title, labels, series) in zip(axes[:, 0], panels):
-        width = 0.8 / max(1, len(series))
-        for j, (p, values) in enumerate(series.items()):
-            pos = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
-            bars = ax.barh(pos, values, height=width, label=f"{p} vs torch eager")
-            ax.bar_label(bars, labels=[f"{v:.2f}x" if v else "" for v in values], fontsize=7, padding=2)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("speedup over torch eager (higher is better)", fontsize=8)
-        ax.set_xlim(0, max([1.2] + [v * 1.25 for vs in series.values() for v in vs]))
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    heights = [0.9 + 0.28 * max(len(labels) * max(1, len(series)) for labels, series in panels.values())
+               for _, panels in grid]
+    height = sum(heights) + 0.5
+    fig, axes = plt.subplots(len(grid), len(modes), figsize=(5.5 * len(modes), height), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for row, (title, panels) in zip(axes, grid):
+        for ax, mode in zip(row, modes):
+            if mode not in panels:
+                ax.axis("off")
+                continue
+            labels, series = panels[mode]
+            width = 0.8 / max(1, len(series))
+            for j, (p, values) in enumerate(series.items()):
+                pos = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
+                bars = ax.barh(pos, values, height=width, label=f"{p} vs torch eager")
+                ax.bar_label(bars, labels=[f"{v:.2f}x" if v else "" for v in values], fontsize=7, padding=2)
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_yticks(range(len(labels)))
+            ax.set_yticklabels(labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{title}: {mode}", fontsize=9)
+            ax.set_xlabel("speedup over torch eager (higher is better)", fontsize=8)
+            ax.set_xlim(0, max([1.2] + [v * 1.25 for vs in series.values() for v in vs]))
+    handles, labels = next(ax for ax in axes.flat if ax.axison).get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
     fig.savefig(png_path, dpi=110)

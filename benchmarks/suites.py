@@ -1,23 +1,33 @@
 """Benchmark suites: which cases run, and how each provider computes a case.
 
 A suite is a function ``(device, quick) -> list[Case]``, registered in
-``SUITES``. A case names an op (a key of ``OPS``); the op object builds the
-parameters of a case and, for each provider, the function that is timed:
-``fn(x, residual) -> y``. Inputs (``x``, ``dy``, ``residual``) are made by the
-harness from the case's shape, dtype and layout, so they are shared by all
-providers.
+``SUITES`` (``all`` runs every suite, in the order of ``SUITES``). A case
+names an op (a key of ``OPS``); the op object builds the parameters of a case
+and, for each provider, the function that is timed: ``fn(x, residual) -> y``,
+or ``-> (y, s)`` when the op also returns the residual sum (``op.outputs(case)
+== 2``: LayerNorm / RMSNorm with a fused residual). Inputs (``x``, ``dy``,
+``residual``, and ``ds`` for a second output) are made by the harness from the
+case's shape, dtype and layout, so they are shared by all providers. The
+backward of a two-output case takes both gradients, ``dy`` and ``ds``, in every
+provider.
 
 Providers:
 - ``torch``: eager PyTorch, written the way a user writes it
-  (``F.batch_norm`` then ``F.relu``).
+  (``F.batch_norm`` then ``F.relu``; ``s = x + r`` then ``F.layer_norm(s)``;
+  ``F.group_norm`` then ``F.silu``).
 - ``torch_compile``: ``torch.compile`` of that same eager function, compiled
   once per case (the first call, outside the timing).
 - ``torchnorm``: torchnorm's single fused op; imported lazily so that the
   other providers run before the extension is built.
+
+Bytes moved (the GB/s column) are the minimal bytes an op must move through
+memory, counted per op in its ``bytes_moved`` (see each docstring); the
+numbers are a lower bound, so GB/s is an upper bound of a kernel's bandwidth.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import torch
@@ -47,7 +57,9 @@ class Case:
     dtype: torch.dtype
     layout: str = "contiguous"  # "contiguous" or "channels_last" (channels_last_3d for 5-D)
     activation: Optional[str] = None  # None, "relu", "silu", "leaky_relu"
-    residual: bool = False  # y = act(op(x) + residual)
+    # batch_norm: y = act(bn(x) + residual); layer_norm / rms_norm: s = x + residual
+    # is normalized and (y, s) returned (a pre-norm block); other ops: unused.
+    residual: bool = False
 
     @property
     def shape_str(self) -> str:
@@ -100,8 +112,13 @@ def check_provider(provider: str) -> None:
 class BatchNorm:
     """BatchNorm in training mode: batch statistics, running statistics updated in place."""
 
+    title = "BatchNorm, training mode (batch statistics; running statistics updated), optionally then ReLU"
     momentum = 0.1
     eps = 1e-5
+
+    def outputs(self, case: Case) -> int:
+        """One output (a residual is added to it)."""
+        return 1
 
     def params(self, case: Case, device: str) -> dict:
         """Weight and bias (float32, requiring grad) and running statistics for a case."""
@@ -161,7 +178,236 @@ class BatchNorm:
         return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-OPS = {"batch_norm": BatchNorm()}
+def _numel(shape: tuple) -> int:
+    return math.prod(shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _param_dtype(case: Case) -> torch.dtype:
+    """Affine parameters: the input's dtype, float32 for float16 / bfloat16 inputs."""
+    return torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
+
+
+def _affine(n: int, case: Case, device: str, bias: bool = True) -> dict:
+    """``weight`` (around 1) and optionally ``bias`` (around 0) of length ``n``, requiring grad."""
+    g = torch.Generator().manual_seed(1)
+    dtype = _param_dtype(case)
+    params = {"weight": (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype).requires_grad_()}
+    if bias:
+        params["bias"] = (0.1 * torch.randn(n, generator=g)).to(device, dtype).requires_grad_()
+    return params
+
+
+def _bytes(case: Case, mode: str, fwd_tensors: int, bwd_tensors: int, param_numel: int,
+           fwd_params: int, bwd_params: int) -> int:
+    """Bytes moved by ``fwd_tensors`` / ``bwd_tensors`` input-sized tensors and
+    ``fwd_params`` / ``bwd_params`` parameter-sized vectors (``param_numel`` elements each)."""
+    size = _numel(case.shape) * _itemsize(case.dtype)
+    psize = param_numel * _itemsize(_param_dtype(case))
+    fwd = size * fwd_tensors + psize * fwd_params
+    bwd = size * bwd_tensors + psize * bwd_params
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _torchnorm_op(name: str) -> Callable:
+    """``torchnorm.functional.<name>``, or ProviderUnavailable when this build has no such op."""
+    check_provider("torchnorm")
+    import torchnorm.functional as tnf
+
+    fn = getattr(tnf, name, None)
+    if fn is None:
+        raise ProviderUnavailable(f"torchnorm.functional has no {name}: the installed torchnorm predates it; "
+                                  "rebuild it, or leave the provider out: --providers torch,torch_compile")
+    return fn
+
+
+class LayerNorm:
+    """LayerNorm over the last dimension, elementwise affine with bias.
+
+    With a residual, the pre-norm block of a transformer: ``s = x + r``,
+    ``y = layer_norm(s)``, returning ``(y, s)`` (``s`` feeds the next
+    residual add); the backward takes gradients for both outputs.
+    """
+
+    title = "LayerNorm over the last dimension (weight and bias)"
+    eps = 1e-5
+    bias = True
+
+    def outputs(self, case: Case) -> int:
+        """2 with a residual (y and the sum s), else 1."""
+        return 2 if case.residual else 1
+
+    def params(self, case: Case, device: str) -> dict:
+        """Weight (and bias) of the normalized (last) dimension, requiring grad."""
+        return _affine(case.shape[-1], case, device, bias=self.bias)
+
+    def grad_params(self, params: dict) -> list:
+        """The parameters a training step computes gradients for."""
+        return list(params.values())
+
+    def _norm(self, s, shape, params):
+        return F.layer_norm(s, shape, params["weight"], params.get("bias"), self.eps)
+
+    def eager(self, case: Case, params: dict) -> Callable:
+        """What a PyTorch user writes: ``s = x + r`` then F.layer_norm (F.rms_norm), returning (y, s)."""
+        shape, norm = (case.shape[-1],), self._norm
+
+        def norm_eager(x, residual=None):
+            if residual is None:
+                return norm(x, shape, params)
+            s = x + residual
+            return norm(s, shape, params), s
+
+        norm_eager.__name__ = f"{type(self).__name__.lower()}_eager"
+        return norm_eager
+
+    def torchnorm(self, case: Case, params: dict) -> Callable:
+        """torchnorm.functional.layer_norm(x, shape, w, b, eps, residual=r): y, or (y, s)."""
+        op = _torchnorm_op("layer_norm")
+        shape, w, b, eps = (case.shape[-1],), params["weight"], params.get("bias"), self.eps
+
+        def layer_norm_torchnorm(x, residual=None):
+            return op(x, shape, w, b, eps, residual=residual)
+
+        return layer_norm_torchnorm
+
+    def bytes_moved(self, case: Case, mode: str) -> int:
+        """Minimal bytes a kernel must move.
+
+        forward reads x (and r) and writes y (and s = x + r): 2 (4) tensors;
+        backward reads the normalized input (x, or the saved s), dy (and ds)
+        and writes dx: 3 (4) tensors (with a residual dx is also the
+        residual's gradient, one tensor that autograd hands to both addends).
+        Parameters: forward reads weight (and bias); backward reads weight and
+        writes d weight (and d bias). The per-row mean / rstd (8 bytes a row)
+        are not counted; full is forward + backward.
+        """
+        n_params = 1 + self.bias
+        return _bytes(case, mode, 2 + 2 * case.residual, 3 + case.residual, case.shape[-1],
+                      n_params, 1 + n_params)
+
+
+class RMSNorm(LayerNorm):
+    """RMSNorm over the last dimension, elementwise affine (weight only); residual as LayerNorm's."""
+
+    title = "RMSNorm over the last dimension (weight)"
+    eps = 1e-6
+    bias = False
+
+    def _norm(self, s, shape, params):
+        return F.rms_norm(s, shape, params["weight"], self.eps)
+
+    def torchnorm(self, case: Case, params: dict) -> Callable:
+        """torchnorm.functional.rms_norm(x, shape, w, eps, residual=r): y, or (y, s)."""
+        op = _torchnorm_op("rms_norm")
+        shape, w, eps = (case.shape[-1],), params["weight"], self.eps
+
+        def rms_norm_torchnorm(x, residual=None):
+            return op(x, shape, w, eps, residual=residual)
+
+        return rms_norm_torchnorm
+
+
+class GroupNorm:
+    """GroupNorm with 32 groups, affine, optionally followed by an activation (SiLU)."""
+
+    title = "GroupNorm, 32 groups (weight and bias), optionally followed by SiLU"
+    groups = 32
+    eps = 1e-5
+
+    def outputs(self, case: Case) -> int:
+        """One output."""
+        return 1
+
+    def params(self, case: Case, device: str) -> dict:
+        """Per-channel weight and bias, requiring grad."""
+        return _affine(case.shape[1], case, device)
+
+    def grad_params(self, params: dict) -> list:
+        """The parameters a training step computes gradients for."""
+        return [params["weight"], params["bias"]]
+
+    def eager(self, case: Case, params: dict) -> Callable:
+        """What a PyTorch user writes: F.group_norm, then the activation."""
+        act = _ACTIVATIONS[case.activation]
+        groups, w, b, eps = self.groups, params["weight"], params["bias"], self.eps
+
+        def group_norm_eager(x, residual=None):
+            return act(F.group_norm(x, groups, w, b, eps))
+
+        return group_norm_eager
+
+    def torchnorm(self, case: Case, params: dict) -> Callable:
+        """torchnorm.functional.group_norm with the activation fused."""
+        op = _torchnorm_op("group_norm")
+        groups, w, b, eps = self.groups, params["weight"], params["bias"], self.eps
+        activation = case.activation
+
+        def group_norm_torchnorm(x, residual=None):
+            return op(x, groups, w, b, eps, activation=activation)
+
+        return group_norm_torchnorm
+
+    def bytes_moved(self, case: Case, mode: str) -> int:
+        """Minimal bytes a kernel must move.
+
+        forward reads x and writes y; backward reads x and dy and writes dx
+        (an activation's input is recomputed from x and the statistics, not
+        stored). Per-channel parameters: forward reads weight and bias;
+        backward reads weight (and bias, to recompute the activation's input)
+        and writes d weight and d bias. The per-(sample, group) statistics are
+        not counted; full is forward + backward.
+        """
+        bwd_params = 3 + (case.activation is not None)
+        return _bytes(case, mode, 2, 3, case.shape[1], 2, bwd_params)
+
+
+class InstanceNorm(GroupNorm):
+    """InstanceNorm in training mode: per-(sample, channel) statistics, affine, no running statistics."""
+
+    title = "InstanceNorm, training mode, affine, no running statistics"
+    momentum = 0.1
+
+    def eager(self, case: Case, params: dict) -> Callable:
+        """F.instance_norm(x, None, None, w, b, use_input_stats=True)."""
+        w, b, momentum, eps = params["weight"], params["bias"], self.momentum, self.eps
+
+        def instance_norm_eager(x, residual=None):
+            return F.instance_norm(x, None, None, w, b, use_input_stats=True, momentum=momentum, eps=eps)
+
+        return instance_norm_eager
+
+    def torchnorm(self, case: Case, params: dict) -> Callable:
+        """torchnorm.functional.instance_norm, same arguments as F.instance_norm."""
+        op = _torchnorm_op("instance_norm")
+        w, b, momentum, eps = params["weight"], params["bias"], self.momentum, self.eps
+
+        def instance_norm_torchnorm(x, residual=None):
+            return op(x, None, None, w, b, use_input_stats=True, momentum=momentum, eps=eps)
+
+        return instance_norm_torchnorm
+
+    def bytes_moved(self, case: Case, mode: str) -> int:
+        """Minimal bytes a kernel must move.
+
+        forward reads x and writes y; backward reads x and dy and writes dx.
+        Per-channel parameters: forward reads weight and bias, backward reads
+        weight and writes d weight and d bias. The per-(sample, channel)
+        statistics are not counted; full is forward + backward.
+        """
+        return _bytes(case, mode, 2, 3, case.shape[1], 2, 3)
+
+
+OPS = {
+    "batch_norm": BatchNorm(),
+    "layer_norm": LayerNorm(),
+    "rms_norm": RMSNorm(),
+    "group_norm": GroupNorm(),
+    "instance_norm": InstanceNorm(),
+}
 
 
 def build(provider: str, case: Case, device: str):
@@ -209,4 +455,54 @@ def batch_norm_suite(device: str, quick: bool = False) -> list:
     ]
 
 
-SUITES = {"batch_norm": batch_norm_suite}
+def _token_norm_suite(op: str, device: str, quick: bool) -> list:
+    """(tokens, hidden) float32 shapes, each without and with the fused residual (pre-norm block)."""
+    if quick:
+        shapes = [(64, 256)]
+    else:
+        shapes = [(4096, 1024), (8192, 4096)] + ([(16384, 8192)] if device == "cuda" else [])
+    return [Case(op, shape, torch.float32, residual=residual)
+            for shape in shapes for residual in (False, True)]
+
+
+def layer_norm_suite(device: str, quick: bool = False) -> list:
+    """LayerNorm (weight and bias) over the last dimension of (4096, 1024), (8192, 4096) and, on CUDA,
+    (16384, 8192), float32, each alone and with the fused residual ``s = x + r`` (returning y and s).
+
+    ``quick`` uses one tiny shape (a smoke test, not a measurement).
+    """
+    return _token_norm_suite("layer_norm", device, quick)
+
+
+def rms_norm_suite(device: str, quick: bool = False) -> list:
+    """RMSNorm (weight), the shapes and residual cases of the layer_norm suite."""
+    return _token_norm_suite("rms_norm", device, quick)
+
+
+def group_norm_suite(device: str, quick: bool = False) -> list:
+    """GroupNorm, 32 groups, float32, at (32, 64, 56, 56) and (8, 512, 64, 64), NCHW and
+    channels_last, with and without a fused SiLU. ``quick`` uses one tiny shape."""
+    shapes = [(4, 64, 8, 8)] if quick else [(32, 64, 56, 56), (8, 512, 64, 64)]
+    return [
+        Case("group_norm", shape, torch.float32, layout, activation)
+        for shape in shapes
+        for layout in ("contiguous", "channels_last")
+        for activation in (None, "silu")
+    ]
+
+
+def instance_norm_suite(device: str, quick: bool = False) -> list:
+    """InstanceNorm2d training mode (affine, no running statistics), float32, (32, 64, 56, 56) NCHW.
+    ``quick`` uses one tiny shape."""
+    shapes = [(4, 16, 8, 8)] if quick else [(32, 64, 56, 56)]
+    return [Case("instance_norm", shape, torch.float32) for shape in shapes]
+
+
+# In the order ``--suite all`` (the default) runs them.
+SUITES = {
+    "batch_norm": batch_norm_suite,
+    "layer_norm": layer_norm_suite,
+    "rms_norm": rms_norm_suite,
+    "group_norm": group_norm_suite,
+    "instance_norm": instance_norm_suite,
+}

@@ -1,38 +1,132 @@
-"""Smoke test of the benchmark harness: `python -m benchmarks --quick` on the CPU, torch provider only."""
+"""Smoke tests of the benchmark harness: `python -m benchmarks --quick` on the CPU.
+
+The batch_norm suite runs with the torch provider only (no build needed); the
+per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
+with every provider (torch, torch_compile, torchnorm), so they need the built
+extension (skipped when torchnorm._C is not built; a missing op fails).
+"""
 import csv
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 EXPECTED_COLUMNS = {
-    "run_id", "op", "provider", "mode", "shape", "dtype", "layout", "activation", "device",
+    "run_id", "op", "provider", "mode", "shape", "dtype", "layout", "activation", "residual", "device",
     "device_name", "torch_version", "threads", "median_ms", "gb_per_s", "peak_mem_mb",
 }
+PROVIDERS = ["torch", "torch_compile", "torchnorm"]
+MODES = {"forward", "backward", "full"}
 
 
-def test_quick_cpu_torch(tmp_path):
+def _run(tmp_path, *args, returncodes=(0,)):
     out = tmp_path / "bench.csv"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--providers", "torch",
-         "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--out", str(out), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "[1/12] batch_norm forward" in proc.stderr  # progress lines
-
+    assert proc.returncode in returncodes, proc.stderr
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         assert EXPECTED_COLUMNS <= set(reader.fieldnames)
         rows = list(reader)
+    md = (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return proc, rows, md
+
+
+def test_quick_cpu_torch(tmp_path):
+    proc, rows, md = _run(tmp_path, "--suite", "batch_norm", "--providers", "torch")
+    assert "[1/12] batch_norm forward" in proc.stderr  # progress lines
     assert len(rows) == 12  # 1 shape x 2 layouts x 2 activations x 3 modes
-    assert {r["mode"] for r in rows} == {"forward", "backward", "full"}
+    assert {r["mode"] for r in rows} == MODES
     assert {r["layout"] for r in rows} == {"contiguous", "channels_last"}
     assert all(r["provider"] == "torch" and r["device"] == "cpu" for r in rows)
     assert all(float(r["median_ms"]) > 0 and float(r["gb_per_s"]) > 0 for r in rows)
 
-    md = (tmp_path / "bench.md").read_text()
-    assert "| mode | shape | layout | dtype | act | torch ms |" in md
+    assert "#### batch_norm" in md
+    assert "| mode | shape | layout | dtype | fused | torch ms |" in md
     assert md.count("| 4x16x8x8 |") == 12
-    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# suite -> (quick shape, {(layout, activation, residual)} of its cases)
+NORM_SUITES = {
+    "layer_norm": ("64x256", {("contiguous", "none", "0"), ("contiguous", "none", "1")}),
+    "rms_norm": ("64x256", {("contiguous", "none", "0"), ("contiguous", "none", "1")}),
+    "group_norm": ("4x64x8x8", {(layout, act, "0") for layout in ("contiguous", "channels_last")
+                                for act in ("none", "silu")}),
+    "instance_norm": ("4x16x8x8", {("contiguous", "none", "0")}),
+}
+
+
+@pytest.fixture(scope="module")
+def norm_run(tmp_path_factory):
+    """One quick run of every per-sample-norm suite with every provider (one process: torch's import
+    and the first compile are paid once). One thread: a smoke test, and robust on a busy machine."""
+    try:
+        import torchnorm._C  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"torchnorm._C is not built ({type(e).__name__}: {e})")
+    return _run(tmp_path_factory.mktemp("norms"), "--suite", ",".join(NORM_SUITES),
+                "--providers", ",".join(PROVIDERS), "--threads", "1", returncodes=(0, 1))
+
+
+@pytest.mark.parametrize("suite", list(NORM_SUITES))
+def test_quick_cpu_all_providers(norm_run, suite):
+    proc, all_rows, md = norm_run
+    failed = [line for line in proc.stderr.splitlines() if f"] {suite} " in line and "FAILED" in line]
+    assert not failed, "\n".join(failed)
+    shape, cases = NORM_SUITES[suite]
+    rows = [r for r in all_rows if r["op"] == suite]
+
+    assert len(rows) == len(cases) * len(PROVIDERS) * len(MODES)
+    assert {r["shape"] for r in rows} == {shape}
+    assert {(r["layout"], r["activation"], r["residual"]) for r in rows} == cases
+    assert all(r["dtype"] == "float32" and r["device"] == "cpu" for r in rows)
+    assert all(float(r["median_ms"]) > 0 and float(r["gb_per_s"]) > 0 for r in rows)
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["mode"], r["layout"], r["activation"], r["residual"]), []).append(r["provider"])
+    assert all(sorted(p) == sorted(PROVIDERS) for p in by_case.values())
+
+    # The markdown has a section per op, with ratios to torch eager and to torch.compile.
+    section = md.split(f"#### {suite}: ", 1)[1].split("####", 1)[0]
+    assert ("| torch ms | torch_compile ms | torchnorm ms | torchnorm GB/s | torch_compile vs torch "
+            "| torchnorm vs torch | torchnorm vs torch_compile |") in section
+    assert section.count(f"| {shape} |") == len(rows) // len(PROVIDERS)
+    assert "- full, torchnorm vs torch_compile: " in section
+
+
+def test_suite_option():
+    from benchmarks import __main__ as cli
+    from benchmarks import suites
+
+    assert cli.parse_args([]).suites == list(suites.SUITES)  # default: every suite
+    assert cli.parse_args(["--suite", "all"]).suites == list(suites.SUITES)
+    assert list(suites.SUITES)[0] == "batch_norm" and set(NORM_SUITES) <= set(suites.SUITES)
+    assert cli.parse_args(["--suite", "rms_norm,layer_norm"]).suites == ["rms_norm", "layer_norm"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--suite", "nope"])
+
+
+def test_bytes_moved():
+    """GB/s counts the minimal traffic: tensors of the input's size, plus the parameters."""
+    import torch
+    from benchmarks import suites
+
+    ln = suites.OPS["layer_norm"]
+    x, p = 4096 * 1024 * 4, 1024 * 4
+    case = suites.Case("layer_norm", (4096, 1024), torch.float32)
+    assert ln.bytes_moved(case, "forward") == 2 * x + 2 * p  # x, y; w, b
+    assert ln.bytes_moved(case, "backward") == 3 * x + 3 * p  # x, dy, dx; w, dw, db
+    res = suites.Case("layer_norm", (4096, 1024), torch.float32, residual=True)
+    assert ln.bytes_moved(res, "forward") == 4 * x + 2 * p  # x, r, y, s
+    assert ln.bytes_moved(res, "backward") == 4 * x + 3 * p  # s, dy, ds, dx
+    assert ln.bytes_moved(res, "full") == 8 * x + 5 * p
+    assert suites.OPS["rms_norm"].bytes_moved(res, "forward") == 4 * x + p  # weight only
+    gn = suites.Case("group_norm", (32, 64, 56, 56), torch.float32, activation="silu")
+    assert suites.OPS["group_norm"].bytes_moved(gn, "backward") == 3 * 32 * 64 * 56 * 56 * 4 + 4 * 64 * 4
