@@ -59,6 +59,7 @@
 #include "common/batch_norm_host.h"
 #include "common/batch_norm_math.h"
 #include "common/welford.h"
+#include "norm_kernels.cuh"
 
 namespace torchnorm {
 namespace {
@@ -67,135 +68,9 @@ constexpr int kThreads = 256;  // threads per block, for every kernel here
 constexpr int kWarp = 32;
 constexpr int kUnroll = 4;  // independent loads each thread issues per iteration of a reduction loop
 
-template <typename scalar_t>
-using acc_type_of = at::acc_type<scalar_t, /*is_cuda=*/true>;
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// ---------------------------------------------------------------------------
-// Per-channel vectors with a run-time dtype
-// ---------------------------------------------------------------------------
-
-// A per-channel 1-D tensor (weight, bias, running stats, saved mean / rstd,
-// grad_weight, grad_bias) in either the input's dtype or float32. Reading it
-// through this instead of a second AT_DISPATCH keeps one instantiation per
-// input dtype. The stride is kept because a 1-D tensor may be a strided view
-// (e.g. running stats sliced out of a bigger buffer), and running stats must be
-// updated in place, not in a contiguous copy.
-template <typename scalar_t>
-struct ChannelParam {
-  using acc_t = acc_type_of<scalar_t>;
-  void* ptr = nullptr;  // nullptr: the tensor is absent (or not wanted)
-  int64_t stride = 1;
-  bool is_float = false;  // stored as float32 rather than scalar_t
-
-  __device__ __forceinline__ bool present() const { return ptr != nullptr; }
-
-  __device__ __forceinline__ acc_t load(int64_t c, acc_t absent) const {
-    if (ptr == nullptr) return absent;
-    if (is_float) return static_cast<acc_t>(static_cast<const float*>(ptr)[c * stride]);
-    return static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[c * stride]);
-  }
-
-  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
-    if (is_float) {
-      static_cast<float*>(ptr)[c * stride] = static_cast<float>(v);
-    } else {
-      static_cast<scalar_t*>(ptr)[c * stride] = static_cast<scalar_t>(v);
-    }
-  }
-};
-
-template <typename scalar_t>
-ChannelParam<scalar_t> channel_param(const at::Tensor& t, bool writable) {
-  ChannelParam<scalar_t> p;
-  if (!t.defined()) return p;
-  TORCH_INTERNAL_ASSERT(t.dim() == 1);
-  TORCH_INTERNAL_ASSERT(
-      t.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value || t.scalar_type() == at::kFloat,
-      "torchnorm: unexpected per-channel dtype ", t.scalar_type());
-  // const_data_ptr for inputs: mutable_data_ptr would materialize a
-  // copy-on-write storage that the kernel never writes.
-  p.ptr = writable ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
-  p.stride = t.stride(0);
-  p.is_float = t.scalar_type() == at::kFloat;
-  return p;
-}
-
-template <typename scalar_t>
-ChannelParam<scalar_t> channel_param(const std::optional<at::Tensor>& t, bool writable) {
-  return t.has_value() ? channel_param<scalar_t>(*t, writable) : ChannelParam<scalar_t>{};
-}
-
-// ---------------------------------------------------------------------------
-// Accumulators and their block-level combination
-// ---------------------------------------------------------------------------
-
-// Backward sums of one channel: sum(dz) and sum(dz * (x - mean)).
-template <typename acc_t>
-struct SumPair {
-  acc_t dz = acc_t(0);
-  acc_t dz_xc = acc_t(0);
-};
-
-template <typename acc_t>
-__device__ __forceinline__ MeanM2<acc_t> merge(const MeanM2<acc_t>& a, const MeanM2<acc_t>& b) {
-  return combine(a, b);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> merge(const SumPair<acc_t>& a, const SumPair<acc_t>& b) {
-  SumPair<acc_t> r;
-  r.dz = a.dz + b.dz;
-  r.dz_xc = a.dz_xc + b.dz_xc;
-  return r;
-}
-
-// Partials live in a (fields, splits, C) workspace of acc_t: one field after
-// the other, so a warp reading consecutive channels of one split is coalesced.
-template <typename acc_t>
-__device__ __forceinline__ void store_partial(acc_t* ws, int64_t field_stride, int64_t i, const MeanM2<acc_t>& a) {
-  ws[i] = a.count;
-  ws[field_stride + i] = a.mean;
-  ws[2 * field_stride + i] = a.m2;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void load_partial(const acc_t* ws, int64_t field_stride, int64_t i, MeanM2<acc_t>& a) {
-  a.count = ws[i];
-  a.mean = ws[field_stride + i];
-  a.m2 = ws[2 * field_stride + i];
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void store_partial(acc_t* ws, int64_t field_stride, int64_t i, const SumPair<acc_t>& a) {
-  ws[i] = a.dz;
-  ws[field_stride + i] = a.dz_xc;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void load_partial(const acc_t* ws, int64_t field_stride, int64_t i, SumPair<acc_t>& a) {
-  a.dz = ws[i];
-  a.dz_xc = ws[field_stride + i];
-}
-
-// Combines the accumulators of the threads that share `col`, over `rows`
-// threads (a power of two), with a shared-memory tree; every thread gets its
-// column's total. `sm` holds rows * width accumulators. A tree (not warp
-// shuffles) because the reduced axis is sometimes inside a warp and sometimes
-// across warps, and its cost is nothing next to the loop that precedes it.
-template <typename Acc>
-__device__ Acc block_tree_reduce(Acc* sm, const Acc& v, int row, int col, int rows, int width) {
-  sm[row * width + col] = v;
-  __syncthreads();
-  for (int half = rows / 2; half > 0; half /= 2) {
-    if (row < half) sm[row * width + col] = merge(sm[row * width + col], sm[(row + half) * width + col]);
-    __syncthreads();
-  }
-  return sm[col];
-}
+// Vector packs, ChannelParam, the accumulators (MeanM2, SumPair), their
+// workspace layout and block_tree_reduce, and the occupancy helpers are in
+// norm_kernels.cuh, shared with the per-sample norms.
 
 // ---------------------------------------------------------------------------
 // What the reduction kernels accumulate
@@ -480,22 +355,6 @@ __global__ void __launch_bounds__(kThreads) grad_finalize_kernel(
 // Element-wise kernels
 // ---------------------------------------------------------------------------
 
-// VEC elements moved as one 16-byte (or, for VEC = 1, one scalar) access.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p, int64_t i) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p + i * VEC);
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T, VEC>& v) {
-  *reinterpret_cast<Pack<T, VEC>*>(p + i * VEC) = v;
-}
-
 // Element e of the flat array is at position s = e % S of channel
 // c = (e / S) % C. A grid-stride loop advances e by a fixed stride, so the
 // (s, c) pair is carried along with additions instead of two 64-bit divisions
@@ -746,31 +605,6 @@ __global__ void __launch_bounds__(kThreads, 3) backward_elementwise_kernel(
 // ---------------------------------------------------------------------------
 // Host side: launch configuration
 // ---------------------------------------------------------------------------
-
-// Blocks of `kernel` (kThreads threads, static shared memory only) that fit on
-// the whole GPU at once. Grids are sized to one such wave: the element-wise
-// kernels loop over the rest (no half-empty last wave), the reductions split
-// their work into about that many blocks. Cached per call site, i.e. per
-// kernel: the first device's answer is reused for others, which only affects
-// speed if a process mixes GPU architectures.
-template <typename Kernel>
-int blocks_per_sm(Kernel kernel) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-  return std::max(n, 1);
-}
-
-int64_t wave_blocks(int per_sm) {
-  return int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
-bool is_aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
-bool is_aligned16(const void* p) {
-  return is_aligned(p, 16);
-}
 
 // Whether the element-wise kernels may load G consecutive channels'
 // coefficients as one vector (see gather_channels): rowwise, C % G == 0 (then
