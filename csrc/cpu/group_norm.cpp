@@ -141,6 +141,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_cpu(
 
 // ------------------------------------------------------------ backward --
 
+// dx = dz * dz_coef + (x - mean) * xc_coef + const_coef over n elements, from
+// the dz the sums pass kept: an activation's derivative (SiLU's exp) costs
+// more than storing dz and reading it back from cache.
+template <typename scalar_t, typename acc_t>
+void grad_input_from_dz(const scalar_t* x, const acc_t* dz, scalar_t* dx, int64_t n, acc_t mean, acc_t dz_coef,
+                        const BackwardCoefficients<acc_t>& k, Scratch<acc_t>& s) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t* xa = read_as_acc(x, n, s.x.data());
+  acc_t* out = write_target(dx, s.out.data());
+  const Vec vmean(mean), vdz(dz_coef), vxc(k.xc_coef), vconst(k.const_coef);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    at::vec::fmadd(Vec::loadu(xa + i) - vmean, vxc, at::vec::fmadd(Vec::loadu(dz + i), vdz, vconst)).store(out + i);
+  }
+  for (; i < n; ++i) out[i] = dz[i] * dz_coef + (xa[i] - mean) * k.xc_coef + k.const_coef;
+  write_back(out, dx, n);
+}
+
 template <typename scalar_t>
 void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -164,8 +182,11 @@ void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
     return sample_backward_coefficients(true, rstd[n * G + gi], sum_g, sum_g_xc, acc_t(K * S));
   };
   if (g.layout == Layout::Planar) {
+    // With an activation, the sums pass keeps the group's dz for the dx pass.
+    const bool keep_dz = want_dx && p.activation != Activation::None;
     at::parallel_for(0, g.N * G, grain_for(K * S), [&](int64_t i0, int64_t i1) {
       Scratch<acc_t> s(kSegment);
+      std::vector<acc_t> dz(keep_dz ? K * S : 0);
       for (int64_t ng = i0; ng < i1; ++ng) {
         const int64_t n = ng / G, gi = ng % G;
         std::vector<acc_t> scale(K), shift(K);
@@ -178,7 +199,7 @@ void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
           std::array<acc_t, Vectorized<acc_t>::size()> lanes_dz{}, lanes_dz_xc{};
           for_each_segment(S, [&](int64_t s0, int64_t len) {
             backward_sums<false, scalar_t, acc_t>(d.at(plane + s0), len, fc, slope, s, lanes_dz.data(),
-                                                  lanes_dz_xc.data());
+                                                  lanes_dz_xc.data(), keep_dz ? &dz[k * S + s0] : nullptr);
           });
           sum_dz[n * C + c] = std::accumulate(lanes_dz.begin(), lanes_dz.end(), acc_t(0));
           sum_dz_xc[n * C + c] = std::accumulate(lanes_dz_xc.begin(), lanes_dz_xc.end(), acc_t(0));
@@ -191,7 +212,12 @@ void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
           const acc_t dz_coef = w[c] * k.dz_coef;
           const GradCoefs<false, acc_t> gc{{&dz_coef}, {&k.xc_coef}, {&k.const_coef}};
           for_each_segment(S, [&](int64_t s0, int64_t len) {
-            backward_elementwise<false, scalar_t, acc_t>(d.at(plane + s0), len, fc, gc, slope, s);
+            if (keep_dz) {
+              grad_input_from_dz<scalar_t, acc_t>(d.x + plane + s0, &dz[kk * S + s0], d.dx + plane + s0, len,
+                                                  mean[ng], dz_coef, k, s);
+            } else {
+              backward_elementwise<false, scalar_t, acc_t>(d.at(plane + s0), len, fc, gc, slope, s);
+            }
           });
         }
       }

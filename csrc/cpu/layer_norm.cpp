@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "common/norm_host.h"
@@ -172,14 +173,23 @@ void row_norm_forward(RowNormPlan& p, double eps) {
   });
 }
 
+void run_row_norm_forward(RowNormPlan& p, double eps) {
+  if (p.M == 0) {
+    // No rows, or rows of no elements (normalized_shape holds a 0): the
+    // statistics of nothing, as GroupNorm writes them.
+    if (p.mean.numel()) p.mean.zero_();
+    p.rstd.fill_(1.0 / std::sqrt(eps));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "row_norm_cpu",
+                                  [&] { row_norm_forward<scalar_t>(p, eps); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(
     const at::Tensor& input, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual) {
   RowNormPlan p = plan_row_norm("torchnorm.layer_norm", input, normalized_shape, weight, bias, residual, eps, false);
-  if (p.M > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "layer_norm_cpu",
-                                    [&] { row_norm_forward<scalar_t>(p, eps); });
-  }
+  run_row_norm_forward(p, eps);
   return {p.out.view(input.sizes()), p.sum, p.mean, p.rstd};
 }
 
@@ -190,10 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& in
                                                             const std::optional<at::Tensor>& residual) {
   const double eps = rms_norm_eps(input, eps_or_none);
   RowNormPlan p = plan_row_norm("torchnorm.rms_norm", input, normalized_shape, weight, std::nullopt, residual, eps, true);
-  if (p.M > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rms_norm_cpu",
-                                    [&] { row_norm_forward<scalar_t>(p, eps); });
-  }
+  run_row_norm_forward(p, eps);
   return {p.out.view(input.sizes()), p.sum, p.rstd};
 }
 

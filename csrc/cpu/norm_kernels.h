@@ -185,20 +185,22 @@ acc_t grad_z(acc_t xc, acc_t dy, const acc_t* residual, int64_t i, const Forward
   return dy * activation_derivative(act, z, slope);
 }
 
-// Adds sum(dz) and sum(dz * (x - mean)) of a segment to sum_dz, sum_dz_xc:
+// Adds sum(dz) and sum(dz * (x - mean)) of a segment to sum_dz, sum_dz_xc
+// (and stores dz into dz_out when given):
 // per position (rowwise: arrays of length n) or per vector lane (planar:
 // arrays of Vec::size(), which the caller sums once per channel, so short
 // planes pay no horizontal reduction each).
 template <bool kPerElement, typename acc_t>
 void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, int64_t n,
                        const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope, acc_t* sum_dz,
-                       acc_t* sum_dz_xc) {
+                       acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
   using Vec = Vectorized<acc_t>;
   Vec lanes_dz(0), lanes_dz_xc(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
     const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
+    if (dz_out) dz.store(dz_out + i);
     if constexpr (kPerElement) {
       (Vec::loadu(sum_dz + i) + dz).store(sum_dz + i);
       at::vec::fmadd(dz, xc, Vec::loadu(sum_dz_xc + i)).store(sum_dz_xc + i);
@@ -214,6 +216,7 @@ void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, i
   for (; i < n; ++i) {
     const acc_t xc = x[i] - c.mean.at(i);
     const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
+    if (dz_out) dz_out[i] = dz;
     sum_dz[kPerElement ? i : 0] += dz;
     sum_dz_xc[kPerElement ? i : 0] += dz * xc;
   }
@@ -280,6 +283,40 @@ void accumulate_centred_squares(const acc_t* x, const acc_t* mean, acc_t* column
     at::vec::fmadd(d, d, Vec::loadu(column + i)).store(column + i);
   }
   for (; i < n; ++i) column[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
+}
+
+// out[c] += sum over `rows` rows of x[r * C + c] (mean null), or of
+// (x[r * C + c] - mean[c])^2, for C a multiple of the vector width: the
+// accumulators of a tile of kColumnTile vectors stay in registers while the
+// rows stream past, one load per vector (the tiled-array form above costs a
+// load and a store of the accumulator as well).
+constexpr int kColumnTile = 4;
+
+template <typename acc_t>
+void column_sums_blocked(const acc_t* x, int64_t rows, int64_t C, const acc_t* mean, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t c0 = 0; c0 < C; c0 += kColumnTile * V) {
+    const int tile = static_cast<int>(std::min<int64_t>(kColumnTile, (C - c0) / V));
+    Vec acc[kColumnTile], m[kColumnTile];
+    for (int j = 0; j < tile; ++j) {
+      acc[j] = Vec(0);
+      m[j] = mean ? Vec::loadu(mean + c0 + j * V) : Vec(0);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* row = x + r * C + c0;
+      for (int j = 0; j < tile; ++j) {
+        const Vec v = Vec::loadu(row + j * V);
+        if (mean) {
+          const Vec d = v - m[j];
+          acc[j] = at::vec::fmadd(d, d, acc[j]);
+        } else {
+          acc[j] = acc[j] + v;
+        }
+      }
+    }
+    for (int j = 0; j < tile; ++j) (Vec::loadu(out + c0 + j * V) + acc[j]).store(out + c0 + j * V);
+  }
 }
 
 // (count, mean, M2) of one L1-resident segment by two passes.
@@ -465,11 +502,11 @@ void normalize_range(const ForwardData<scalar_t>& d, int64_t len, const ForwardC
 // float16/bfloat16 data staged through scratch buffers.
 template <bool kPerElement, typename scalar_t, typename acc_t>
 void backward_sums(const BackwardData<scalar_t>& d, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
-                   acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz, acc_t* sum_dz_xc) {
+                   acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz, acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
   grad_sums_segment<kPerElement, acc_t>(
       read_as_acc(d.x, len, s.x.data()), read_as_acc(d.dy, len, s.dy.data()),
       d.residual ? read_as_acc(d.residual, len, s.residual.data()) : nullptr, len, fc, d.activation, slope, sum_dz,
-      sum_dz_xc);
+      sum_dz_xc, dz_out);
 }
 
 template <bool kPerElement, typename scalar_t, typename acc_t>
@@ -508,23 +545,31 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const scalar_t* data, int64_t total, in
       const int64_t len = std::min(block_len, end - b0);
       const acc_t* block = read_as_acc(data + b0, len, staged.data());
       const acc_t rows = acc_t(len / C);
-      // Pass 1: per-channel mean of the block.
-      std::fill(columns.begin(), columns.end(), acc_t(0));
       std::fill(mean.begin(), mean.end(), acc_t(0));
-      for (int64_t off = 0; off < len; off += period.length) {
-        accumulate_columns<acc_t>(block + off, columns.data(), std::min(period.length, len - off));
-      }
-      period.fold_into(columns, mean.data());
-      for (auto& v : mean) v /= rows;
-      const auto mean_tiled = period.tile(mean);
-      // Pass 2: per-channel sum of squared deviations from it.
-      std::fill(columns.begin(), columns.end(), acc_t(0));
       std::fill(m2.begin(), m2.end(), acc_t(0));
-      for (int64_t off = 0; off < len; off += period.length) {
-        accumulate_centred_squares<acc_t>(block + off, mean_tiled.data(), columns.data(),
-                                          std::min(period.length, len - off));
+      if (C % Vectorized<acc_t>::size() == 0) {
+        // Pass 1: per-channel mean of the block; pass 2: per-channel sum of
+        // squared deviations from it.
+        column_sums_blocked<acc_t>(block, len / C, C, nullptr, mean.data());
+        for (auto& v : mean) v /= rows;
+        column_sums_blocked<acc_t>(block, len / C, C, mean.data(), m2.data());
+      } else {
+        // The same two passes for channel counts that do not fill whole
+        // vectors, over per-position sums tiled to whole periods.
+        std::fill(columns.begin(), columns.end(), acc_t(0));
+        for (int64_t off = 0; off < len; off += period.length) {
+          accumulate_columns<acc_t>(block + off, columns.data(), std::min(period.length, len - off));
+        }
+        period.fold_into(columns, mean.data());
+        for (auto& v : mean) v /= rows;
+        const auto mean_tiled = period.tile(mean);
+        std::fill(columns.begin(), columns.end(), acc_t(0));
+        for (int64_t off = 0; off < len; off += period.length) {
+          accumulate_centred_squares<acc_t>(block + off, mean_tiled.data(), columns.data(),
+                                            std::min(period.length, len - off));
+        }
+        period.fold_into(columns, m2.data());
       }
-      period.fold_into(columns, m2.data());
       for (int64_t c = 0; c < C; ++c) partial[k][c] = combine(partial[k][c], MeanM2<acc_t>{rows, mean[c], m2[c]});
     }
   });
