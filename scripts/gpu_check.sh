@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build the CUDA kernels, run the test suite on
 # the GPU, run compute-sanitizer over a short CUDA test, run the benchmark
-# suite. Logs and results go to $OUT (the device tool's folder), at most 7
-# files: env.txt build.log tests.log sanitizer.log and the benchmark's
+# suite. Logs and results go to $OUT (the device tool's folder), at most 8
+# files: env.txt build.log tests.log sanitizer.log racecheck.log and the benchmark's
 # <card>.csv/.md/.png. Commit those under benchmarks/results/.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
@@ -32,12 +32,20 @@ tail -5 "$OUT/tests.log"
 
 step sanitizer
 # memcheck over the CUDA tests that call the ops directly (every dtype,
-# layout, activation and output mask, small shapes), kept to a few minutes.
-timeout 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  $PY -m pytest tests/test_batch_norm.py -q -x -p no:cacheprovider \
-  -k "cuda and (test_op_train or test_op_eval or test_op_backward or test_empty_batch)" \
+# layout, activation and output mask, small shapes), then racecheck (shared
+# memory hazards of the block reductions) over their float32 cases; each kept
+# to a few minutes.
+NORM_TESTS="tests/test_batch_norm.py tests/test_layer_norm.py tests/test_group_norm.py tests/test_instance_norm.py"
+timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY -m pytest $NORM_TESTS -q -x -p no:cacheprovider \
+  -k "cuda and (test_op_ or test_empty_batch)" \
   > "$OUT/sanitizer.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer.log"
+timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  $PY -m pytest $NORM_TESTS -q -x -p no:cacheprovider \
+  -k "cuda and test_op_ and f32 and not f64" \
+  > "$OUT/racecheck.log" 2>&1 || status=1
+tail -5 "$OUT/racecheck.log"
 
 step benchmarks
 $PY -m benchmarks --device cuda --out "$OUT/$card.csv" 2>&1 | tail -40 || status=1

@@ -81,8 +81,8 @@ void write_back(const acc_t* buf, scalar_t* dst, int64_t n) {
 // Scratch buffers of one task, one per staged stream.
 template <typename acc_t>
 struct Scratch {
-  explicit Scratch(int64_t n) : x(n), dy(n), residual(n), out(n), out2(n), xc(n) {}
-  std::vector<acc_t> x, dy, residual, out, out2, xc;
+  explicit Scratch(int64_t n) : x(n), dy(n), residual(n), out(n), out2(n) {}
+  std::vector<acc_t> x, dy, residual, out, out2;
 };
 
 // ------------------------------------------------------------ activations --
@@ -249,18 +249,50 @@ void grad_elementwise_segment(const acc_t* x, const acc_t* dy, const acc_t* resi
   }
 }
 
-// sum(a * b) (or sum(a) when b is null) of one segment, in vector lanes first.
+// sum over i < n of term(i), vector_term(i) giving the terms i .. i + V - 1:
+// four independent vector accumulators, so the loop runs at the rate of the
+// loads rather than the latency of one chain of adds.
+template <typename acc_t, typename VectorTerm, typename Term>
+acc_t sum_terms(int64_t n, const VectorTerm& vector_term, const Term& term) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec l0(0), l1(0), l2(0), l3(0);
+  int64_t i = 0;
+  for (; i + 4 * V <= n; i += 4 * V) {
+    l0 = l0 + vector_term(i);
+    l1 = l1 + vector_term(i + V);
+    l2 = l2 + vector_term(i + 2 * V);
+    l3 = l3 + vector_term(i + 3 * V);
+  }
+  for (; i + V <= n; i += V) l0 = l0 + vector_term(i);
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, (l0 + l1) + (l2 + l3));
+  for (; i < n; ++i) total += term(i);
+  return total;
+}
+
+// sum(a * b), or sum(a) when b is null, of one segment.
 template <typename acc_t>
 acc_t sum_segment(const acc_t* a, const acc_t* b, int64_t n) {
   using Vec = Vectorized<acc_t>;
-  Vec lanes(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    lanes = b ? at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), lanes) : lanes + Vec::loadu(a + i);
+  if (b) {
+    return sum_terms<acc_t>(
+        n, [&](int64_t i) { return Vec::loadu(a + i) * Vec::loadu(b + i); }, [&](int64_t i) { return a[i] * b[i]; });
   }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, lanes);
-  for (; i < n; ++i) total += b ? a[i] * b[i] : a[i];
-  return total;
+  return sum_terms<acc_t>(n, [&](int64_t i) { return Vec::loadu(a + i); }, [&](int64_t i) { return a[i]; });
+}
+
+// sum((a - m)^2) of one segment.
+template <typename acc_t>
+acc_t centred_square_sum(const acc_t* a, acc_t m, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vm(m);
+  return sum_terms<acc_t>(
+      n,
+      [&](int64_t i) {
+        const Vec d = Vec::loadu(a + i) - vm;
+        return d * d;
+      },
+      [&](int64_t i) { return (a[i] - m) * (a[i] - m); });
 }
 
 // column[j] += x[j]: per-position sums of rowwise data, which fold into
@@ -321,15 +353,11 @@ void column_sums_blocked(const acc_t* x, int64_t rows, int64_t C, const acc_t* m
 
 // (count, mean, M2) of one L1-resident segment by two passes.
 template <typename acc_t>
-MeanM2<acc_t> segment_mean_m2(const acc_t* x, int64_t n, acc_t* scratch) {
+MeanM2<acc_t> segment_mean_m2(const acc_t* x, int64_t n) {
   MeanM2<acc_t> r;
   r.count = acc_t(n);
   r.mean = sum_segment<acc_t>(x, nullptr, n) / r.count;
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) - Vec(r.mean)).store(scratch + i);
-  for (; i < n; ++i) scratch[i] = x[i] - r.mean;
-  r.m2 = sum_segment<acc_t>(scratch, scratch, n);
+  r.m2 = centred_square_sum<acc_t>(x, r.mean, n);
   return r;
 }
 
@@ -479,7 +507,7 @@ MeanM2<acc_t> range_mean_m2(const scalar_t* x, int64_t len, Scratch<acc_t>& s) {
   MeanM2<acc_t> acc;
   for (int64_t s0 = 0; s0 < len; s0 += kSegment) {
     const int64_t n = std::min(kSegment, len - s0);
-    acc = combine(acc, segment_mean_m2(read_as_acc(x + s0, n, s.x.data()), n, s.xc.data()));
+    acc = combine(acc, segment_mean_m2(read_as_acc(x + s0, n, s.x.data()), n));
   }
   return acc;
 }

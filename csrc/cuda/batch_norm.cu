@@ -395,17 +395,6 @@ __device__ __forceinline__ void next_element(int64_t& s, int64_t& c, int64_t S, 
   }
 }
 
-// The element-wise kernels fetch per-channel coefficients for G consecutive
-// elements at a time, G = 16 bytes of acc_t (or VEC if smaller): one vector
-// load when packed, and no more than 16 bytes of each coefficient array live
-// in registers (the backward has six arrays; whole-VEC gathers cost half-
-// precision kernels occupancy).
-template <typename scalar_t, int VEC>
-constexpr int coef_chunk() {
-  constexpr int per16 = 16 / int(sizeof(acc_type_of<scalar_t>));
-  return VEC < per16 ? VEC : per16;
-}
-
 // The coefficients of one per-channel array `a` for the G consecutive
 // elements that start at position s of channel c. Per-element loads would be
 // correct everywhere but cost: in the rowwise layout a warp's load of a[c]

@@ -519,15 +519,6 @@ __device__ __forceinline__ void next_position(int64_t& q, int64_t& p, int64_t& n
   }
 }
 
-// Coefficients are fetched for G consecutive elements at a time, G = 16
-// bytes of acc_t (or VEC if smaller), so no more than 16 bytes of each
-// coefficient array are live in registers.
-template <typename scalar_t, int VEC>
-constexpr int coef_chunk() {
-  constexpr int per16 = 16 / int(sizeof(acc_type_of<scalar_t>));
-  return VEC < per16 ? VEC : per16;
-}
-
 // The coefficients in per-(n, c) array `a` of the G consecutive elements that
 // start at (q, p, n):
 //  - all G in one plane (planar, the chunk does not cross a plane): one

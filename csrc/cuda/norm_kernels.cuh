@@ -63,6 +63,17 @@ inline int64_t wave_blocks(int per_sm) {
 // ---------------------------------------------------------------------------
 
 // VEC elements moved as one 16-byte (or, for VEC = 1, one scalar) access.
+// The element-wise kernels fetch per-channel coefficients for G consecutive
+// elements at a time, G = 16 bytes of acc_t (or VEC if smaller): one vector
+// load when packed, and no more than 16 bytes of each coefficient array live
+// in registers (the backward has six arrays; whole-VEC gathers cost half-
+// precision kernels occupancy).
+template <typename scalar_t, int VEC>
+constexpr int coef_chunk() {
+  constexpr int per16 = 16 / int(sizeof(acc_type_of<scalar_t>));
+  return VEC < per16 ? VEC : per16;
+}
+
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
