@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& residual) {
   RowNormPlan p = plan_row_norm("torchnorm.layer_norm", input, normalized_shape, weight, bias, residual, eps, false);
   run_row_norm_forward(p, eps);
-  return {p.out.view(input.sizes()), p.sum, p.mean, p.rstd};
+  return {p.out, p.sum, p.mean, p.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input,
@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& in
   const double eps = rms_norm_eps(input, eps_or_none);
   RowNormPlan p = plan_row_norm("torchnorm.rms_norm", input, normalized_shape, weight, std::nullopt, residual, eps, true);
   run_row_norm_forward(p, eps);
-  return {p.out.view(input.sizes()), p.sum, p.rstd};
+  return {p.out, p.sum, p.rstd};
 }
 
 // ------------------------------------------------------------ backward --
@@ -280,8 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "layer_norm_backward_cpu",
                                     [&] { row_norm_backward<scalar_t>(p); });
   }
-  const auto as_input = [&](const at::Tensor& t) { return t.numel() ? t.view(input.sizes()) : t; };
-  return {as_input(p.grad_input), p.grad_weight, p.grad_bias};
+  return {p.grad_input, p.grad_weight, p.grad_bias};
 }
 
 }  // namespace
