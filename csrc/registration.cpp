@@ -20,6 +20,15 @@ TORCH_LIBRARY(torchnorm, m) {
   m.def(
       "batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
       "Tensor? bias, float eps, str activation, float negative_slope, Tensor? residual) -> Tensor");
+  // BatchNorm with given statistics: output = act((input - mean) * rstd *
+  // weight + bias + residual), by the same element-wise code as
+  // batch_norm_train's output. With the mean and rstd batch_norm_train
+  // returned it rebuilds that output bit for bit from its input, which is how
+  // the memory-efficient Conv+BN blocks (torchnorm.nn.ConvBN*) avoid keeping
+  // their outputs for backward. Not differentiable (it runs under no_grad).
+  m.def(
+      "batch_norm_apply(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "str activation, float negative_slope, Tensor? residual) -> Tensor");
   // Gradients of either forward. mean and rstd are what batch_norm_train
   // returned (training=True) or running_mean and 1/sqrt(running_var + eps)
   // (training=False). Returns (grad_input, grad_weight, grad_bias,

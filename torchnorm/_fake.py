@@ -40,6 +40,13 @@ def _batch_norm_eval(input, running_mean, running_var, weight, bias, eps, activa
     return _kernel_layout(input)
 
 
+@torch.library.register_fake("torchnorm::batch_norm_apply")
+def _batch_norm_apply(input, mean, rstd, weight, bias, activation, negative_slope, residual):
+    _check_devices("torchnorm.batch_norm_apply", input, mean=mean, rstd=rstd, weight=weight, bias=bias,
+                   residual=residual)
+    return _kernel_layout(input)
+
+
 @torch.library.register_fake("torchnorm::batch_norm_backward")
 def _batch_norm_backward(grad_output, input, weight, bias, residual, mean, rstd, training, activation,
                          negative_slope, output_mask):

@@ -118,21 +118,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
   return {p.out, save_mean, save_rstd};
 }
 
-at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
-                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                               double eps, c10::string_view activation, double negative_slope,
-                               const std::optional<at::Tensor>& residual) {
-  ForwardPlan p = plan_forward("torchnorm.batch_norm_eval", input, weight, bias, running_mean, running_var, residual,
-                               /*training=*/false, eps, std::string(activation));
+// Writes act((x - mean) * rstd * weight + bias + residual) into p.out.
+// stats_are_rstd: `stats` holds rstd itself (batch_norm_apply) rather than a
+// variance (batch_norm_eval), so a rebuilt training output is bit-identical.
+at::Tensor normalize_with_statistics(const ForwardPlan& p, const at::Tensor& mean, const at::Tensor& stats,
+                                     bool stats_are_rstd, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, double eps, double negative_slope) {
   if (p.x.numel() == 0) return p.out;
   const int64_t C = p.g.C;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_eval_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "batch_norm_normalize_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t slope = static_cast<acc_t>(negative_slope);
-    const auto mean = channel_values<acc_t>(running_mean, C, 0), var = channel_values<acc_t>(running_var, C, 1);
-    std::vector<acc_t> rstd(C);
-    for (int64_t c = 0; c < C; ++c) rstd[c] = rstd_from_var(var[c], static_cast<acc_t>(eps));
-    const auto cc = forward_channel_coefs(mean, rstd, weight, bias);
+    std::vector<acc_t> rstd = channel_values<acc_t>(stats, C, 1);
+    if (!stats_are_rstd) {
+      for (auto& v : rstd) v = rstd_from_var(v, static_cast<acc_t>(eps));
+    }
+    const auto cc = forward_channel_coefs(channel_values<acc_t>(mean, C, 0), rstd, weight, bias);
     const auto d = forward_data<scalar_t>(p.x, p.residual, p.out, p.activation);
     if (p.g.layout == Layout::Planar) {
       at::parallel_for(0, p.g.N * C, grain_for(p.g.S), [&](int64_t i0, int64_t i1) {
@@ -148,6 +149,25 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& runnin
     }
   });
   return p.out;
+}
+
+at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                               double eps, c10::string_view activation, double negative_slope,
+                               const std::optional<at::Tensor>& residual) {
+  const ForwardPlan p = plan_forward("torchnorm.batch_norm_eval", input, weight, bias, running_mean, running_var,
+                                     residual, /*training=*/false, eps, std::string(activation));
+  return normalize_with_statistics(p, running_mean, running_var, /*stats_are_rstd=*/false, weight, bias, eps,
+                                   negative_slope);
+}
+
+at::Tensor batch_norm_apply_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                c10::string_view activation, double negative_slope,
+                                const std::optional<at::Tensor>& residual) {
+  const ForwardPlan p = plan_forward("torchnorm.batch_norm_apply", input, weight, bias, mean, rstd, residual,
+                                     /*training=*/false, 0.0, std::string(activation));
+  return normalize_with_statistics(p, mean, rstd, /*stats_are_rstd=*/true, weight, bias, 0.0, negative_slope);
 }
 
 // ------------------------------------------------------------- backward --
@@ -233,6 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 TORCH_LIBRARY_IMPL(torchnorm, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train_cpu);
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_apply", &batch_norm_apply_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
 }
 

@@ -289,21 +289,24 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
   }
 }
 
-// Eval forward: coefficients from the running statistics. coef is (3, C):
-// mean, scale, shift.
+// Eval forward: coefficients from given statistics. coef is (3, C): mean,
+// scale, shift. `stats` is the running variance (batch_norm_eval), or rstd
+// itself when stats_are_rstd (batch_norm_apply).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) eval_coefficients_kernel(
     int64_t C,
     acc_type_of<scalar_t> eps,
+    bool stats_are_rstd,
     ChannelParam<scalar_t> running_mean,
-    ChannelParam<scalar_t> running_var,
+    ChannelParam<scalar_t> stats,
     ChannelParam<scalar_t> weight,
     ChannelParam<scalar_t> bias,
     acc_type_of<scalar_t>* __restrict__ coef) {
   using acc_t = acc_type_of<scalar_t>;
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const acc_t rstd = rstd_from_var(running_var.load(c, acc_t(1)), eps);
+  const acc_t given = stats.load(c, acc_t(1));
+  const acc_t rstd = stats_are_rstd ? given : rstd_from_var(given, eps);
   const auto fc = forward_coefficients(rstd, weight.load(c, acc_t(1)), bias.load(c, acc_t(0)));
   coef[c] = running_mean.load(c, acc_t(0));
   coef[C + c] = fc.scale;
@@ -752,6 +755,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
   return {p.out, mean, rstd};
 }
 
+// act((x - mean) * rstd * weight + bias + residual) into p.out; `stats` is a
+// variance, or rstd when stats_are_rstd (see eval_coefficients_kernel).
+at::Tensor normalize_with_statistics(const ForwardPlan& p, const at::Tensor& mean, const at::Tensor& stats,
+                                     bool stats_are_rstd, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, double eps, double negative_slope) {
+  if (p.x.numel() == 0) return p.out;
+  const BatchNormGeometry& g = p.g;
+  const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
+  at::Tensor coef = at::empty({3, g.C}, acc_options);  // mean, scale, shift
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_eval", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
+    eval_coefficients_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+        g.C, static_cast<acc_t>(eps), stats_are_rstd, channel_param<scalar_t>(mean, false),
+        channel_param<scalar_t>(stats, false), channel_param<scalar_t>(weight, false),
+        channel_param<scalar_t>(bias, false), coef_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward_elementwise<scalar_t>(p, coef_ptr, coef_ptr + g.C, coef_ptr + 2 * g.C, negative_slope, stream);
+  });
+  return p.out;
+}
+
 at::Tensor batch_norm_eval_cuda(
     const at::Tensor& input,
     const at::Tensor& running_mean,
@@ -765,23 +792,23 @@ at::Tensor batch_norm_eval_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   const ForwardPlan p = plan_forward("torchnorm.batch_norm_eval", input, weight, bias, running_mean, running_var,
                                      residual, /*training=*/false, eps, std::string(activation));
-  if (p.x.numel() == 0) return p.out;
-  const BatchNormGeometry& g = p.g;
-  const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
-  at::Tensor coef = at::empty({3, g.C}, acc_options);  // mean, scale, shift
+  return normalize_with_statistics(p, running_mean, running_var, /*stats_are_rstd=*/false, weight, bias, eps,
+                                   negative_slope);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_eval", [&] {
-    using acc_t = acc_type_of<scalar_t>;
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
-    eval_coefficients_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-        g.C, static_cast<acc_t>(eps), channel_param<scalar_t>(running_mean, false),
-        channel_param<scalar_t>(running_var, false), channel_param<scalar_t>(weight, false),
-        channel_param<scalar_t>(bias, false), coef_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_forward_elementwise<scalar_t>(p, coef_ptr, coef_ptr + g.C, coef_ptr + 2 * g.C, negative_slope, stream);
-  });
-  return p.out;
+at::Tensor batch_norm_apply_cuda(
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    c10::string_view activation,
+    double negative_slope,
+    const std::optional<at::Tensor>& residual) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const ForwardPlan p = plan_forward("torchnorm.batch_norm_apply", input, weight, bias, mean, rstd, residual,
+                                     /*training=*/false, 0.0, std::string(activation));
+  return normalize_with_statistics(p, mean, rstd, /*stats_are_rstd=*/true, weight, bias, 0.0, negative_slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
@@ -879,5 +906,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 TORCH_LIBRARY_IMPL(torchnorm, CUDA, m) {
   m.impl("batch_norm_train", TORCH_FN(torchnorm::batch_norm_train_cuda));
   m.impl("batch_norm_eval", TORCH_FN(torchnorm::batch_norm_eval_cuda));
+  m.impl("batch_norm_apply", TORCH_FN(torchnorm::batch_norm_apply_cuda));
   m.impl("batch_norm_backward", TORCH_FN(torchnorm::batch_norm_backward_cuda));
 }

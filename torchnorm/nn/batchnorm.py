@@ -16,6 +16,28 @@ _symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                             torch.fx._symbolic_trace.is_fx_tracing)
 
 
+class _BatchNormCall:
+    """What torch.nn's _BatchNorm.forward decides before normalizing: which
+    statistics to use, which running buffers to pass, and the momentum."""
+
+    def __init__(self, module) -> None:
+        self.momentum = 0.0 if module.momentum is None else module.momentum
+        self.update_stats = module.training and module.track_running_stats
+        if self.update_stats and module.num_batches_tracked is not None and module.momentum is None:
+            # Cumulative moving average: this batch is number num_batches_tracked + 1.
+            self.momentum = 1.0 / float(module.num_batches_tracked + 1)
+        self.use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+        keep_running = not module.training or module.track_running_stats
+        self.running_mean = module.running_mean if keep_running else None
+        self.running_var = module.running_var if keep_running else None
+        self.module = module
+
+    def count_batch(self) -> None:
+        """Called once the op succeeded, so a rejected input changes nothing."""
+        if self.update_stats and self.module.num_batches_tracked is not None:
+            self.module.num_batches_tracked.add_(1)
+
+
 def _batch_norm_forward(module, input: Tensor, activation: Optional[str], negative_slope: float,
                         residual: Optional[Tensor]) -> Tensor:
     """torch.nn's _BatchNorm.forward, with torchnorm's op and an epilogue."""
@@ -23,29 +45,10 @@ def _batch_norm_forward(module, input: Tensor, activation: Optional[str], negati
         # A shape check is control flow on a traced value; the operator
         # checks the rank again anyway.
         module._check_input_dim(input)
-    momentum = 0.0 if module.momentum is None else module.momentum
-    update_stats = module.training and module.track_running_stats
-    if update_stats and module.num_batches_tracked is not None and module.momentum is None:
-        # Cumulative moving average: this batch is number num_batches_tracked + 1.
-        momentum = 1.0 / float(module.num_batches_tracked + 1)
-    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    keep_running = not module.training or module.track_running_stats
-    out = F.batch_norm(
-        input,
-        module.running_mean if keep_running else None,
-        module.running_var if keep_running else None,
-        module.weight,
-        module.bias,
-        use_batch_stats,
-        momentum,
-        module.eps,
-        activation,
-        negative_slope,
-        residual,
-    )
-    # Counted only once the op succeeded, so a rejected input changes nothing.
-    if update_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
+    call = _BatchNormCall(module)
+    out = F.batch_norm(input, call.running_mean, call.running_var, module.weight, module.bias, call.use_batch_stats,
+                       call.momentum, module.eps, activation, negative_slope, residual)
+    call.count_batch()
     return out
 
 

@@ -1,0 +1,272 @@
+"""Conv + BatchNorm (+ residual) (+ activation) as one block that trains with less memory.
+
+Unfused, ``act(BN(conv(x)) + residual)`` keeps two activation-sized tensors
+per block for backward: the conv output (BatchNorm's input) and the block
+output (the activation's result, which the next layer keeps too). These
+blocks keep about one, chosen per mode:
+
+* **BatchNorm in eval mode (frozen statistics, fine-tuning).** The statistics
+  are constants, so the BatchNorm is folded into the conv weight on every
+  forward (``W * g / sqrt(var + eps)``, bias ``(b - mean) * g / sqrt(var +
+  eps) + beta``) with autograd ops: gradients reach the conv weight, the BN
+  weight and the BN bias, and backward keeps only the conv input and the
+  block output, never the conv output.
+* **BatchNorm in training mode, no residual.** The conv runs, then one fused
+  kernel computes the batch statistics and writes normalize + affine +
+  activation. Backward keeps the pre-norm conv output, as BatchNorm must; the
+  block output is *not* kept: it is tagged with how to rebuild it (one
+  element-wise pass, ``batch_norm_apply``, bit-identical) and, inside
+  :func:`rebuild_outputs`, every later op that saves it for backward saves
+  that recipe instead (memory-efficient DenseNet's choice). We rebuild rather
+  than invert the output as In-Place ABN does, because ReLU and SiLU (what
+  real models use) cannot be inverted, and inverting leaky_relu divides by
+  the BN weight, losing precision where it is small.
+* **BatchNorm in training mode with a residual** (the ResNet tail
+  ``act(BN(conv(x)) + identity)``). Here the block output is the next
+  block's input *and* identity, and rebuilding it would need the identity,
+  which is the previous block's output: rebuilds would chain through the
+  whole stage. So the output is kept and the conv output is dropped instead:
+  backward recomputes the conv from its (kept or rebuildable) input. The
+  tail conv of a bottleneck is a cheap 1x1, so this costs little time.
+
+Running statistics are updated exactly as torch.nn does (the same op as
+:class:`torchnorm.nn.BatchNorm2d`).
+"""
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from .batchnorm import _BatchNormCall
+
+__all__ = ["ConvBN1d", "ConvBN2d", "ConvBN3d", "conv_bn_forward", "rebuild_outputs", "save_memory_in"]
+
+_REBUILD_ATTR = "_torchnorm_rebuild"
+
+
+class _Rebuild:
+    """How to rebuild a block output from the pre-norm tensor kept for backward."""
+
+    __slots__ = ("pre_norm", "mean", "rstd", "weight", "bias", "activation", "negative_slope", "version")
+
+    def __init__(self, pre_norm, mean, rstd, weight, bias, activation, negative_slope, version) -> None:
+        self.pre_norm, self.mean, self.rstd = pre_norm, mean, rstd
+        self.weight, self.bias = weight, bias
+        self.activation, self.negative_slope, self.version = activation, negative_slope, version
+
+    def __call__(self) -> Tensor:
+        with torch.no_grad():
+            return torch.ops.torchnorm.batch_norm_apply.default(
+                self.pre_norm, self.mean, self.rstd, self.weight, self.bias, self.activation,
+                self.negative_slope, None)
+
+
+def _pack(tensor: Tensor):
+    rebuild = getattr(tensor, _REBUILD_ATTR, None)
+    # A block output changed in place since it was made is saved as it is.
+    if rebuild is not None and rebuild.version == tensor._version:
+        return rebuild
+    return tensor
+
+
+def _unpack(saved):
+    return saved() if isinstance(saved, _Rebuild) else saved
+
+
+def rebuild_outputs():
+    """Context manager: inside it, a ConvBN block output that a later op saves
+    for backward is saved as a recipe and rebuilt during backward.
+
+    Wrap the forward pass (backward may run outside). Tensors that are not
+    block outputs are saved as usual. :func:`torchnorm.fx.fuse_conv_bn`
+    enters it around the forward of the model it returns; with hand-built
+    :class:`ConvBN2d` models, use it or :func:`save_memory_in`.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+def save_memory_in(module: torch.nn.Module) -> torch.nn.Module:
+    """Makes every forward of ``module`` run inside :func:`rebuild_outputs`
+    (with forward hooks, so the state_dict does not change). Returns ``module``."""
+    if getattr(module, "_torchnorm_saves_memory", False):
+        return module
+
+    def enter(mod, args):
+        stack = contextlib.ExitStack()
+        stack.enter_context(rebuild_outputs())
+        mod.__dict__.setdefault("_torchnorm_hook_stacks", []).append(stack)
+
+    def leave(mod, args, output):
+        mod.__dict__["_torchnorm_hook_stacks"].pop().close()
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+    module._torchnorm_saves_memory = True
+    return module
+
+
+def _activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    return z
+
+
+def folded_conv_parameters(conv: torch.nn.Module, bn: torch.nn.Module) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of ``conv`` with eval-mode ``bn`` folded in, as
+    differentiable functions of both modules' parameters (frozen statistics):
+    ``W * g / sqrt(var + eps)`` and ``(b - mean) * g / sqrt(var + eps) + beta``
+    per output channel of a (non-transposed) convolution."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
+    shifted = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+    bias = shifted * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+class _ConvBNRecomputeConv(torch.autograd.Function):
+    """Training-mode conv -> BN -> + residual -> act that keeps the block output's
+    inputs (conv input, residual) but not the conv output: backward recomputes
+    the conv. Running statistics are updated by the forward op."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, residual, conv, call, eps, activation,
+                negative_slope):
+        y = conv._conv_forward(x, conv_weight, conv_bias)
+        out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
+            y, bn_weight, bn_bias, call.running_mean, call.running_var, call.momentum, eps, activation,
+            negative_slope, residual)
+        ctx.conv, ctx.activation, ctx.negative_slope = conv, activation, negative_slope
+        ctx.save_for_backward(x, conv_weight, conv_bias, bn_weight, bn_bias, residual, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, conv_weight, conv_bias, bn_weight, bn_bias, residual, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        conv_inputs = [t.detach().requires_grad_(need) if t is not None else None
+                       for t, need in zip((x, conv_weight, conv_bias), needs[:3])]
+        with torch.enable_grad():
+            y = ctx.conv._conv_forward(*conv_inputs)
+        grad_y, grad_bn_weight, grad_bn_bias, grad_residual = torch.ops.torchnorm.batch_norm_backward.default(
+            grad_out, y.detach(), bn_weight, bn_bias, residual, mean, rstd,
+            True, ctx.activation, ctx.negative_slope,
+            [any(needs[:3]), bn_weight is not None and needs[3], bn_bias is not None and needs[4],
+             residual is not None and needs[5]])
+        wanted = [t for t in conv_inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y) if wanted else ())
+        conv_grads = [next(grads) if t is not None and t.requires_grad else None for t in conv_inputs]
+
+        def present(t, cond):
+            return t if cond and t.numel() else None
+
+        return (*conv_grads, present(grad_bn_weight, needs[3]), present(grad_bn_bias, needs[4]),
+                present(grad_residual, needs[5]), None, None, None, None, None)
+
+
+def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, activation: Optional[str] = None,
+                    negative_slope: float = 0.01, residual: Optional[Tensor] = None) -> Tensor:
+    """``act(bn(conv(input)) + residual)`` with the memory-saving strategy of
+    ``bn``'s mode (see the module docstring). ``conv`` is a Conv1d/2d/3d and
+    ``bn`` a BatchNorm of its output channels; both keep their parameters and
+    buffers, and ``bn``'s running statistics update as torch.nn's would."""
+    activation = F._activation_name(activation)
+    call = _BatchNormCall(bn)
+    if not call.use_batch_stats:
+        weight, bias = folded_conv_parameters(conv, bn)
+        z = conv._conv_forward(input, weight, bias)
+        if residual is not None:
+            z = z + residual
+        return _activate(z, activation, negative_slope)
+    if residual is not None:
+        out = _ConvBNRecomputeConv.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv, call,
+                                         bn.eps, activation, negative_slope)
+        call.count_batch()
+        return out
+    pre_norm = conv(input)
+    out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
+        pre_norm, bn.weight, bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation,
+        negative_slope, None)
+    call.count_batch()
+    if torch.is_grad_enabled() and out.requires_grad:
+        setattr(out, _REBUILD_ATTR, _Rebuild(pre_norm, mean.detach(), rstd.detach(), bn.weight, bn.bias,
+                                             activation, negative_slope, out._version))
+    return out
+
+
+class _ConvBNNd(torch.nn.Module):
+    """``act(BN(conv(x)) + residual)`` with submodules ``conv`` and ``bn``."""
+
+    _conv_class: type
+    _bn_class: type
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = None, negative_slope: float = 0.01, device=None, dtype=None) -> None:
+        super().__init__()
+        F._activation_name(activation)  # reject unknown names at construction
+        factory = {"device": device, "dtype": dtype}
+        self.conv = self._conv_class(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                     bias, padding_mode, **factory)
+        self.bn = self._bn_class(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    @classmethod
+    def from_modules(cls, conv: torch.nn.Module, bn: torch.nn.Module, activation: Optional[str] = None,
+                     negative_slope: float = 0.01) -> "_ConvBNNd":
+        """A block that shares (does not copy) ``conv`` and ``bn``."""
+        if type(conv) is not cls._conv_class:
+            raise TypeError(f"{cls.__name__}.from_modules: expected a {cls._conv_class.__name__}, got "
+                            f"{type(conv).__name__}")
+        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) or bn.num_features != conv.out_channels:
+            raise ValueError(f"{cls.__name__}.from_modules: expected a BatchNorm of {conv.out_channels} features, "
+                             f"got {bn!r}")
+        F._activation_name(activation)
+        block = cls.__new__(cls)
+        torch.nn.Module.__init__(block)
+        block.conv, block.bn = conv, bn
+        block.activation, block.negative_slope = activation, negative_slope
+        return block
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return conv_bn_forward(self.conv, self.bn, input, self.activation, self.negative_slope, residual)
+
+    def extra_repr(self) -> str:
+        extra = f"activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return extra
+
+
+class ConvBN1d(_ConvBNNd):
+    """Conv1d + BatchNorm1d (+ residual) (+ activation); arguments of both, plus
+    ``activation`` (None, ``"relu"``, ``"leaky_relu"``, ``"silu"``) and
+    ``negative_slope``. state_dict keys are ``conv.*`` and ``bn.*``."""
+
+    _conv_class = torch.nn.Conv1d
+    _bn_class = torch.nn.BatchNorm1d
+
+
+class ConvBN2d(_ConvBNNd):
+    """Conv2d + BatchNorm2d (+ residual) (+ activation); see :class:`ConvBN1d`."""
+
+    _conv_class = torch.nn.Conv2d
+    _bn_class = torch.nn.BatchNorm2d
+
+
+class ConvBN3d(_ConvBNNd):
+    """Conv3d + BatchNorm3d (+ residual) (+ activation); see :class:`ConvBN1d`."""
+
+    _conv_class = torch.nn.Conv3d
+    _bn_class = torch.nn.BatchNorm3d
