@@ -16,8 +16,8 @@ except ImportError as error:  # pragma: no cover - only without a build
     ) from error
 
 from . import _fake  # noqa: F401,E402  (fake kernels; autograd is registered in C++)
-from . import functional, nn, reference  # noqa: E402
+from . import functional, fx, nn, reference  # noqa: E402
 from .nn import convert  # noqa: E402
 
-__all__ = ["functional", "nn", "reference", "convert"]
+__all__ = ["functional", "fx", "nn", "reference", "convert"]
 __version__ = "0.1.0"

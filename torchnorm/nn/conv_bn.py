@@ -8,9 +8,9 @@ blocks keep about one, chosen per mode:
 * **BatchNorm in eval mode (frozen statistics, fine-tuning).** The statistics
   are constants, so the BatchNorm is folded into the conv weight on every
   forward (``W * g / sqrt(var + eps)``, bias ``(b - mean) * g / sqrt(var +
-  eps) + beta``) with autograd ops: gradients reach the conv weight, the BN
-  weight and the BN bias, and backward keeps only the conv input and the
-  block output, never the conv output.
+  eps) + beta``): gradients reach the conv weight, the BN weight and the BN
+  bias, and backward keeps only the conv input and the block output, never
+  the conv output nor the folded weight (its backward folds it again).
 * **BatchNorm in training mode, no residual.** The conv runs, then one fused
   kernel computes the batch statistics and writes normalize + affine +
   activation. Backward keeps the pre-norm conv output, as BatchNorm must; the
@@ -33,7 +33,7 @@ Running statistics are updated exactly as torch.nn does (the same op as
 :class:`torchnorm.nn.BatchNorm2d`).
 """
 import contextlib
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -75,7 +75,7 @@ def _unpack(saved):
     return saved() if isinstance(saved, _Rebuild) else saved
 
 
-def rebuild_outputs():
+def rebuild_outputs(on_save: Optional[Callable[[Tensor], None]] = None):
     """Context manager: inside it, a ConvBN block output that a later op saves
     for backward is saved as a recipe and rebuilt during backward.
 
@@ -83,8 +83,22 @@ def rebuild_outputs():
     block outputs are saved as usual. :func:`torchnorm.fx.fuse_conv_bn`
     enters it around the forward of the model it returns; with hand-built
     :class:`ConvBN2d` models, use it or :func:`save_memory_in`.
+
+    ``on_save``, when given, is called with every tensor actually kept for
+    backward (for a recipe: its pre-norm tensor and statistics), which is how
+    the benchmarks count saved bytes (an outer saved_tensors_hooks would not
+    see them: the innermost hooks win).
     """
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    if on_save is None:
+        return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+    def pack_and_report(tensor: Tensor):
+        saved = _pack(tensor)
+        for kept in ((saved.pre_norm, saved.mean, saved.rstd) if isinstance(saved, _Rebuild) else (saved,)):
+            on_save(kept)
+        return saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack_and_report, _unpack)
 
 
 def save_memory_in(module: torch.nn.Module) -> torch.nn.Module:
@@ -122,15 +136,62 @@ def folded_conv_parameters(conv: torch.nn.Module, bn: torch.nn.Module) -> Tuple[
     differentiable functions of both modules' parameters (frozen statistics):
     ``W * g / sqrt(var + eps)`` and ``(b - mean) * g / sqrt(var + eps) + beta``
     per output channel of a (non-transposed) convolution."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight * scale
-    weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
-    shifted = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
-    bias = shifted * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+    return _fold(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+class _FrozenConvBN(torch.autograd.Function):
+    """conv(x, W * s) + (b - mean) * s + beta with s = g / sqrt(var + eps) from
+    frozen statistics. Keeps the conv input and the parameters, not the folded
+    weight (a weight-sized tensor per layer, which autograd would otherwise
+    keep): backward folds it again and runs the conv's backward on it."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, conv, bn):
+        ctx.conv, ctx.eps = conv, bn.eps
+        ctx.save_for_backward(x, conv_weight, conv_bias, bn_weight, bn.running_mean, bn.running_var)
+        weight, bias = _fold(conv_weight, conv_bias, bn_weight, bn_bias, bn.running_mean, bn.running_var, bn.eps)
+        return conv._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, conv_weight, conv_bias, bn_weight, mean, var = ctx.saved_tensors
+        conv, needs = ctx.conv, ctx.needs_input_grad
+        inv_std = torch.rsqrt(var + ctx.eps)
+        scale = inv_std if bn_weight is None else bn_weight * inv_std
+        per_channel = (-1,) + (1,) * (conv_weight.dim() - 1)
+        folded = (conv_weight * scale.reshape(per_channel)).to(conv_weight.dtype)
+        want_weight = needs[1] or needs[3]
+        want_bias = needs[2] or needs[3] or needs[4]
+        grad_x, grad_folded, grad_shift = torch.ops.aten.convolution_backward(
+            grad_out, x, folded, [folded.shape[0]], conv.stride, conv.padding, conv.dilation, False,
+            [0] * (folded.dim() - 2), conv.groups, [needs[0], want_weight, want_bias])
+        grad_scale = 0
+        grad_w = grad_b = grad_g = grad_beta = None
+        if want_weight:
+            if needs[1]:
+                grad_w = grad_folded * scale.reshape(per_channel)
+            grad_scale = (grad_folded * conv_weight).flatten(1).sum(1)
+        if want_bias:
+            if needs[2]:
+                grad_b = grad_shift * scale
+            centred = -mean if conv_bias is None else conv_bias - mean
+            grad_scale = grad_scale + grad_shift * centred
+            grad_beta = grad_shift if needs[4] else None
+        if needs[3]:
+            grad_g = grad_scale * inv_std
+        return grad_x, grad_w, grad_b, grad_g, grad_beta, None, None
+
+
+def _fold(conv_weight, conv_bias, bn_weight, bn_bias, mean, var, eps):
+    """The one place of the fold's formula (module docstring), on tensors."""
+    scale = torch.rsqrt(var + eps)
+    if bn_weight is not None:
+        scale = bn_weight * scale
+    weight = conv_weight * scale.reshape((-1,) + (1,) * (conv_weight.dim() - 1))
+    bias = (-mean if conv_bias is None else conv_bias - mean) * scale
+    if bn_bias is not None:
+        bias = bias + bn_bias
+    return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)
 
 
 class _ConvBNRecomputeConv(torch.autograd.Function):
@@ -182,8 +243,11 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
     activation = F._activation_name(activation)
     call = _BatchNormCall(bn)
     if not call.use_batch_stats:
-        weight, bias = folded_conv_parameters(conv, bn)
-        z = conv._conv_forward(input, weight, bias)
+        if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+            z = _FrozenConvBN.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, conv, bn)
+        else:  # padding the backward above does not express: plain autograd
+            weight, bias = folded_conv_parameters(conv, bn)
+            z = conv._conv_forward(input, weight, bias)
         if residual is not None:
             z = z + residual
         return _activate(z, activation, negative_slope)

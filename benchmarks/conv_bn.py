@@ -1,0 +1,338 @@
+"""Conv+BatchNorm at model level: training memory and step time of
+``torchnorm.fx.fuse_conv_bn`` (batch statistics and frozen BatchNorm), and
+inference speed, error and coverage of ``torchnorm.fx.fold_conv_bn`` against
+``torch.fx.experimental.optimization.fuse``.
+
+``python -m benchmarks.conv_bn [--device cpu|cuda] [--quick] [--out results.md]``
+(also run by ``python -m benchmarks`` as the suite ``conv_bn``). Writes a
+markdown report (and a CSV of the same rows beside it).
+
+Saved bytes are the unique storages autograd keeps for backward after one
+forward (parameters excluded), counted with saved_tensors_hooks; for the fused
+model, a rebuildable block output counts as the tensors its recipe keeps.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import harness
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# --------------------------------------------------------------- models --
+
+def resnet50(num_classes: int = 1000) -> torch.nn.Module:
+    """torchvision's ResNet-50, or the same architecture defined here when
+    torchvision is not installed."""
+    try:
+        import torchvision
+        return torchvision.models.resnet50(num_classes=num_classes)
+    except ImportError:
+        return _ResNet50(num_classes)
+
+
+class _Bottleneck(torch.nn.Module):
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, width * 4, 1, bias=False), nn.BatchNorm2d(width * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != width * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False),
+                                            nn.BatchNorm2d(width * 4))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class _ResNet50(torch.nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        layers, cin = [], 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            stage = []
+            for i in range(blocks):
+                stage.append(_Bottleneck(cin, width, stride if i == 0 else 1))
+                cin = width * 4
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def mobilenet_v2() -> Optional[torch.nn.Module]:
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision.models.mobilenet_v2()
+
+
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Trained-like BatchNorm statistics (fresh ones are mean 0, var 1, which
+    hide folding errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                    m.bias.copy_((torch.rand(c, generator=gen) - 0.5) * 0.4)
+    return model
+
+
+# ------------------------------------------------------------ measuring --
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], None], device: str, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class SavedBytes:
+    """Unique storages kept for backward, parameters excluded."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: Dict[int, int] = {}
+
+    def __call__(self, t: torch.Tensor) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.params:
+                self.storages[ptr] = t.untyped_storage().nbytes()
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor, counter: Optional[SavedBytes] = None,
+                  fused: bool = False) -> None:
+    """Forward, backward, drop the gradients (one SGD-free training step)."""
+    import torchnorm
+    if counter is None:
+        context = torchnorm.nn.rebuild_outputs() if fused else torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t)
+    elif fused:
+        context = torchnorm.nn.rebuild_outputs(on_save=counter)
+    else:
+        def pack(t):
+            counter(t)
+            return t
+        context = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with context:
+        loss = model(x).float().square().mean()
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def train_rows(device: str, quick: bool) -> List[dict]:
+    import torchnorm.fx
+    batch, size = (2, 64) if quick else ((32, 224) if device == "cuda" else (8, 112))
+    warmup, reps = (1, 2) if quick else ((3, 10) if device == "cuda" else (2, 7))
+    rows = []
+    x = torch.randn(batch, 3, size, size, device=device)
+    for mode in ("batch statistics", "frozen BN"):
+        plain = resnet50().to(device)
+        fused = torchnorm.fx.fuse_conv_bn(copy.deepcopy(plain), save_memory=False)
+        for model in (plain, fused):
+            model.train()
+            if mode == "frozen BN":
+                for m in model.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        result = {}
+        for name, model in (("torch", plain), ("torchnorm", fused)):
+            is_fused = model is fused
+            counter = SavedBytes(model)
+            training_step(model, x, counter, is_fused)
+            peak = ""
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                training_step(model, x, None, is_fused)
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            harness.log(f"conv_bn train ({mode}) {name}: timing {reps} steps")
+            seconds = median_seconds(lambda: training_step(model, x, None, is_fused), device, warmup, reps)
+            result[name] = (counter.total, seconds, peak)
+        base_bytes, base_s, base_peak = result["torch"]
+        ours_bytes, ours_s, ours_peak = result["torchnorm"]
+        rows.append({
+            "benchmark": f"ResNet-50 training step, {mode}", "device": harness.device_name(device),
+            "shape": f"({batch}, 3, {size}, {size})",
+            "torch": f"{base_bytes / 2**20:.1f} MiB saved, {base_s * 1e3:.0f} ms"
+                     + (f", peak {base_peak:.0f} MiB" if peak != "" else ""),
+            "torchnorm": f"{ours_bytes / 2**20:.1f} MiB saved, {ours_s * 1e3:.0f} ms"
+                         + (f", peak {ours_peak:.0f} MiB" if peak != "" else ""),
+            "ratio": f"saved bytes {ours_bytes / base_bytes:.2f}x, step time {ours_s / base_s:.2f}x"
+                     + (f", peak {ours_peak / base_peak:.2f}x" if peak != "" else ""),
+        })
+    return rows
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def _batch_norm_count(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def inference_rows(device: str, quick: bool) -> List[dict]:
+    import torchnorm.fx
+    from torch.fx.experimental.optimization import fuse
+    batch, size = (2, 64) if quick else ((32, 224) if device == "cuda" else (8, 224))
+    warmup, reps = (1, 2) if quick else ((5, 20) if device == "cuda" else (2, 9))
+    rows = []
+    models = [("ResNet-50", resnet50()), ("MobileNetV2", mobilenet_v2())]
+    for name, model in models:
+        if model is None:
+            continue
+        model = randomize_batch_norms(model).eval().to(device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        ours = torchnorm.fx.fold_conv_bn(model, (x,))
+        theirs = fuse(model)
+        with torch.no_grad():
+            times = {}
+            for label, m in (("unfused", model), ("torch fuse", theirs), ("torchnorm", ours)):
+                harness.log(f"conv_bn inference {name} {label}: timing {reps} runs")
+                times[label] = median_seconds(lambda: m(x), device, warmup, reps)
+            # Error of each fold against the unfused model, all three run in
+            # float64 so only the folded weights differ (the float32 run
+            # mostly measures float32 convolution rounding, the same for all).
+            x64 = x.double()
+            truth = copy.deepcopy(model).double()(x64)
+            err_ours = _relative_error(copy.deepcopy(ours).double()(x64), truth)
+            err_theirs = _relative_error(copy.deepcopy(theirs).double()(x64), truth)
+            err32_ours, err32_theirs = _relative_error(ours(x), truth), _relative_error(theirs(x), truth)
+        rows.append({
+            "benchmark": f"{name} inference (eval), folded", "device": harness.device_name(device),
+            "shape": f"({batch}, 3, {size}, {size})",
+            "torch": f"unfused {times['unfused'] * 1e3:.1f} ms; fuse {times['torch fuse'] * 1e3:.1f} ms "
+                     f"({times['unfused'] / times['torch fuse']:.2f}x), weight error {err_theirs:.1e}, "
+                     f"float32 output error {err32_theirs:.1e}",
+            "torchnorm": f"{times['torchnorm'] * 1e3:.1f} ms ({times['unfused'] / times['torchnorm']:.2f}x), "
+                         f"weight error {err_ours:.1e}, float32 output error {err32_ours:.1e}",
+            "ratio": f"speed vs torch fuse {times['torch fuse'] / times['torchnorm']:.2f}x; "
+                     f"BatchNorms left: ours {_batch_norm_count(ours)}, torch {_batch_norm_count(theirs)}",
+        })
+    rows.extend(coverage_rows(device))
+    return rows
+
+
+def coverage_rows(device: str) -> List[dict]:
+    """Folds torch's fuse cannot do: ConvTranspose, Linear + BatchNorm1d, timm's BatchNormAct2d."""
+    import torchnorm.fx
+    from torch.fx.experimental.optimization import fuse
+    nn = torch.nn
+    cases = [
+        ("ConvTranspose2d + BatchNorm2d", nn.Sequential(nn.ConvTranspose2d(16, 8, 3, 2, groups=2), nn.BatchNorm2d(8)),
+         torch.randn(2, 16, 9, 9)),
+        ("Linear + BatchNorm1d", nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16)), torch.randn(4, 32)),
+    ]
+    try:
+        import timm
+        cases.append(("timm efficientnet_b0 (BatchNormAct2d)", timm.create_model("efficientnet_b0", num_classes=10),
+                      torch.randn(2, 3, 64, 64)))
+    except ImportError:
+        pass
+    rows = []
+    for name, model, x in cases:
+        model = randomize_batch_norms(model).eval().to(device)
+        x = x.to(device)
+        ours = torchnorm.fx.fold_conv_bn(model, (x,))
+        theirs = fuse(model)
+        with torch.no_grad():
+            err = _relative_error(ours(x), model(x))
+        rows.append({
+            "benchmark": f"fold coverage: {name}", "device": harness.device_name(device),
+            "shape": str(tuple(x.shape)),
+            "torch": f"BatchNorms left {_batch_norm_count(theirs)} of {_batch_norm_count(model)}",
+            "torchnorm": f"BatchNorms left {_batch_norm_count(ours)}, output error {err:.1e}",
+            "ratio": "",
+        })
+    return rows
+
+
+COLUMNS = ["benchmark", "device", "shape", "torch", "torchnorm", "ratio"]
+
+
+def write(rows: List[dict], out_md: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Conv+BatchNorm ({rows[0]['device'] if rows else ''}, torch {torch.__version__})", "",
+             "| " + " | ".join(COLUMNS[:1] + COLUMNS[2:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) for c in COLUMNS if c != "device") + " |")
+    with open(out_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run(device: str, quick: bool, out_md: str) -> List[dict]:
+    torch.manual_seed(0)
+    rows = train_rows(device, quick) + inference_rows(device, quick)
+    write(rows, out_md)
+    harness.log(f"conv_bn: wrote {out_md}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.conv_bn", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test")
+    ap.add_argument("--out", help="markdown report (default: benchmarks/results/local/conv-bn-<device>.md)")
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join(RESULTS, "local", f"conv-bn-{harness.device_slug(args.device)}.md")
+    for row in run(args.device, args.quick, out):
+        print(" | ".join(str(row[c]) for c in COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Graph helpers shared by the fold (inference) and fuse (training) passes."""
+import copy
+import operator
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from ..nn import batchnorm as tn_batchnorm
+from ..nn.conv_bn import _ConvBNNd
+
+CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+TRANSPOSED_TYPES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+LINEAR_TYPES = (torch.nn.Linear,)
+
+_ACTIVATION_MODULES = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.LeakyReLU: "leaky_relu"}
+_ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.relu_: "relu",
+                         torch.nn.functional.silu: "silu", torch.nn.functional.leaky_relu: "leaky_relu"}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def is_timm_batch_norm_act(module: torch.nn.Module) -> bool:
+    """timm's BatchNormAct2d (BatchNorm, then `drop`, then `act`), recognized
+    without importing timm."""
+    return (isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and type(module).__name__ == "BatchNormAct2d"
+            and hasattr(module, "act") and hasattr(module, "drop"))
+
+
+def _activation_of_module(module: torch.nn.Module) -> Optional[Tuple[str, float]]:
+    if isinstance(module, torch.nn.Identity):
+        return "none", 0.01
+    name = _ACTIVATION_MODULES.get(type(module))
+    if name is None:
+        return None
+    return name, getattr(module, "negative_slope", 0.01)
+
+
+def batch_norm_epilogue(module: torch.nn.Module) -> Optional[Tuple[str, float]]:
+    """(activation, negative_slope) a BatchNorm module applies after
+    normalizing, or None when it is not a BatchNorm these passes understand
+    (a subclass with its own forward)."""
+    if type(module) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                        tn_batchnorm.BatchNorm1d, tn_batchnorm.BatchNorm2d, tn_batchnorm.BatchNorm3d):
+        return "none", 0.01
+    if type(module) is tn_batchnorm.BatchNormAct2d:
+        return (module.activation or "none"), module.negative_slope
+    if is_timm_batch_norm_act(module) and isinstance(module.drop, (torch.nn.Identity, torch.nn.Dropout)):
+        return _activation_of_module(module.act)
+    return None
+
+
+class Tracer(fx.Tracer):
+    """symbolic_trace's tracer, with the BatchNorm modules above and
+    torchnorm's ConvBN blocks kept as single calls (leaves)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, _ConvBNNd) or is_timm_batch_norm_act(m):
+            return True
+        return batch_norm_epilogue(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def trace(model: torch.nn.Module, copy_model: bool) -> fx.GraphModule:
+    """A GraphModule of `model` (of a deep copy of it when copy_model)."""
+    if copy_model:
+        model = copy.deepcopy(model)
+    if isinstance(model, fx.GraphModule):
+        return model
+    graph = Tracer().trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def activation_of_node(node: fx.Node, modules: Dict[str, torch.nn.Module]) -> Optional[Tuple[str, float]]:
+    """(activation, negative_slope) when `node` applies a known activation to
+    its first argument and nothing else, else None."""
+    if node.op == "call_module":
+        found = _activation_of_module(modules[node.target])
+        return found if found and found[0] != "none" else None
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        name = _ACTIVATION_FUNCTIONS[node.target]
+        rest, kwargs = list(node.args[1:]), dict(node.kwargs)
+        slope = 0.01
+        if name == "leaky_relu":
+            slope = rest.pop(0) if rest else kwargs.pop("negative_slope", 0.01)
+        # What remains may only be `inplace`.
+        if len(rest) > 1 or set(kwargs) - {"inplace"} or not isinstance(slope, (int, float)):
+            return None
+        return name, float(slope)
+    if node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _ACTIVATION_METHODS[node.target], 0.01
+    return None
+
+
+def only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def call_counts(graph: fx.Graph) -> Dict[str, int]:
+    """How many call_module nodes call each module (a shared module is called more than once)."""
+    counts: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts

@@ -1,0 +1,185 @@
+"""Training: swap Conv -> BatchNorm (-> + residual) (-> activation) chains for
+torchnorm's memory-efficient blocks, and back."""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from ..nn.conv_bn import conv_bn_forward, save_memory_in
+from . import _graph
+
+__all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedConvBN"]
+
+# Placeholders in a recorded step's arguments: the chain's running value,
+# the block input and the residual.
+_PREV, _INPUT, _RESIDUAL = "<prev>", "<input>", "<residual>"
+
+
+class FusedConvBN(torch.nn.Module):
+    """One fused chain of a model returned by :func:`fuse_conv_bn`.
+
+    It runs :func:`torchnorm.nn.conv_bn_forward` on the model's own conv and
+    BatchNorm modules. Those stay registered where they were, not here, so
+    the fused model's parameters, buffers and state_dict are the original
+    model's. ``steps`` records the replaced nodes, for :func:`unfuse_conv_bn`.
+    """
+
+    def __init__(self, conv: torch.nn.Module, bn: torch.nn.Module, activation: str, negative_slope: float,
+                 steps: List[Tuple[str, Any, tuple, dict]]) -> None:
+        super().__init__()
+        self.__dict__["_shared"] = (conv, bn)  # plain attribute: not a submodule
+        self.activation, self.negative_slope, self.steps = activation, negative_slope, steps
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        conv, bn = self._shared
+        return conv_bn_forward(conv, bn, input, self.activation, self.negative_slope, residual)
+
+    def extra_repr(self) -> str:
+        conv_name, bn_name = self.steps[0][1], self.steps[1][1]
+        return f"conv={conv_name}, bn={bn_name}, activation={self.activation!r}"
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _graph.ADD_FUNCTIONS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def _template(node: fx.Node, prev: fx.Node, roles: Dict[fx.Node, str]) -> Tuple[str, Any, tuple, dict]:
+    def swap(a):
+        if a is prev:
+            return _PREV
+        return roles.get(a, a) if isinstance(a, fx.Node) else a
+    return node.op, node.target, tuple(swap(a) for a in node.args), {k: swap(v) for k, v in node.kwargs.items()}
+
+
+def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
+    """(chain of nodes conv..end, residual node, activation) when bn_node ends
+    a fusable chain, else None."""
+    bn = modules[bn_node.target]
+    epilogue = _graph.batch_norm_epilogue(bn)
+    conv_node = bn_node.args[0] if bn_node.args else None
+    if epilogue is None or not isinstance(conv_node, fx.Node) or conv_node.op != "call_module":
+        return None
+    conv = modules[conv_node.target]
+    if type(conv) not in _graph.CONV_TYPES or len(conv_node.users) != 1 or bn.num_features != conv.out_channels:
+        return None
+    if conv.weight.dim() - 2 != {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2,
+                                 torch.nn.BatchNorm3d: 3}.get(_bn_base(bn), -1):
+        return None
+    chain, residual = [conv_node, bn_node], None
+    if epilogue[0] != "none" or len(bn_node.args) > 1 or bn_node.kwargs:
+        # The BatchNorm applies its own activation (and takes the residual).
+        residual = bn_node.args[1] if len(bn_node.args) > 1 else bn_node.kwargs.get("residual")
+        return chain, residual, epilogue
+    end = bn_node
+    user = _graph.only_user(end)
+    if user is not None and _is_add(user):
+        other = [a for a in user.args if a is not end]
+        if len(other) == 1 and isinstance(other[0], fx.Node):
+            residual = other[0]
+            chain.append(user)
+            end = user
+            user = _graph.only_user(end)
+    if user is not None:
+        act = _graph.activation_of_node(user, modules)
+        if act is not None:
+            chain.append(user)
+            return chain, residual, act
+    return chain, residual, epilogue
+
+
+def _bn_base(bn: torch.nn.Module) -> Optional[type]:
+    for base in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
+        if isinstance(bn, base):
+            return base
+    return None
+
+
+def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphModule:
+    """Replaces every Conv1d/2d/3d -> BatchNorm (-> + residual) (-> ReLU /
+    LeakyReLU / SiLU) chain of ``model`` with one :class:`FusedConvBN` call
+    and returns the result as a ``torch.fx.GraphModule``.
+
+    The fused model shares ``model``'s parameters and buffers (training one
+    trains the other) and has the same state_dict keys. It computes the same
+    function, updates running statistics as torch.nn does, and in training
+    keeps about half the activation memory for backward (see
+    :mod:`torchnorm.nn.conv_bn`): with ``save_memory`` (default) its forward
+    runs inside :func:`torchnorm.nn.rebuild_outputs`. Chains whose
+    intermediate values are used elsewhere are left alone. The ResNet tail
+    ``act(BN(conv(x)) + identity)`` becomes one block.
+    :func:`unfuse_conv_bn` undoes it.
+
+    Raises ValueError when the model has no Conv+BatchNorm chain.
+    """
+    gm = _graph.trace(model, copy_model=False)
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target),
+                                                      torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        found = _match(node, modules)
+        if found is None:
+            continue
+        chain, residual, (activation, negative_slope) = found
+        conv_node, end = chain[0], chain[-1]
+        roles = {conv_node.args[0]: _INPUT}
+        if residual is not None:
+            roles[residual] = _RESIDUAL
+        steps = [_template(conv_node, None, roles)]
+        steps += [_template(n, prev, roles) for prev, n in zip(chain, chain[1:])]
+        block = FusedConvBN(modules[conv_node.target], modules[node.target], activation, negative_slope, steps)
+        name = f"{conv_node.target}_fused"
+        gm.add_submodule(name, block)
+        modules[name] = block
+        with graph.inserting_after(end):
+            args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
+            new = graph.call_module(name, args)
+        end.replace_all_uses_with(new)
+        for n in reversed(chain):
+            graph.erase_node(n)
+        fused += 1
+    if not fused:
+        raise ValueError("fuse_conv_bn: found no Conv1d/2d/3d followed by a BatchNorm of its output to fuse")
+    graph.lint()
+    gm.recompile()
+    return save_memory_in(gm) if save_memory else gm
+
+
+def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
+    """The plain structure back: every :class:`FusedConvBN` call of a model from
+    :func:`fuse_conv_bn` becomes its original conv, BatchNorm, add and
+    activation calls again. Shares the parameters and buffers; the state_dict
+    keys are the original model's."""
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"unfuse_conv_bn: expected a GraphModule from fuse_conv_bn, got {type(model).__name__}")
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    modules = dict(model.named_modules())
+    restored = 0
+    for node in model.graph.nodes:
+        target = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(target, FusedConvBN):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        roles = {_INPUT: env[node.args[0]]}
+        if len(node.args) > 1:
+            roles[_RESIDUAL] = env[node.args[1]]
+        prev = None
+        for op, step_target, args, kwargs in target.steps:
+            def fill(a):
+                if a == _PREV:
+                    return prev
+                return roles.get(a, a) if isinstance(a, str) else a
+            prev = graph.create_node(op, step_target, tuple(fill(a) for a in args),
+                                     {k: fill(v) for k, v in kwargs.items()})
+        env[node] = prev
+        restored += 1
+    if not restored:
+        raise ValueError("unfuse_conv_bn: the model has no FusedConvBN block (was it made by fuse_conv_bn?)")
+    out = fx.GraphModule(model, graph, type(model).__name__)
+    out.recompile()
+    return out
