@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CUDA 13.0 build of torch, so the CUDA sources compile wherever nvcc is.
 TORCH ?= torch==2.14.1
+# Real client models for the Conv+BN tests and benchmarks (they skip without
+# them); set MODELS= when TORCH names another torch.
+MODELS ?= torchvision==0.29.1 timm
 # nvcc's home, when there is one: then the CUDA kernels are built too.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 ifneq ($(CUDA_HOME),)
@@ -20,7 +23,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" ninja pytest expecttest numpy matplotlib
+	$(PY) -m pip install -q "$(TORCH)" $(MODELS) ninja pytest expecttest numpy matplotlib
 	touch $@
 
 # Incremental (ninja): only changed sources recompile.

@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --suite layer_norm,rms_norm       # some suites (or: all)
     python -m benchmarks --providers torch,torch_compile   # without torchnorm
     python -m benchmarks --device cpu --quick --out /tmp/bench.csv   # smoke test
+    python -m benchmarks --suite conv_bn                   # model-level Conv+BN only
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
 """
 from __future__ import annotations
@@ -16,7 +17,10 @@ import sys
 import time
 from collections import OrderedDict
 
-from . import harness, report, suites
+from . import conv_bn, harness, report, suites
+
+# Model-level suites, with their own report (a .md and .csv beside the op CSV).
+MODEL_SUITES = ("conv_bn",)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -36,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="all",
-                    help=f"comma-separated, from {','.join(suites.SUITES)}, or all (default: all, "
-                         "in that order)")
+                    help=f"comma-separated, from {','.join(tuple(suites.SUITES) + MODEL_SUITES)}, or all "
+                         "(default: all, in that order)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"],
                     default="cuda" if torch.cuda.is_available() else "cpu",
                     help="default: cuda when available, else cpu; all: cpu then cuda")
@@ -52,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="seconds of timed calls per row (default: 1.0 on cpu, 0.3 on cuda)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     args = ap.parse_args(argv)
-    args.suites = _list(args.suite, tuple(suites.SUITES) + ("all",), "suite")
+    args.suites = _list(args.suite, tuple(suites.SUITES) + MODEL_SUITES + ("all",), "suite")
     if "all" in args.suites:
-        args.suites = list(suites.SUITES)
+        args.suites = list(suites.SUITES) + list(MODEL_SUITES)
     args.suites = list(OrderedDict.fromkeys(args.suites))
     args.providers = _list(args.providers, suites.PROVIDERS, "provider")
     args.modes = _list(args.modes, suites.MODES, "mode")
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
     for device in devices:
         path = args.out or os.path.join(RESULTS, "local", harness.device_slug(device) + ".csv")
         outs.setdefault(path, []).append(device)
-    plan = {d: [case for name in args.suites for case in suites.SUITES[name](d, args.quick)]
+    op_suites = [name for name in args.suites if name in suites.SUITES]
+    plan = {d: [case for name in op_suites for case in suites.SUITES[name](d, args.quick)]
             for d in devices}
     total = sum(len(c) for c in plan.values()) * len(args.providers) * len(args.modes)
     harness.log(f"suite {','.join(args.suites)}: {total} rows on {', '.join(devices)}; "
@@ -98,6 +103,11 @@ def main(argv=None) -> int:
         harness.warn_if_busy()
     failures, counter, start = [], [0], time.perf_counter()
     for path, path_devices in outs.items():
+        if "conv_bn" in args.suites:
+            for device in path_devices:
+                conv_bn.run(device, args.quick, os.path.splitext(path)[0] + f"-conv-bn-{device}.md")
+        if not op_suites:
+            continue
         writer = harness.CsvWriter(path)
         for device in path_devices:
             harness.log(f"{device}: {harness.device_name(device)} -> {path}")

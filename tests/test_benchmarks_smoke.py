@@ -130,3 +130,27 @@ def test_bytes_moved():
     assert suites.OPS["rms_norm"].bytes_moved(res, "forward") == 4 * x + p  # weight only
     gn = suites.Case("group_norm", (32, 64, 56, 56), torch.float32, activation="silu")
     assert suites.OPS["group_norm"].bytes_moved(gn, "backward") == 3 * 32 * 64 * 56 * 56 * 4 + 4 * 64 * 4
+
+
+def test_quick_conv_bn(tmp_path):
+    """The model-level suite: ResNet-50 saved bytes and step time, folding speed,
+    error and coverage, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "conv_bn",
+         "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "conv_bn train (batch statistics) torchnorm: timing" in proc.stderr  # progress lines
+    md = (tmp_path / "bench-conv-bn-cpu.md").read_text()
+    for label in ("ResNet-50 training step, batch statistics", "ResNet-50 training step, frozen BN",
+                  "fold coverage: ConvTranspose2d + BatchNorm2d", "fold coverage: Linear + BatchNorm1d"):
+        assert label in md
+    with open(tmp_path / "bench-conv-bn-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["benchmark"].startswith("ResNet-50 training step")]
+    # Fused blocks keep less for backward than torch.nn's Conv -> BN -> ReLU.
+    for r in train:
+        ratio = float(r["ratio"].split("saved bytes ")[1].split("x")[0])
+        assert 0 < ratio < 1, r
