@@ -105,8 +105,10 @@ def test_suite_option():
     from benchmarks import __main__ as cli
     from benchmarks import suites
 
-    assert cli.parse_args([]).suites == list(suites.SUITES)  # default: every suite
-    assert cli.parse_args(["--suite", "all"]).suites == list(suites.SUITES)
+    every = list(suites.SUITES) + list(cli.MODEL_SUITES)
+    assert cli.parse_args([]).suites == every  # default: every suite, op suites first
+    assert cli.parse_args(["--suite", "all"]).suites == every
+    assert cli.parse_args(["--suite", "conv_bn"]).suites == ["conv_bn"]
     assert list(suites.SUITES)[0] == "batch_norm" and set(NORM_SUITES) <= set(suites.SUITES)
     assert cli.parse_args(["--suite", "rms_norm,layer_norm"]).suites == ["rms_norm", "layer_norm"]
     with pytest.raises(SystemExit):

@@ -165,6 +165,21 @@ ForwardPlan plan_forward(
   return p;
 }
 
+ForwardPlan plan_apply(
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::string& activation) {
+  const char* op = "torchnorm.batch_norm_apply";
+  check_batch_norm_args(op, input, weight, bias, std::nullopt, std::nullopt, residual, false, 0.0);
+  check_per_channel(op, "mean", mean, input);
+  check_per_channel(op, "rstd", rstd, input);
+  return plan_forward(op, input, weight, bias, mean, rstd, residual, /*training=*/false, 0.0, activation);
+}
+
 at::ScalarType parameter_type(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
   return weight ? weight->scalar_type() : input.scalar_type();
 }

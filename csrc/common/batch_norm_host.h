@@ -94,6 +94,17 @@ ForwardPlan plan_forward(
     double eps,
     const std::string& activation);
 
+// plan_forward for batch_norm_apply: checks mean and rstd under their own
+// names (per channel, like running statistics).
+ForwardPlan plan_apply(
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::string& activation);
+
 struct BackwardPlan {
   BatchNormGeometry g;
   at::Tensor x, grad_out, residual;  // grad_out and residual with x's strides

@@ -165,8 +165,7 @@ at::Tensor batch_norm_apply_cpu(const at::Tensor& input, const at::Tensor& mean,
                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                 c10::string_view activation, double negative_slope,
                                 const std::optional<at::Tensor>& residual) {
-  const ForwardPlan p = plan_forward("torchnorm.batch_norm_apply", input, weight, bias, mean, rstd, residual,
-                                     /*training=*/false, 0.0, std::string(activation));
+  const ForwardPlan p = plan_apply(input, mean, rstd, weight, bias, residual, std::string(activation));
   return normalize_with_statistics(p, mean, rstd, /*stats_are_rstd=*/true, weight, bias, 0.0, negative_slope);
 }
 

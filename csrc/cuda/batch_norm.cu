@@ -806,8 +806,7 @@ at::Tensor batch_norm_apply_cuda(
     double negative_slope,
     const std::optional<at::Tensor>& residual) {
   c10::cuda::CUDAGuard guard(input.device());
-  const ForwardPlan p = plan_forward("torchnorm.batch_norm_apply", input, weight, bias, mean, rstd, residual,
-                                     /*training=*/false, 0.0, std::string(activation));
+  const ForwardPlan p = plan_apply(input, mean, rstd, weight, bias, residual, std::string(activation));
   return normalize_with_statistics(p, mean, rstd, /*stats_are_rstd=*/true, weight, bias, 0.0, negative_slope);
 }
 

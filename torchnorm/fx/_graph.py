@@ -36,16 +36,18 @@ def _activation_of_module(module: torch.nn.Module) -> Optional[Tuple[str, float]
     return name, getattr(module, "negative_slope", 0.01)
 
 
-def batch_norm_epilogue(module: torch.nn.Module) -> Optional[Tuple[str, float]]:
+def batch_norm_epilogue(module: torch.nn.Module, training: bool = False) -> Optional[Tuple[str, float]]:
     """(activation, negative_slope) a BatchNorm module applies after
     normalizing, or None when it is not a BatchNorm these passes understand
-    (a subclass with its own forward)."""
+    (a subclass with its own forward). For `training` use, timm's dropout
+    must be an identity (in eval mode any Dropout is)."""
     if type(module) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                         tn_batchnorm.BatchNorm1d, tn_batchnorm.BatchNorm2d, tn_batchnorm.BatchNorm3d):
         return "none", 0.01
     if type(module) is tn_batchnorm.BatchNormAct2d:
         return (module.activation or "none"), module.negative_slope
-    if is_timm_batch_norm_act(module) and isinstance(module.drop, (torch.nn.Identity, torch.nn.Dropout)):
+    identities = (torch.nn.Identity,) if training else (torch.nn.Identity, torch.nn.Dropout)
+    if is_timm_batch_norm_act(module) and isinstance(module.drop, identities):
         return _activation_of_module(module.act)
     return None
 
@@ -61,12 +63,15 @@ class Tracer(fx.Tracer):
 
 
 def trace(model: torch.nn.Module, copy_model: bool) -> fx.GraphModule:
-    """A GraphModule of `model` (of a deep copy of it when copy_model)."""
+    """A new GraphModule of `model` (of a deep copy of it when copy_model;
+    else sharing its modules, parameters and buffers)."""
     if copy_model:
         model = copy.deepcopy(model)
     if isinstance(model, fx.GraphModule):
-        return model
-    graph = Tracer().trace(model)
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(model.graph, {}))
+    else:
+        graph = Tracer().trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)
 
 

@@ -275,9 +275,11 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module) -> None:
+def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module, replaced: Dict[fx.Node, fx.Node]) -> None:
     """Puts the folded layer in place and replaces the BatchNorm (or the whole
-    ConvBN block) by its epilogue: + residual, then the activation."""
+    ConvBN block) by its epilogue: + residual, then the activation.
+    `replaced` maps each rewritten BatchNorm node to the node that now holds
+    its value (a residual may be an earlier fold's output)."""
     graph = gm.graph
     if c.block:
         gm.add_submodule(c.block, layer)  # the folded conv takes the block's place
@@ -288,8 +290,11 @@ def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module) -> None:
         layer_node = c.layer_node
     inserted, last = [], layer_node
     if c.residual is not None:
+        residual = c.residual
+        while residual in replaced:
+            residual = replaced[residual]
         with graph.inserting_after(last):
-            last = graph.call_function(torch.add, (last, c.residual))
+            last = graph.call_function(torch.add, (last, residual))
         inserted.append(last)
     if c.act_module is not None:
         act_name = f"{_bn_name(c)}_act"
@@ -306,6 +311,7 @@ def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module) -> None:
         graph.erase_node(c.bn_node)
     elif inserted:
         layer_node.replace_all_uses_with(last, delete_user_cb=lambda user: user not in inserted)
+    replaced[c.bn_node] = last
 
 
 def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]] = None,
@@ -321,6 +327,9 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
     else. A fused activation or residual stays, after the folded layer. Left
     alone (and listed in the report): BatchNorm in training mode, shared
     layers or BatchNorms, layer outputs used twice.
+
+    Linear + BatchNorm1d is folded only with ``example_inputs`` that show a
+    2-D input (on (N, L, F) input BatchNorm1d normalizes L, not Linear's F).
 
     With ``example_inputs`` (a tuple of the model's arguments) each fold is
     checked: the folded layer's output on the input the unfused layer saw is
@@ -357,9 +366,20 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
         values = recorder.values
     used_tolerance = None
     inputs = {id(c): c.input_node for c in candidates}  # before any rewrite changes them
+    replaced: Dict[fx.Node, fx.Node] = {}
     for c in candidates:
         layer = _folded_layer(c)
         fold = Fold(_layer_name(c), _bn_name(c), True)
+        if isinstance(c.layer, torch.nn.Linear):
+            # BatchNorm1d normalizes dim 1, Linear makes the last one: the
+            # same channels only for 2-D input, which only a run can show.
+            seen = values.get(c.bn_node)
+            if seen is None or seen.dim() != 2:
+                fold.folded = False
+                fold.reason = ("needs example_inputs to show a 2-D input" if seen is None
+                               else f"BatchNorm1d on {seen.dim()}-D input normalizes another dim than Linear's")
+                folds.append(fold)
+                continue
         if example_inputs is not None:
             limit = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(layer.weight.dtype, 1e-4)
             used_tolerance = limit if used_tolerance is None else max(used_tolerance, limit)
@@ -370,7 +390,7 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
                 fold.folded, fold.reason = False, f"error {fold.error:.2e} over the tolerance {limit:g}"
                 folds.append(fold)
                 continue
-        _rewrite(gm, c, layer)
+        _rewrite(gm, c, layer, replaced)
         folds.append(fold)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -57,7 +57,7 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
     """(chain of nodes conv..end, residual node, activation) when bn_node ends
     a fusable chain, else None."""
     bn = modules[bn_node.target]
-    epilogue = _graph.batch_norm_epilogue(bn)
+    epilogue = _graph.batch_norm_epilogue(bn, training=True)
     conv_node = bn_node.args[0] if bn_node.args else None
     if epilogue is None or not isinstance(conv_node, fx.Node) or conv_node.op != "call_module":
         return None
@@ -133,6 +133,8 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
         steps += [_template(n, prev, roles) for prev, n in zip(chain, chain[1:])]
         block = FusedConvBN(modules[conv_node.target], modules[node.target], activation, negative_slope, steps)
         name = f"{conv_node.target}_fused"
+        while name in modules:  # a conv called more than once, into different BatchNorms
+            name += "_"
         gm.add_submodule(name, block)
         modules[name] = block
         with graph.inserting_after(end):

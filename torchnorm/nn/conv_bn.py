@@ -10,7 +10,12 @@ blocks keep about one, chosen per mode:
   forward (``W * g / sqrt(var + eps)``, bias ``(b - mean) * g / sqrt(var +
   eps) + beta``): gradients reach the conv weight, the BN weight and the BN
   bias, and backward keeps only the conv input and the block output, never
-  the conv output nor the folded weight (its backward folds it again).
+  the conv output nor the folded weight (its backward folds it again). SiLU
+  keeps its input too (its derivative needs it); ReLU and leaky ReLU run in
+  place and keep only their output.
+* **Convs with forward hooks, or autocast**, take the plain path (the conv
+  module is called, then the fused BatchNorm op): correct, with the saving
+  of the no-residual training block only.
 * **BatchNorm in training mode, no residual.** The conv runs, then one fused
   kernel computes the batch statistics and writes normalize + affine +
   activation. Backward keeps the pre-norm conv output, as BatchNorm must; the
@@ -121,11 +126,15 @@ def save_memory_in(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+def _activate(z: Tensor, activation: str, negative_slope: float, inplace: bool = False) -> Tensor:
+    """The activation on a tensor; with ``inplace``, over ``z`` itself where
+    that lets autograd keep the output instead of the input (ReLU keeps its
+    output either way; SiLU's derivative needs its input)."""
     if activation == "relu":
-        return torch.relu(z)
+        return torch.relu_(z) if inplace else torch.relu(z)
     if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu(z, negative_slope)
+        # In place, torch's backward reads the output's sign: slope >= 0 only.
+        return torch.nn.functional.leaky_relu(z, negative_slope, inplace=inplace and negative_slope >= 0)
     if activation == "silu":
         return torch.nn.functional.silu(z)
     return z
@@ -242,29 +251,43 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
     buffers, and ``bn``'s running statistics update as torch.nn's would."""
     activation = F._activation_name(activation)
     call = _BatchNormCall(bn)
-    if not call.use_batch_stats:
-        if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-            z = _FrozenConvBN.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, conv, bn)
-        else:  # padding the backward above does not express: plain autograd
-            weight, bias = folded_conv_parameters(conv, bn)
-            z = conv._conv_forward(input, weight, bias)
-        if residual is not None:
-            z = z + residual
-        return _activate(z, activation, negative_slope)
-    if residual is not None:
-        out = _ConvBNRecomputeConv.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv, call,
-                                         bn.eps, activation, negative_slope)
+    if call.use_batch_stats:
+        if residual is not None and _may_bypass_conv_call(conv, input):
+            out = _ConvBNRecomputeConv.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, residual, conv, call,
+                                             bn.eps, activation, negative_slope)
+            call.count_batch()
+            return out
+        pre_norm = conv(input)
+        out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
+            pre_norm, bn.weight, bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation,
+            negative_slope, residual)
         call.count_batch()
+        if residual is None and torch.is_grad_enabled() and out.requires_grad:
+            setattr(out, _REBUILD_ATTR, _Rebuild(pre_norm, mean.detach(), rstd.detach(), bn.weight, bn.bias,
+                                                 activation, negative_slope, out._version))
         return out
-    pre_norm = conv(input)
-    out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
-        pre_norm, bn.weight, bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation,
-        negative_slope, None)
-    call.count_batch()
-    if torch.is_grad_enabled() and out.requires_grad:
-        setattr(out, _REBUILD_ATTR, _Rebuild(pre_norm, mean.detach(), rstd.detach(), bn.weight, bn.bias,
-                                             activation, negative_slope, out._version))
-    return out
+    if not _may_bypass_conv_call(conv, input):
+        return F.batch_norm(conv(input), call.running_mean, call.running_var, bn.weight, bn.bias, False, 0.0,
+                            bn.eps, activation, negative_slope, residual)
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        z = _FrozenConvBN.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, conv, bn)
+    else:  # padding the backward above does not express: plain autograd
+        weight, bias = folded_conv_parameters(conv, bn)
+        z = conv._conv_forward(input, weight, bias)
+    if residual is not None:
+        z = z + residual
+    return _activate(z, activation, negative_slope, inplace=True)
+
+
+def _may_bypass_conv_call(conv: torch.nn.Module, input: Tensor) -> bool:
+    """Whether the autograd Functions above may run the conv's arithmetic
+    themselves instead of calling the module: not when it has forward hooks
+    (pruning, for one, sets the weight in a pre-hook) and not under autocast
+    (their backward would run the conv in another dtype)."""
+    from torch.nn.modules import module as nn_module
+    hooks = (conv._forward_hooks, conv._forward_pre_hooks, nn_module._global_forward_hooks,
+             nn_module._global_forward_pre_hooks)
+    return not any(hooks) and not torch.is_autocast_enabled(input.device.type)
 
 
 class _ConvBNNd(torch.nn.Module):
@@ -293,9 +316,10 @@ class _ConvBNNd(torch.nn.Module):
         if type(conv) is not cls._conv_class:
             raise TypeError(f"{cls.__name__}.from_modules: expected a {cls._conv_class.__name__}, got "
                             f"{type(conv).__name__}")
-        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) or bn.num_features != conv.out_channels:
-            raise ValueError(f"{cls.__name__}.from_modules: expected a BatchNorm of {conv.out_channels} features, "
-                             f"got {bn!r}")
+        if (not isinstance(bn, cls._bn_class) or isinstance(bn, torch.nn.SyncBatchNorm)
+                or bn.num_features != conv.out_channels):
+            raise ValueError(f"{cls.__name__}.from_modules: expected a {cls._bn_class.__name__} of "
+                             f"{conv.out_channels} features (not SyncBatchNorm), got {bn!r}")
         F._activation_name(activation)
         block = cls.__new__(cls)
         torch.nn.Module.__init__(block)
