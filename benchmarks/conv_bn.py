@@ -212,10 +212,6 @@ def train_rows(device: str, quick: bool) -> List[dict]:
     return rows
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
-
 def _batch_norm_count(model: torch.nn.Module) -> int:
     """BatchNorms still computed: module calls and F.batch_norm calls of a
     GraphModule (torch's fuse traces through timm's BatchNormAct2d and keeps
@@ -231,6 +227,7 @@ def _batch_norm_count(model: torch.nn.Module) -> int:
 def inference_rows(device: str, quick: bool) -> List[dict]:
     import torchnorm.fx
     from torch.fx.experimental.optimization import fuse
+    from torchnorm.fx.fold import _relative_error
     batch, size = (2, 64) if quick else ((32, 224) if device == "cuda" else (8, 224))
     warmup, reps = (1, 2) if quick else ((5, 20) if device == "cuda" else (2, 9))
     rows = []
@@ -274,6 +271,7 @@ def coverage_rows(device: str) -> List[dict]:
     """Folds torch's fuse cannot do: ConvTranspose, Linear + BatchNorm1d, timm's BatchNormAct2d."""
     import torchnorm.fx
     from torch.fx.experimental.optimization import fuse
+    from torchnorm.fx.fold import _relative_error
     nn = torch.nn
     cases = [
         ("ConvTranspose2d + BatchNorm2d", nn.Sequential(nn.ConvTranspose2d(16, 8, 3, 2, groups=2), nn.BatchNorm2d(8)),
