@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/norm_host.h"
@@ -46,18 +47,37 @@ template <typename acc_t>
 void affine_segment(const acc_t* x, acc_t mean, acc_t rstd, const acc_t* w, const acc_t* b, acc_t* y, int64_t n) {
   using Vec = Vectorized<acc_t>;
   const Vec vmean(mean), vrstd(rstd);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec v = (Vec::loadu(x + i) - vmean) * vrstd;
-    if (w) v = v * Vec::loadu(w + i);
-    if (b) v = v + Vec::loadu(b + i);
-    v.store(y + i);
-  }
-  for (; i < n; ++i) {
-    acc_t v = (x[i] - mean) * rstd;
-    if (w) v *= w[i];
-    if (b) v += b[i];
-    y[i] = v;
+  // One loop per combination of parameters, so no loop tests w or b.
+  const auto rows = [&](auto with_w, auto with_b) {
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec v = (Vec::loadu(x + i) - vmean) * vrstd;
+      if constexpr (with_w && with_b) {
+        v = at::vec::fmadd(v, Vec::loadu(w + i), Vec::loadu(b + i));
+      } else if constexpr (with_w) {
+        v = v * Vec::loadu(w + i);
+      } else if constexpr (with_b) {
+        v = v + Vec::loadu(b + i);
+      }
+      v.store(y + i);
+    }
+    for (; i < n; ++i) {
+      acc_t v = (x[i] - mean) * rstd;
+      if constexpr (with_w) v *= w[i];
+      if constexpr (with_b) v += b[i];
+      y[i] = v;
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (w && b) {
+    rows(yes{}, yes{});
+  } else if (w) {
+    rows(yes{}, no{});
+  } else if (b) {
+    rows(no{}, yes{});
+  } else {
+    rows(no{}, no{});
   }
 }
 

@@ -25,8 +25,6 @@ using at::vec::Vectorized;
 
 // Elements staged per step in planar segments (8 KiB of float: L1-resident).
 constexpr int64_t kSegment = 2048;
-// Elements per row block in rowwise reductions (64 KiB of float: L2-resident).
-constexpr int64_t kRowBlock = 16384;
 // Rowwise coefficient arrays are tiled to at least this many elements, so
 // small channel counts still fill whole vectors.
 constexpr int64_t kMinPeriod = 1024;
@@ -295,59 +293,24 @@ acc_t centred_square_sum(const acc_t* a, acc_t m, int64_t n) {
       [&](int64_t i) { return (a[i] - m) * (a[i] - m); });
 }
 
-// column[j] += x[j]: per-position sums of rowwise data, which fold into
-// per-channel sums at the end.
+// One Welford step at every position j < n: mean[j], m2[j] take
+// x[j] - shift[j], with inv_count = 1 / (values each position has now, this
+// one included).
 template <typename acc_t>
-void accumulate_columns(const acc_t* x, acc_t* column, int64_t n) {
+void welford_update(const acc_t* x, const acc_t* shift, acc_t* mean, acc_t* m2, int64_t n, acc_t inv_count) {
   using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(column + i) + Vec::loadu(x + i)).store(column + i);
-  for (; i < n; ++i) column[i] += x[i];
-}
-
-// column[j] += (x[j] - mean[j])^2
-template <typename acc_t>
-void accumulate_centred_squares(const acc_t* x, const acc_t* mean, acc_t* column, int64_t n) {
-  using Vec = Vectorized<acc_t>;
+  const Vec vinv(inv_count);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = Vec::loadu(x + i) - Vec::loadu(mean + i);
-    at::vec::fmadd(d, d, Vec::loadu(column + i)).store(column + i);
+    const Vec v = Vec::loadu(x + i) - Vec::loadu(shift + i), old_mean = Vec::loadu(mean + i);
+    const Vec new_mean = at::vec::fmadd(v - old_mean, vinv, old_mean);
+    new_mean.store(mean + i);
+    at::vec::fmadd(v - old_mean, v - new_mean, Vec::loadu(m2 + i)).store(m2 + i);
   }
-  for (; i < n; ++i) column[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
-}
-
-// out[c] += sum over `rows` rows of x[r * C + c] (mean null), or of
-// (x[r * C + c] - mean[c])^2, for C a multiple of the vector width: the
-// accumulators of a tile of kColumnTile vectors stay in registers while the
-// rows stream past, one load per vector (the tiled-array form above costs a
-// load and a store of the accumulator as well).
-constexpr int kColumnTile = 4;
-
-template <typename acc_t>
-void column_sums_blocked(const acc_t* x, int64_t rows, int64_t C, const acc_t* mean, acc_t* out) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  for (int64_t c0 = 0; c0 < C; c0 += kColumnTile * V) {
-    const int tile = static_cast<int>(std::min<int64_t>(kColumnTile, (C - c0) / V));
-    Vec acc[kColumnTile], m[kColumnTile];
-    for (int j = 0; j < tile; ++j) {
-      acc[j] = Vec(0);
-      m[j] = mean ? Vec::loadu(mean + c0 + j * V) : Vec(0);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* row = x + r * C + c0;
-      for (int j = 0; j < tile; ++j) {
-        const Vec v = Vec::loadu(row + j * V);
-        if (mean) {
-          const Vec d = v - m[j];
-          acc[j] = at::vec::fmadd(d, d, acc[j]);
-        } else {
-          acc[j] = acc[j] + v;
-        }
-      }
-    }
-    for (int j = 0; j < tile; ++j) (Vec::loadu(out + c0 + j * V) + acc[j]).store(out + c0 + j * V);
+  for (; i < n; ++i) {
+    const acc_t v = x[i] - shift[i], old_mean = mean[i];
+    mean[i] += (v - old_mean) * inv_count;
+    m2[i] += (v - old_mean) * (v - mean[i]);
   }
 }
 
@@ -425,11 +388,15 @@ void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
 
 // Splits [0, total) elements into a few chunks of whole periods per thread and
 // runs fn(chunk, first offset, end offset); returns the number of chunks.
+// Inside a parallel region (one sample of a per-sample loop) it runs inline,
+// so a single chunk spares the per-chunk merges.
 template <typename Fn>
 int64_t for_each_chunk(const RowPeriod& period, int64_t total, const Fn& fn) {
   const int64_t periods = (total + period.length - 1) / period.length;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({periods, int64_t(4) * at::get_num_threads(), total / kMinTaskElements}));
+  const int64_t chunks =
+      at::in_parallel_region()
+          ? 1
+          : std::max<int64_t>(1, std::min({periods, int64_t(4) * at::get_num_threads(), total / kMinTaskElements}));
   const int64_t per_chunk = (periods + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -559,52 +526,49 @@ void for_each_segment(int64_t len, const Fn& fn) {
 // --------------------------------------------------------------- rowwise --
 // Rowwise data: `total` elements forming rows of C channels.
 
-// Per-channel (count, mean, M2): each chunk is reduced in blocks of whole
-// periods; a block's mean and M2 come from two passes while it is in cache.
+// Per-channel (count, mean, M2) in one streaming read. Each chunk keeps a
+// Welford partial per position of a period (period.rows rows of C channels),
+// so every position gains exactly one value per period: the whole period
+// shares one count and one 1 / count, and the update is a few vector ops per
+// element on L1-resident arrays. The positions fold into their channels with
+// Chan's formula once per chunk. (A two-pass reduction per cached block, the
+// other numerically safe choice, leaves DRAM idle while it makes its second
+// pass; this one keeps a single ascending stream the prefetchers follow.)
+// Every value is first shifted by its channel's value in the first row, so
+// the partial means are of the order of the spread, not of the mean: with a
+// mean of 1e4 the updates and the many merges would otherwise each round to
+// float's spacing there, and their bias would add up.
 template <typename scalar_t, typename acc_t>
 std::vector<MeanM2<acc_t>> rowwise_stats(const scalar_t* data, int64_t total, int64_t C) {
   const RowPeriod period(C);
-  const int64_t block_len = std::max<int64_t>(1, kRowBlock / period.length) * period.length;
+  std::vector<acc_t> first_row(C, acc_t(0));
+  for (int64_t c = 0; c < C && c < total; ++c) first_row[c] = static_cast<acc_t>(data[c]);
+  const auto shift = period.tile(first_row);
   const int64_t max_chunks = 4 * at::get_num_threads();
   std::vector<std::vector<MeanM2<acc_t>>> partial(max_chunks, std::vector<MeanM2<acc_t>>(C));
   const int64_t chunks = for_each_chunk(period, total, [&](int64_t k, int64_t begin, int64_t end) {
-    std::vector<acc_t> staged(block_len), columns(period.length), mean(C), m2(C);
-    for (int64_t b0 = begin; b0 < end; b0 += block_len) {
-      const int64_t len = std::min(block_len, end - b0);
-      const acc_t* block = read_as_acc(data + b0, len, staged.data());
-      const acc_t rows = acc_t(len / C);
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
-      if (C % Vectorized<acc_t>::size() == 0) {
-        // Pass 1: per-channel mean of the block; pass 2: per-channel sum of
-        // squared deviations from it.
-        column_sums_blocked<acc_t>(block, len / C, C, nullptr, mean.data());
-        for (auto& v : mean) v /= rows;
-        column_sums_blocked<acc_t>(block, len / C, C, mean.data(), m2.data());
+    std::vector<acc_t> staged(period.length), mean(period.length, 0), m2(period.length, 0);
+    int64_t periods = 0, tail = 0;  // positions [0, tail) saw periods + 1 values, the rest periods
+    for (int64_t off = begin; off < end; off += period.length) {
+      const int64_t len = std::min(period.length, end - off);
+      welford_update<acc_t>(read_as_acc(data + off, len, staged.data()), shift.data(), mean.data(), m2.data(), len,
+                            acc_t(1) / acc_t(periods + 1));
+      if (len == period.length) {
+        ++periods;
       } else {
-        // The same two passes for channel counts that do not fill whole
-        // vectors, over per-position sums tiled to whole periods.
-        std::fill(columns.begin(), columns.end(), acc_t(0));
-        for (int64_t off = 0; off < len; off += period.length) {
-          accumulate_columns<acc_t>(block + off, columns.data(), std::min(period.length, len - off));
-        }
-        period.fold_into(columns, mean.data());
-        for (auto& v : mean) v /= rows;
-        const auto mean_tiled = period.tile(mean);
-        std::fill(columns.begin(), columns.end(), acc_t(0));
-        for (int64_t off = 0; off < len; off += period.length) {
-          accumulate_centred_squares<acc_t>(block + off, mean_tiled.data(), columns.data(),
-                                            std::min(period.length, len - off));
-        }
-        period.fold_into(columns, m2.data());
+        tail = len;
       }
-      for (int64_t c = 0; c < C; ++c) partial[k][c] = combine(partial[k][c], MeanM2<acc_t>{rows, mean[c], m2[c]});
+    }
+    for (int64_t i = 0; i < period.length; ++i) {
+      const acc_t count = acc_t(periods + (i < tail));
+      partial[k][i % C] = combine(partial[k][i % C], MeanM2<acc_t>{count, mean[i], m2[i]});
     }
   });
   std::vector<MeanM2<acc_t>> stats(C);
   for (int64_t k = 0; k < chunks; ++k) {
     for (int64_t c = 0; c < C; ++c) stats[c] = combine(stats[c], partial[k][c]);
   }
+  for (int64_t c = 0; c < C; ++c) stats[c].mean += first_row[c];
   return stats;
 }
 
