@@ -4,7 +4,13 @@ Timing method:
 - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with the process's
   thread count (Timer defaults to one thread otherwise), after a warm-up that
   also pays first-touch page faults of fresh allocations; the median of the
-  measured blocks is reported. The backward mode, whose per-call forward must
+  measured blocks is reported. ``python -m benchmarks`` runs under glibc
+  settings that reuse freed pages (``WARM_PAGES_ENV`` in __main__.py), so a
+  large output is not page-faulted in afresh on every call.
+- Providers take turns: each row's time is spread over ``ROUNDS`` rounds,
+  alternating between the providers of the same case and mode, and its
+  median is over all rounds, so a slow spell of a shared machine does not
+  land on one provider's row only. The backward mode, whose per-call forward must
   stay out of the timing, uses perf_counter around each call instead.
 - CUDA: one pair of CUDA events around each call, many calls after a warm-up;
   the median is reported, and the peak memory one call allocates.
@@ -42,6 +48,8 @@ COLUMNS = [
 ]
 
 MAX_ROTATION = 16
+# Turns the providers of a row take (see run_suite).
+ROUNDS = 4
 ROTATION_BUDGET_BYTES = 2 << 30
 
 
@@ -258,31 +266,31 @@ def _summary(times: list) -> tuple:
 
 
 def time_cpu(setup: Optional[Callable], timed: Callable, min_run_time: float,
-             min_runs: int = 10) -> tuple:
-    """Median and IQR (seconds) and number of runs of ``timed`` on the CPU.
+             min_runs: int = 5) -> list:
+    """Seconds per call of ``timed`` on the CPU, one value per measured block or call.
 
     Without a setup: torch.utils.benchmark's ``blocked_autorange`` with this
-    process's thread count (Timer would use one thread otherwise). With a
-    setup that must stay out of the timing (Timer has no per-call setup):
-    perf_counter around each call, at least ``min_runs`` calls.
+    process's thread count (Timer would use one thread otherwise); each block's
+    mean per call is one value. With a setup that must stay out of the timing
+    (Timer has no per-call setup): perf_counter around each call, at least
+    ``min_runs`` calls.
     """
     if setup is None:
         timer = torch_benchmark.Timer(stmt="timed()", globals={"timed": timed},
                                       num_threads=torch.get_num_threads())
-        m = timer.blocked_autorange(min_run_time=min_run_time)
-        return m.median, m.iqr, len(m.times) * m.number_per_run
+        return list(timer.blocked_autorange(min_run_time=min_run_time).times)
     times = []
     while len(times) < min_runs or sum(times) < min_run_time:
         setup()
         t0 = time.perf_counter()
         timed()
         times.append(time.perf_counter() - t0)
-    return _summary(times)
+    return times
 
 
-def time_cuda(setup: Optional[Callable], timed: Callable, min_run_time: float, min_runs: int = 20,
-              max_runs: int = 2000) -> tuple:
-    """Median and IQR (seconds) and number of runs of ``timed``, one CUDA event pair per call.
+def time_cuda(setup: Optional[Callable], timed: Callable, min_run_time: float, min_runs: int = 10,
+              max_runs: int = 1000) -> list:
+    """Seconds per call of ``timed``, one CUDA event pair per call.
 
     ``setup`` (if any) is queued before each start event, so the events time ``timed`` alone.
     """
@@ -304,7 +312,7 @@ def time_cuda(setup: Optional[Callable], timed: Callable, min_run_time: float, m
         timed()
         end.record()
     torch.cuda.synchronize()
-    return _summary([start.elapsed_time(end) * 1e-3 for start, end in events])
+    return [start.elapsed_time(end) * 1e-3 for start, end in events]
 
 
 def peak_memory_mb(setup: Optional[Callable], timed: Callable, device: str) -> str:
@@ -344,14 +352,15 @@ class CsvWriter:
 
 
 class Settings:
-    """Timing budget per row."""
+    """Timing budget per row: ``min_run_time`` seconds of timed calls, split into ``rounds``."""
 
     def __init__(self, device: str, quick: bool, min_run_time: Optional[float] = None):
         if quick:
-            self.min_run_time, self.warmup_s = 0.01, 0.0
+            self.min_run_time, self.warmup_s, self.rounds = 0.01, 0.0, 1
         else:
             self.min_run_time = 1.0 if device == "cpu" else 0.3
             self.warmup_s = 0.3 if device == "cpu" else 0.1
+            self.rounds = ROUNDS
         if min_run_time is not None:
             self.min_run_time = min_run_time
 
@@ -362,9 +371,29 @@ def _prefix(k: int, total: int, case: suites.Case, mode: str, provider: str) -> 
             f"{case.activation_str}{tail} {provider}")
 
 
+def _build(provider: str, case: suites.Case, device: str, samples: list, modes: list) -> tuple:
+    """``(fn, grad_params)`` of ``provider``, after one untimed call (and backward): torch.compile
+    compiles its forward and backward graphs here, and errors surface early."""
+    fn, params = suites.build(provider, case, device)
+    grad_params = suites.OPS[case.op].grad_params(params)
+    s = samples[0]
+    y = fn(s["x"], s["residual"])
+    check_outputs(y, case)
+    if any(m != "forward" for m in modes):
+        backward(y, s, grad_targets(s, grad_params), allow_unused=True)
+    del y
+    _sync(device)
+    return fn, grad_params
+
+
 def run_suite(cases: list, device: str, providers: list, modes: list, writer: CsvWriter,
               run_id: str, settings: Settings, counter: list, total: int) -> list:
     """Time every (case, provider, mode) on ``device``, appending a CSV row each.
+
+    The providers of a (case, mode) are timed in turns: ``settings.rounds``
+    rounds, each giving every provider a share of ``min_run_time``, and each
+    row's median is over all its rounds. A slow spell of a shared machine then
+    falls on every provider alike instead of on whichever ran during it.
 
     ``counter`` is a one-element list holding how many rows ran so far (shared
     across devices for the ``[k/total]`` progress). Returns the failures as
@@ -373,45 +402,54 @@ def run_suite(cases: list, device: str, providers: list, modes: list, writer: Cs
     failures = []
     name = device_name(device)
     threads = torch.get_num_threads()
+    timer = time_cuda if device == "cuda" else time_cpu
+
+    def fail(label: str, prefix: str, e: Exception) -> None:
+        log(f"{prefix}: FAILED ({type(e).__name__}: {e})")
+        failures.append((label, f"{type(e).__name__}: {e}"))
+
     for case in cases:
-        count = rotation_count(case, device)
-        samples = make_samples(case, device, count)
+        samples = make_samples(case, device, rotation_count(case, device))
+        built = {}
         for provider in providers:
             label = f"{case.describe()} {provider}"
             try:
-                fn, params = suites.build(provider, case, device)
-                grad_params = suites.OPS[case.op].grad_params(params)
-                # First call outside the timing: torch.compile compiles here
-                # (forward and backward graphs), and errors surface early.
                 t0 = time.perf_counter()
-                s = samples[0]
-                y = fn(s["x"], s["residual"])
-                check_outputs(y, case)
-                if any(m != "forward" for m in modes):
-                    backward(y, s, grad_targets(s, grad_params), allow_unused=True)
-                del y
-                _sync(device)
+                built[provider] = _build(provider, case, device, samples, modes)
                 if provider == "torch_compile":
                     log(f"      compiled {label} in {time.perf_counter() - t0:.1f} s")
             except Exception as e:  # noqa: BLE001 - report and go on with the other providers
                 for mode in modes:
                     counter[0] += 1
-                    log(f"{_prefix(counter[0], total, case, mode, provider)}: FAILED ({type(e).__name__}: {e})")
-                failures.append((label, f"{type(e).__name__}: {e}"))
-                continue
-            for mode in modes:
+                    fail(label, _prefix(counter[0], total, case, mode, provider), e)
+        for mode in modes:
+            steps, times = {}, {}
+            for provider, (fn, grad_params) in built.items():
+                try:
+                    steps[provider] = make_step(mode, fn, samples, grad_params)
+                    warm_up(*steps[provider], device, settings.warmup_s)
+                    times[provider] = []
+                except Exception as e:  # noqa: BLE001
+                    counter[0] += 1
+                    fail(f"{case.describe()} {provider} {mode}", _prefix(counter[0], total, case, mode, provider), e)
+                    steps.pop(provider, None)
+            for _ in range(settings.rounds):
+                for provider in list(times):
+                    try:
+                        times[provider] += timer(*steps[provider], settings.min_run_time / settings.rounds)
+                    except Exception as e:  # noqa: BLE001
+                        counter[0] += 1
+                        fail(f"{case.describe()} {provider} {mode}",
+                             _prefix(counter[0], total, case, mode, provider), e)
+                        del times[provider]
+            for provider, provider_times in times.items():
                 counter[0] += 1
                 prefix = _prefix(counter[0], total, case, mode, provider)
+                median, iqr, runs = _summary(provider_times)
                 try:
-                    setup, timed = make_step(mode, fn, samples, grad_params)
-                    warm_up(setup, timed, device, settings.warmup_s)
-                    timer = time_cuda if device == "cuda" else time_cpu
-                    median, iqr, runs = timer(setup, timed, settings.min_run_time)
-                    peak = peak_memory_mb(setup, timed, device)
-                    del setup, timed
+                    peak = peak_memory_mb(*steps[provider], device)
                 except Exception as e:  # noqa: BLE001
-                    log(f"{prefix}: FAILED ({type(e).__name__}: {e})")
-                    failures.append((f"{label} {mode}", f"{type(e).__name__}: {e}"))
+                    fail(f"{case.describe()} {provider} {mode}", prefix, e)
                     continue
                 gbps = suites.OPS[case.op].bytes_moved(case, mode) / median / 1e9
                 writer.write({
@@ -423,8 +461,8 @@ def run_suite(cases: list, device: str, providers: list, modes: list, writer: Cs
                     "runs": runs, "gb_per_s": f"{gbps:.4g}", "peak_mem_mb": peak,
                 })
                 log(f"{prefix}: {median * 1e3:.3g} ms ({gbps:.1f} GB/s, IQR {iqr * 1e3:.2g} ms, {runs} runs)")
-            del fn, params
-        del samples
+            del steps
+        del built, samples
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

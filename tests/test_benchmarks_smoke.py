@@ -156,3 +156,19 @@ def test_quick_conv_bn(tmp_path):
     for r in train:
         ratio = float(r["ratio"].split("saved bytes ")[1].split("x")[0])
         assert 0 < ratio < 1, r
+
+
+def test_warm_pages_env(monkeypatch):
+    """A cpu run restarts under the glibc settings that reuse freed pages, unless told not to."""
+    from benchmarks import __main__ as cli
+
+    for key in cli.WARM_PAGES_ENV:
+        monkeypatch.delenv(key, raising=False)
+    env = cli.warm_pages_env(["--device", "cpu"])
+    assert env is not None and all(env[k] == v for k, v in cli.WARM_PAGES_ENV.items())
+    assert env["PATH"] == os.environ["PATH"]  # the rest of the environment is kept
+    assert cli.warm_pages_env(["--device", "cpu", "--fresh-pages"]) is None
+    assert cli.warm_pages_env(["--device", "cuda"]) is None
+    for key, value in cli.WARM_PAGES_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert cli.warm_pages_env(["--device", "cpu"]) is None  # already in place: no restart
