@@ -589,10 +589,11 @@ void normalize_rowwise(const ForwardData<scalar_t>& d, int64_t total, int64_t C,
 }
 
 // Per-channel sum(dz) and sum(dz * (x - mean)), added into sum_dz, sum_dz_xc
-// (C values each). cc holds the forward's per-channel coefficients.
+// (C values each), and dz itself stored into dz_out when given. cc holds the
+// forward's per-channel coefficients.
 template <typename scalar_t, typename acc_t>
 void rowwise_grad_sums(const BackwardData<scalar_t>& d, int64_t total, int64_t C, const ChannelCoefs<acc_t>& cc,
-                       acc_t slope, acc_t* sum_dz, acc_t* sum_dz_xc) {
+                       acc_t slope, acc_t* sum_dz, acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
   const RowPeriod period(C);
   const auto mean = period.tile(cc.mean), scale = period.tile(cc.scale), shift = period.tile(cc.shift);
   const ForwardCoefs<true, acc_t> fc{{mean.data()}, {scale.data()}, {shift.data()}};
@@ -603,7 +604,7 @@ void rowwise_grad_sums(const BackwardData<scalar_t>& d, int64_t total, int64_t C
     std::vector<acc_t> col_dz(period.length, 0), col_dz_xc(period.length, 0);
     for (int64_t off = begin; off < end; off += period.length) {
       backward_sums<true, scalar_t, acc_t>(d.at(off), std::min(period.length, end - off), fc, slope, s,
-                                           col_dz.data(), col_dz_xc.data());
+                                           col_dz.data(), col_dz_xc.data(), dz_out ? dz_out + off : nullptr);
     }
     period.fold_into(col_dz, part_dz[chunk].data());
     period.fold_into(col_dz_xc, part_dz_xc[chunk].data());
