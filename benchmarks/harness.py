@@ -202,10 +202,20 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
     A function with two outputs (``(y, s)``: LayerNorm / RMSNorm with a fused
     residual) is differentiated with ``dy`` and ``ds`` together, so the
     gradient flows into both, as in a pre-norm block.
+
+    What a timed call returns (the outputs, or the gradients) stays alive for
+    the next ``len(samples)`` calls, as its inputs rotate: otherwise each call
+    would write into the memory the previous call just freed, which is still
+    in cache, and how often that happens depends on each provider's pattern of
+    small allocations in glibc, not on its kernels. (Measured here at (4096,
+    1024): torch's LayerNorm wrote into one block call after call, at 1.1 ms
+    a call, ours into three to five in turn, at 1.4 ms; with every output
+    kept alive like this, ours is 1.0-1.2x torch's speed.)
     """
     n = len(samples)
     targets = [grad_targets(s, grad_params) for s in samples]
     counter = [0]
+    results = collections.deque(maxlen=n)
 
     def next_index():
         i = counter[0]
@@ -215,13 +225,13 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
     if mode == "forward":
         def forward():
             s = samples[next_index()]
-            fn(s["x"], s["residual"])
+            results.append(fn(s["x"], s["residual"]))
         return None, forward
     if mode == "full":
         def full():
             i = next_index()
             s = samples[i]
-            backward(fn(s["x"], s["residual"]), s, targets[i])
+            results.append(backward(fn(s["x"], s["residual"]), s, targets[i]))
         return None, full
     if mode == "backward":
         pending = collections.deque()
@@ -235,7 +245,7 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
 
         def backward_oldest():
             y, i = pending.popleft()
-            backward(y, samples[i], targets[i])
+            results.append(backward(y, samples[i], targets[i]))
         return forward_next, backward_oldest
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(suites.MODES)}")
 
