@@ -116,17 +116,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], None], device: str, warmup: int, reps: int) -> float:
+def median_seconds(fns: Dict[str, Callable[[], None]], device: str, warmup: int, reps: int) -> Dict[str, float]:
+    """Median seconds per call of each function, the functions called in turn (one call each per
+    round), so a slow spell of a shared machine falls on all of them alike."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class SavedBytes:
@@ -194,11 +198,12 @@ def train_rows(device: str, quick: bool) -> List[dict]:
                 torch.cuda.reset_peak_memory_stats()
                 training_step(model, x, None, is_fused)
                 peak = torch.cuda.max_memory_allocated() / 2**20
-            harness.log(f"conv_bn train ({mode}) {name}: timing {reps} steps")
-            seconds = median_seconds(lambda: training_step(model, x, None, is_fused), device, warmup, reps)
-            result[name] = (counter.total, seconds, peak)
-        base_bytes, base_s, base_peak = result["torch"]
-        ours_bytes, ours_s, ours_peak = result["torchnorm"]
+            result[name] = (counter.total, peak)
+        harness.log(f"conv_bn train ({mode}): timing {reps} steps each, torch and torchnorm in turn")
+        seconds = median_seconds({"torch": lambda: training_step(plain, x, None, False),
+                                  "torchnorm": lambda: training_step(fused, x, None, True)}, device, warmup, reps)
+        (base_bytes, base_peak), base_s = result["torch"], seconds["torch"]
+        (ours_bytes, ours_peak), ours_s = result["torchnorm"], seconds["torchnorm"]
         rows.append({
             "benchmark": f"ResNet-50 training step, {mode}", "device": harness.device_name(device),
             "shape": f"({batch}, 3, {size}, {size})",
@@ -240,10 +245,9 @@ def inference_rows(device: str, quick: bool) -> List[dict]:
         ours = torchnorm.fx.fold_conv_bn(model, (x,))
         theirs = fuse(model)
         with torch.no_grad():
-            times = {}
-            for label, m in (("unfused", model), ("torch fuse", theirs), ("torchnorm", ours)):
-                harness.log(f"conv_bn inference {name} {label}: timing {reps} runs")
-                times[label] = median_seconds(lambda: m(x), device, warmup, reps)
+            harness.log(f"conv_bn inference {name}: timing {reps} runs each, unfused, torch fuse and torchnorm in turn")
+            times = median_seconds({"unfused": lambda: model(x), "torch fuse": lambda: theirs(x),
+                                    "torchnorm": lambda: ours(x)}, device, warmup, reps)
             # Error of each fold against the unfused model, all three run in
             # float64 so only the folded weights differ (the float32 run
             # mostly measures float32 convolution rounding, the same for all).

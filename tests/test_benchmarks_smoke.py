@@ -144,7 +144,7 @@ def test_quick_conv_bn(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "conv_bn train (batch statistics) torchnorm: timing" in proc.stderr  # progress lines
+    assert "conv_bn train (batch statistics): timing" in proc.stderr  # progress lines
     md = (tmp_path / "bench-conv-bn-cpu.md").read_text()
     for label in ("ResNet-50 training step, batch statistics", "ResNet-50 training step, frozen BN",
                   "fold coverage: ConvTranspose2d + BatchNorm2d", "fold coverage: Linear + BatchNorm1d"):
