@@ -44,6 +44,21 @@ Tensor or_undefined(const optional<Tensor>& t) { return t.value_or(Tensor()); }
 
 bool requires_grad(const optional<Tensor>& t) { return t && t->requires_grad(); }
 
+// Whether autograd has anything to record for an input: it requires grad
+// under grad mode, or it carries a forward-mode tangent.
+bool tracked(const Tensor& t) {
+  return t.defined() && ((at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+}
+bool tracked(const optional<Tensor>& t) { return t && tracked(*t); }
+
+// Inference (no input tracked) skips the autograd Function: its node and
+// context cost about 6 us a call, more than a small tensor's whole kernel.
+// The wrappers then call the op below autograd directly.
+template <typename... Inputs>
+bool needs_autograd(const Inputs&... inputs) {
+  return (tracked(inputs) || ...);
+}
+
 // Saves (input, weight, bias, residual, mean, rstd), the activation, and
 // which of input, weight, bias, residual need gradients.
 void save_for_grads(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
@@ -86,14 +101,19 @@ std::array<Tensor, 4> batch_norm_grads(AutogradContext* ctx, const Tensor& grad_
 // batch_norm_train(input, weight, bias, running_mean, running_var, momentum,
 //                  eps, activation, negative_slope, residual) -> (out, mean, rstd)
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<TrainSignature>& op() {
+    static const auto handle = find_op<TrainSignature>("torchnorm::batch_norm_train");
+    return handle;
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                const optional<Tensor>& running_var, double momentum, double eps,
                                c10::string_view activation, double negative_slope, const optional<Tensor>& residual) {
-    static const auto op = find_op<TrainSignature>("torchnorm::batch_norm_train");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean, rstd] =
-        op.call(input, weight, bias, running_mean, running_var, momentum, eps, activation, negative_slope, residual);
+        op().call(input, weight, bias, running_mean, running_var, momentum, eps, activation, negative_slope, residual);
     save_for_grads(ctx, input, weight, bias, residual, mean, rstd, activation, negative_slope);
     ctx->mark_non_differentiable({mean, rstd});
     return {out, mean, rstd};
@@ -108,13 +128,18 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
 // batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
 //                 activation, negative_slope, residual) -> out
 struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<EvalSignature>& op() {
+    static const auto handle = find_op<EvalSignature>("torchnorm::batch_norm_eval");
+    return handle;
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& running_mean,
                                const Tensor& running_var, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, double eps, c10::string_view activation,
                                double negative_slope, const optional<Tensor>& residual) {
-    static const auto op = find_op<EvalSignature>("torchnorm::batch_norm_eval");
     at::AutoDispatchBelowADInplaceOrView guard;
-    Tensor out = op.call(input, running_mean, running_var, weight, bias, eps, activation, negative_slope, residual);
+    Tensor out = op().call(input, running_mean, running_var, weight, bias, eps, activation, negative_slope, residual);
     // Copies: the running statistics may change before the backward runs.
     const auto stats_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     Tensor mean = running_mean.to(stats_type, /*non_blocking=*/false, /*copy=*/true);
@@ -142,6 +167,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, double momentum, double eps,
     c10::string_view activation, double negative_slope, const optional<Tensor>& residual) {
+  if (!needs_autograd(input, weight, bias, residual)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto r = BatchNormTrain::op().call(input, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                       negative_slope, residual);
+    bump_versions(running_mean, running_var);
+    return r;
+  }
   auto r = BatchNormTrain::apply(input, weight, bias, running_mean, running_var, momentum, eps, activation,
                                  negative_slope, residual);
   bump_versions(running_mean, running_var);
@@ -152,6 +184,11 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const Tensor& running_mean,
                                 const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                                 c10::string_view activation, double negative_slope,
                                 const optional<Tensor>& residual) {
+  if (!needs_autograd(input, weight, bias, residual)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return BatchNormEval::op().call(input, running_mean, running_var, weight, bias, eps, activation, negative_slope,
+                                    residual);
+  }
   return BatchNormEval::apply(input, running_mean, running_var, weight, bias, eps, activation, negative_slope,
                               residual)[0];
 }
@@ -205,12 +242,17 @@ std::array<Tensor, 3> row_norm_grads(AutogradContext* ctx, const variable_list& 
 
 // layer_norm(input, normalized_shape, weight, bias, eps, residual) -> (out, sum, mean, rstd)
 struct LayerNorm : public torch::autograd::Function<LayerNorm> {
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<LayerNormSignature>& op() {
+    static const auto handle = find_op<LayerNormSignature>("torchnorm::layer_norm");
+    return handle;
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
                                const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                                const optional<Tensor>& residual) {
-    static const auto op = find_op<LayerNormSignature>("torchnorm::layer_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, sum, mean, rstd] = op.call(input, normalized_shape, weight, bias, eps, residual);
+    auto [out, sum, mean, rstd] = op().call(input, normalized_shape, weight, bias, eps, residual);
     save_row_norm(ctx, input, normalized_shape, weight, bias, residual, residual ? sum : input, mean, rstd);
     ctx->mark_non_differentiable(residual ? variable_list{mean, rstd} : variable_list{sum, mean, rstd});
     return {out, sum, mean, rstd};
@@ -225,12 +267,17 @@ struct LayerNorm : public torch::autograd::Function<LayerNorm> {
 
 // rms_norm(input, normalized_shape, weight, eps, residual) -> (out, sum, rstd)
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<RmsNormSignature>& op() {
+    static const auto handle = find_op<RmsNormSignature>("torchnorm::rms_norm");
+    return handle;
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& input, at::IntArrayRef normalized_shape,
                                const optional<Tensor>& weight, optional<double> eps,
                                const optional<Tensor>& residual) {
-    static const auto op = find_op<RmsNormSignature>("torchnorm::rms_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, sum, rstd] = op.call(input, normalized_shape, weight, eps, residual);
+    auto [out, sum, rstd] = op().call(input, normalized_shape, weight, eps, residual);
     save_row_norm(ctx, input, normalized_shape, weight, std::nullopt, residual, residual ? sum : input, Tensor(),
                   rstd);
     ctx->mark_non_differentiable(residual ? variable_list{rstd} : variable_list{sum, rstd});
@@ -271,12 +318,17 @@ std::array<Tensor, 3> group_norm_grads(AutogradContext* ctx, const Tensor& grad_
 
 // group_norm(input, num_groups, weight, bias, eps, activation, negative_slope) -> (out, mean, rstd)
 struct GroupNorm : public torch::autograd::Function<GroupNorm> {
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<GroupNormSignature>& op() {
+    static const auto handle = find_op<GroupNormSignature>("torchnorm::group_norm");
+    return handle;
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& input, int64_t num_groups,
                                const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
                                c10::string_view activation, double negative_slope) {
-    static const auto op = find_op<GroupNormSignature>("torchnorm::group_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] = op.call(input, num_groups, weight, bias, eps, activation, negative_slope);
+    auto [out, mean, rstd] = op().call(input, num_groups, weight, bias, eps, activation, negative_slope);
     save_group_norm(ctx, input, num_groups, weight, bias, mean, rstd, activation, negative_slope);
     ctx->mark_non_differentiable({mean, rstd});
     return {out, mean, rstd};
@@ -290,12 +342,17 @@ struct GroupNorm : public torch::autograd::Function<GroupNorm> {
 
 // instance_norm(input, weight, bias, running_mean, running_var, momentum, eps) -> (out, mean, rstd)
 struct InstanceNorm : public torch::autograd::Function<InstanceNorm> {
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<InstanceNormSignature>& op() {
+    static const auto handle = find_op<InstanceNormSignature>("torchnorm::instance_norm");
+    return handle;
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                const optional<Tensor>& running_var, double momentum, double eps) {
-    static const auto op = find_op<InstanceNormSignature>("torchnorm::instance_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] = op.call(input, weight, bias, running_mean, running_var, momentum, eps);
+    auto [out, mean, rstd] = op().call(input, weight, bias, running_mean, running_var, momentum, eps);
     save_group_norm(ctx, input, input.size(1), weight, bias, mean, rstd, "none", 0.0);
     ctx->mark_non_differentiable({mean, rstd});
     return {out, mean, rstd};
@@ -311,6 +368,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& inp
                                                                const optional<Tensor>& weight,
                                                                const optional<Tensor>& bias, double eps,
                                                                const optional<Tensor>& residual) {
+  if (!needs_autograd(input, weight, bias, residual)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return LayerNorm::op().call(input, normalized_shape, weight, bias, eps, residual);
+  }
   auto r = LayerNorm::apply(input, normalized_shape, weight, bias, eps, residual);
   return {r[0], r[1], r[2], r[3]};
 }
@@ -318,6 +379,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& inp
 std::tuple<Tensor, Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
                                                      const optional<Tensor>& weight, optional<double> eps,
                                                      const optional<Tensor>& residual) {
+  if (!needs_autograd(input, weight, residual)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return RmsNorm::op().call(input, normalized_shape, weight, eps, residual);
+  }
   auto r = RmsNorm::apply(input, normalized_shape, weight, eps, residual);
   return {r[0], r[1], r[2]};
 }
@@ -326,6 +391,10 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_autograd(const Tensor& input, int6
                                                        const optional<Tensor>& weight, const optional<Tensor>& bias,
                                                        double eps, c10::string_view activation,
                                                        double negative_slope) {
+  if (!needs_autograd(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return GroupNorm::op().call(input, num_groups, weight, bias, eps, activation, negative_slope);
+  }
   auto r = GroupNorm::apply(input, num_groups, weight, bias, eps, activation, negative_slope);
   return {r[0], r[1], r[2]};
 }
@@ -335,6 +404,12 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(const Tensor& input, c
                                                           const optional<Tensor>& running_mean,
                                                           const optional<Tensor>& running_var, double momentum,
                                                           double eps) {
+  if (!needs_autograd(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto r = InstanceNorm::op().call(input, weight, bias, running_mean, running_var, momentum, eps);
+    bump_versions(running_mean, running_var);
+    return r;
+  }
   auto r = InstanceNorm::apply(input, weight, bias, running_mean, running_var, momentum, eps);
   bump_versions(running_mean, running_var);
   return {r[0], r[1], r[2]};

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
       const auto d = forward_data<scalar_t>(p.x, p.residual, p.out, p.activation);
       const int64_t S = p.g.S;
       at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
-        Scratch<acc_t> s(kSegment);
+        auto s = scratch_for<scalar_t, acc_t>(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
           stats[c] = MeanM2<acc_t>{};
           for (int64_t n = 0; n < p.g.N; ++n) {
@@ -137,7 +137,7 @@ at::Tensor normalize_with_statistics(const ForwardPlan& p, const at::Tensor& mea
     const auto d = forward_data<scalar_t>(p.x, p.residual, p.out, p.activation);
     if (p.g.layout == Layout::Planar) {
       at::parallel_for(0, p.g.N * C, grain_for(p.g.S), [&](int64_t i0, int64_t i1) {
-        Scratch<acc_t> s(kSegment);
+        auto s = scratch_for<scalar_t, acc_t>(kSegment);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t c = i % C;
           const ForwardCoefs<false, acc_t> coefs{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
       // Sums and element-wise gradients of a channel in one task, so the
       // second read of x and dy comes from cache.
       at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
-        Scratch<acc_t> s(kSegment);
+        auto s = scratch_for<scalar_t, acc_t>(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
           const ForwardCoefs<false, acc_t> fc{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
           auto for_each_channel_segment = [&](auto&& fn) {

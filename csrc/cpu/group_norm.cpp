@@ -75,7 +75,7 @@ void group_norm_forward(GroupNormPlan& p, double eps, double negative_slope) {
   };
   if (g.layout == Layout::Planar) {
     at::parallel_for(0, g.N * g.G, grain_for(K * S), [&](int64_t i0, int64_t i1) {
-      Scratch<acc_t> s(kSegment);
+      auto s = scratch_for<scalar_t, acc_t>(kSegment);
       for (int64_t ng = i0; ng < i1; ++ng) {
         const int64_t first = ng * K * S, c0 = (ng % g.G) * K;
         finish_group(ng, range_mean_m2<scalar_t, acc_t>(d.x + first, K * S, s));
@@ -186,7 +186,7 @@ void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
     // With an activation, the sums pass keeps the group's dz for the dx pass.
     const bool keep_dz = want_dx && p.activation != Activation::None;
     at::parallel_for(0, g.N * G, grain_for(K * S), [&](int64_t i0, int64_t i1) {
-      Scratch<acc_t> s(kSegment);
+      auto s = scratch_for<scalar_t, acc_t>(kSegment);
       std::vector<acc_t> dz(keep_dz ? K * S : 0);
       for (int64_t ng = i0; ng < i1; ++ng) {
         const int64_t n = ng / G, gi = ng % G;

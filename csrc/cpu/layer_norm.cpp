@@ -158,7 +158,7 @@ void row_norm_forward(RowNormPlan& p, double eps) {
   acc_t* rstd_out = p.rstd.mutable_data_ptr<acc_t>();
   const acc_t eps_acc = static_cast<acc_t>(eps);
   at::parallel_for(0, p.M, grain_for(D), [&](int64_t r0, int64_t r1) {
-    Scratch<acc_t> s(kSegment);
+    auto s = scratch_for<scalar_t, acc_t>(kSegment);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t row = r * D;
       const scalar_t* src = x + row;
@@ -245,7 +245,7 @@ void row_norm_backward(RowNormBackwardPlan& p) {
   std::vector<std::vector<acc_t>> part_dw(want_dw ? chunks : 0, std::vector<acc_t>(D, 0));
   std::vector<std::vector<acc_t>> part_db(want_db ? chunks : 0, std::vector<acc_t>(D, 0));
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    Scratch<acc_t> s(kSegment);
+    auto s = scratch_for<scalar_t, acc_t>(kSegment);
     for (int64_t k = k0; k < k1; ++k) {
       acc_t* dw = want_dw ? part_dw[k].data() : nullptr;
       acc_t* db = want_db ? part_db[k].data() : nullptr;

@@ -83,6 +83,15 @@ struct Scratch {
   std::vector<acc_t> x, dy, residual, out, out2;
 };
 
+// The scratch a task on scalar_t data needs: n elements per stream for
+// float16/bfloat16, none for float/double, which read_as_acc and
+// write_target use in place (five zeroed 8 KiB buffers per call were a
+// measurable part of a small tensor's whole call).
+template <typename scalar_t, typename acc_t>
+Scratch<acc_t> scratch_for(int64_t n) {
+  return Scratch<acc_t>(kSameType<scalar_t, acc_t> ? 0 : n);
+}
+
 // ------------------------------------------------------------ activations --
 
 template <typename acc_t>
@@ -377,11 +386,11 @@ struct RowPeriod {
 // fn(offset, length, scratch) on each, in parallel. (Walking back to front,
 // to reuse what a preceding reduction left in L3, measured slower here: the
 // hardware prefetchers favour ascending streams.)
-template <typename acc_t, typename Fn>
+template <typename scalar_t, typename acc_t, typename Fn>
 void for_each_period(const RowPeriod& period, int64_t total, const Fn& fn) {
   const int64_t periods = (total + period.length - 1) / period.length;
   at::parallel_for(0, periods, grain_for(period.length), [&](int64_t q0, int64_t q1) {
-    Scratch<acc_t> s(period.length);
+    auto s = scratch_for<scalar_t, acc_t>(period.length);
     for (int64_t q = q0; q < q1; ++q) fn(q * period.length, std::min(period.length, total - q * period.length), s);
   });
 }
@@ -547,7 +556,8 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const scalar_t* data, int64_t total, in
   const int64_t max_chunks = 4 * at::get_num_threads();
   std::vector<std::vector<MeanM2<acc_t>>> partial(max_chunks, std::vector<MeanM2<acc_t>>(C));
   const int64_t chunks = for_each_chunk(period, total, [&](int64_t k, int64_t begin, int64_t end) {
-    std::vector<acc_t> staged(period.length), mean(period.length, 0), m2(period.length, 0);
+    std::vector<acc_t> staged(kSameType<scalar_t, acc_t> ? 0 : period.length), mean(period.length, 0),
+        m2(period.length, 0);
     int64_t periods = 0, tail = 0;  // positions [0, tail) saw periods + 1 values, the rest periods
     for (int64_t off = begin; off < end; off += period.length) {
       const int64_t len = std::min(period.length, end - off);
@@ -578,7 +588,7 @@ void normalize_rowwise(const ForwardData<scalar_t>& d, int64_t total, int64_t C,
   const RowPeriod period(C);
   const auto mean = period.tile(cc.mean), scale = period.tile(cc.scale), shift = period.tile(cc.shift);
   const ForwardCoefs<true, acc_t> coefs{{mean.data()}, {scale.data()}, {shift.data()}};
-  for_each_period<acc_t>(period, total, [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
+  for_each_period<scalar_t, acc_t>(period, total, [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
     const auto at = d.at(off);
     acc_t* y = write_target(at.out, s.out.data());
     normalize_segment<true, acc_t>(read_as_acc(at.x, len, s.x.data()),
@@ -600,7 +610,7 @@ void rowwise_grad_sums(const BackwardData<scalar_t>& d, int64_t total, int64_t C
   const int64_t max_chunks = 4 * at::get_num_threads();
   std::vector<std::vector<acc_t>> part_dz(max_chunks, std::vector<acc_t>(C, 0)), part_dz_xc = part_dz;
   const int64_t chunks = for_each_chunk(period, total, [&](int64_t chunk, int64_t begin, int64_t end) {
-    Scratch<acc_t> s(period.length);
+    auto s = scratch_for<scalar_t, acc_t>(period.length);
     std::vector<acc_t> col_dz(period.length, 0), col_dz_xc(period.length, 0);
     for (int64_t off = begin; off < end; off += period.length) {
       backward_sums<true, scalar_t, acc_t>(d.at(off), std::min(period.length, end - off), fc, slope, s,
@@ -632,7 +642,7 @@ void rowwise_grad_elementwise(const BackwardData<scalar_t>& d, int64_t total, in
   const ForwardCoefs<true, acc_t> fc{{mean.data()}, {scale.data()}, {shift.data()}};
   const auto dz_t = period.tile(gc.dz_coef), xc_t = period.tile(gc.xc_coef), const_t = period.tile(gc.const_coef);
   const GradCoefs<true, acc_t> k{{dz_t.data()}, {xc_t.data()}, {const_t.data()}};
-  for_each_period<acc_t>(period, total, [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
+  for_each_period<scalar_t, acc_t>(period, total, [&](int64_t off, int64_t len, Scratch<acc_t>& s) {
     backward_elementwise<true, scalar_t, acc_t>(d.at(off), len, fc, k, slope, s);
   });
 }
