@@ -42,6 +42,7 @@ def _run(tmp_path, *args, returncodes=(0,)):
 def test_quick_cpu_torch(tmp_path):
     proc, rows, md = _run(tmp_path, "--suite", "batch_norm", "--providers", "torch")
     assert "[1/12] batch_norm forward" in proc.stderr  # progress lines
+    assert "cpu: freed pages are reused" in proc.stderr  # restarted under WARM_PAGES_ENV
     assert len(rows) == 12  # 1 shape x 2 layouts x 2 activations x 3 modes
     assert {r["mode"] for r in rows} == MODES
     assert {r["layout"] for r in rows} == {"contiguous", "channels_last"}
