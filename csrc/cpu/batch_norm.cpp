@@ -227,7 +227,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
         }
       });
     } else {
-      if (want_sums) rowwise_grad_sums<scalar_t, acc_t>(d, p.x.numel(), C, cc, slope, sum_dz.data(), sum_dz_xc.data());
+      auto dx_pass = d;
+      acc_t* dz_out = want_sums && want_elementwise ? keep_dz_in_grad_input<scalar_t, acc_t>(dx_pass) : nullptr;
+      if (want_sums) {
+        rowwise_grad_sums<scalar_t, acc_t>(d, p.x.numel(), C, cc, slope, sum_dz.data(), sum_dz_xc.data(), dz_out);
+      }
       ChannelGradCoefs<acc_t> gc(C);
       for (int64_t c = 0; c < C; ++c) {
         k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
@@ -235,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
         gc.xc_coef[c] = k[c].xc_coef;
         gc.const_coef[c] = k[c].const_coef;
       }
-      if (want_elementwise) rowwise_grad_elementwise<scalar_t, acc_t>(d, p.x.numel(), C, cc, gc, slope);
+      if (want_elementwise) rowwise_grad_elementwise<scalar_t, acc_t>(dx_pass, p.x.numel(), C, cc, gc, slope);
     }
     if (p.grad_weight.numel()) {
       std::vector<acc_t> gw(C);

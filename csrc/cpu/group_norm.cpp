@@ -20,7 +20,6 @@
 
 #include <array>
 #include <numeric>
-#include <type_traits>
 #include <vector>
 
 #include "common/norm_host.h"
@@ -234,18 +233,8 @@ void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
         cc.shift[c] = f.shift;
       }
       const int64_t first = n * S * C;
-      // SiLU's derivative (an exp) costs more than a pass over memory: the
-      // sums pass stores dz into grad_input, which the dx pass then reads as
-      // its incoming gradient with no activation left to apply.
       auto dx_pass = d.at(first);
-      acc_t* dz_out = nullptr;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (want_dx && p.activation == Activation::SiLU) {
-          dz_out = dx_pass.dx;
-          dx_pass.dy = dx_pass.dx;
-          dx_pass.activation = Activation::None;
-        }
-      }
+      acc_t* dz_out = keep_dz_in_grad_input<scalar_t, acc_t>(dx_pass);
       rowwise_grad_sums<scalar_t, acc_t>(d.at(first), S * C, C, cc, slope, &sum_dz[n * C], &sum_dz_xc[n * C],
                                          dz_out);
       if (!want_dx) return;

@@ -598,6 +598,24 @@ void normalize_rowwise(const ForwardData<scalar_t>& d, int64_t total, int64_t C,
   });
 }
 
+// SiLU's derivative (an exp) costs more than a pass over memory. When a
+// rowwise backward makes a sums pass and then a dx pass, the sums pass can
+// store dz into grad_input (float/double: the same type), and the dx pass
+// read it back as its incoming gradient, with no activation left to apply.
+// Returns where the sums pass should store dz, or null to recompute it, and
+// points dx_pass (the dx pass's data) at the stored dz.
+template <typename scalar_t, typename acc_t>
+acc_t* keep_dz_in_grad_input(BackwardData<scalar_t>& dx_pass) {
+  if constexpr (kSameType<scalar_t, acc_t>) {
+    if (dx_pass.dx && dx_pass.activation == Activation::SiLU) {
+      dx_pass.dy = dx_pass.dx;
+      dx_pass.activation = Activation::None;
+      return dx_pass.dx;
+    }
+  }
+  return nullptr;
+}
+
 // Per-channel sum(dz) and sum(dz * (x - mean)), added into sum_dz, sum_dz_xc
 // (C values each), and dz itself stored into dz_out when given. cc holds the
 // forward's per-channel coefficients.
