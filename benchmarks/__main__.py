@@ -79,13 +79,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 WARM_PAGES_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
+def warm_pages_in_place() -> bool:
+    """Whether this process runs under WARM_PAGES_ENV."""
+    return all(os.environ.get(k) == v for k, v in WARM_PAGES_ENV.items())
+
+
 def warm_pages_env(argv: list) -> Optional[dict]:
     """The environment to re-run ``python -m benchmarks argv`` in for warm pages, or None when
     the run needs no restart (no cpu device, ``--fresh-pages``, or the settings are in place)."""
     args = parse_args(argv)
     if args.fresh_pages or "cpu" not in (["cpu", "cuda"] if args.device == "all" else [args.device]):
         return None
-    if all(os.environ.get(k) == v for k, v in WARM_PAGES_ENV.items()):
+    if warm_pages_in_place():
         return None
     return {**os.environ, **WARM_PAGES_ENV}
 
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
                 f"providers {','.join(args.providers)}; modes {','.join(args.modes)}; run {run_id}")
 
     if "cpu" in devices:
-        warm = all(os.environ.get(k) == v for k, v in WARM_PAGES_ENV.items())
+        warm = warm_pages_in_place()
         harness.log("cpu: freed pages are reused (" + " ".join(f"{k}={v}" for k, v in WARM_PAGES_ENV.items())
                     + ")" if warm else "cpu: every large tensor is mapped afresh (glibc's default): "
                     "page faults are timed too")
