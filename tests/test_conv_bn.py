@@ -301,6 +301,14 @@ CONFIGS = [
     ("padding-same", 2, dict(padding="same", dilation=(1, 2)), "contiguous", "silu"),
     ("1x1", 2, dict(kernel_size=1, padding=0, out_channels=5), "channels_last", None),
     ("asymmetric", 2, dict(kernel_size=(1, 3), padding=(0, 1), stride=(2, 1)), "contiguous", "leaky_relu"),
+    # Outputs smaller than the weight: frozen BN scales the conv output, not
+    # the weight (csrc/conv_bn.cpp, scales_output).
+    ("small-output", 2, dict(stride=4, bias=True), "contiguous", "relu"),
+    ("small-output-cl", 2, dict(stride=4), "channels_last", "silu"),
+    ("small-output-1d", 1, dict(stride=4, bias=True), "contiguous", None),
+    ("small-output-3d", 3, dict(stride=2), "contiguous", "leaky_relu"),
+    ("small-output-groups", 2, dict(in_channels=6, out_channels=9, groups=3, stride=4), "contiguous", "relu"),
+    ("small-output-reflect", 2, dict(stride=4, padding_mode="reflect"), "contiguous", "silu"),
 ]
 
 
@@ -521,6 +529,126 @@ def test_frozen_block_does_not_save_conv_output(activation, with_residual):
     allowed = 1 if activation == "silu" else 0
     assert len(extra) == allowed, (f"the frozen block saved {len(extra)} activation-sized tensor(s) besides x and "
                                    f"its output (expected {allowed})")
+
+
+def _aten_calls(fn):
+    """Names of the ATen ops that ``fn()`` runs, those the C++ ops call included."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, [event.name for event in prof.events()]
+
+
+# (id, input shape, block kwargs, whether the output is scaled): on the CPU
+# the output is scaled where it is smaller than the conv weight; otherwise the
+# weight is folded.
+FROZEN_PATHS = [
+    ("large-output", (2, 5, 7, 9), dict(), False),
+    ("large-output-zero-scale", (2, 5, 7, 9), dict(), False),
+    ("small-output", (2, 5, 7, 9), dict(stride=4), True),
+    ("small-output-zero-scale", (2, 5, 7, 9), dict(stride=4), True),
+]
+
+
+@pytest.mark.parametrize("case", FROZEN_PATHS, ids=[c[0] for c in FROZEN_PATHS])
+def test_frozen_path_choice(case):
+    """Frozen BN scales the smaller of the weight and the conv output. Either
+    path gives the unfused gradients, including the BN weight's where the
+    scale is zero (a zero-initialized BN weight)."""
+    name, shape, kwargs, scaled = case
+    dtype = torch.float64
+    block = _make_block(2, dtype, None, seed=70, **kwargs).eval()
+    if "zero-scale" in name:
+        with torch.no_grad():
+            block.bn.weight[2] = 0.0
+    ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
+    x = make_input(shape, dtype, seed=71).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, calls = _aten_calls(lambda: block(x))
+    assert ("aten::addcmul" in calls) == scaled, f"{name}: ops {calls}"
+    expected = _unfused(ref_conv, ref_bn, x_ref, None, None)
+    assert_close(out, expected, dtype, "forward", name)
+    g = make_input(out.shape, dtype, seed=72, offset=False)
+    params = [x, block.conv.weight, block.bn.weight, block.bn.bias]
+    params_ref = [x_ref, ref_conv.weight, ref_bn.weight, ref_bn.bias]
+    grads_ref = torch.autograd.grad(expected, params_ref, g)
+    for got, want, what in zip(torch.autograd.grad(out, params, g), grads_ref,
+                               ("input", "conv.weight", "bn.weight", "bn.bias")):
+        assert_close(got, want, dtype, "grad", f"{name}: {what}")
+    if "zero-scale" in name:
+        assert grads_ref[2][2] != 0, "the zero-scale channel's BN weight gradient should be nonzero"
+
+
+@pytest.mark.parametrize("stride", [1, 4], ids=["fold", "scaled-output"])
+def test_frozen_bfloat16_matches_float64(stride):
+    """A bfloat16 block (its per-channel arithmetic by ATen ops, not the float
+    and double loops) against the unfused pair in float64 on the same values."""
+    block = _make_block(2, torch.bfloat16, "relu", seed=73, stride=stride, bias=True).eval()
+    ref_conv, ref_bn = copy.deepcopy(block.conv).double(), copy.deepcopy(block.bn).double()
+    x = make_input((2, 5, 7, 9), torch.bfloat16, seed=74).requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    out = block(x)
+    expected = _unfused(ref_conv, ref_bn, x_ref, None, "relu")
+    assert_close(out, expected, torch.bfloat16, "forward", "output")
+    g = make_input(out.shape, torch.bfloat16, seed=75, offset=False)
+    params = [x, block.conv.weight, block.conv.bias, block.bn.weight, block.bn.bias]
+    params_ref = [x_ref, ref_conv.weight, ref_conv.bias, ref_bn.weight, ref_bn.bias]
+    for got, want, what in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params_ref, g.double()),
+                               ("input", "conv.weight", "conv.bias", "bn.weight", "bn.bias")):
+        assert got.dtype == torch.bfloat16, what
+        assert_close(got, want, torch.bfloat16, "grad", what)
+
+
+def _frozen_opcheck_samples():
+    f32, f64 = torch.float32, torch.float64
+    samples = []
+    # (id, input shape, weight shape, stride, padding, dilation, groups, layout, dtype, conv bias, bn affine)
+    for sid, shape, wshape, stride, padding, dilation, groups, layout, dtype, bias, affine in [
+        ("2d-fold", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", f64, True, True),
+        ("2d-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous", f64, False, True),
+        ("2d-cl-f32", (2, 4, 6, 5), (6, 4, 3, 3), (2, 1), (0, 1), (1, 2), 1, "channels_last", f32, True, True),
+        ("1d-groups", (3, 6, 11), (4, 3, 3), (4,), (1,), (1,), 2, "contiguous", f32, True, False),
+        ("3d", (2, 3, 3, 4, 4), (5, 3, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), 1, "contiguous", f64, False, True),
+        ("2d-bf16", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", torch.bfloat16, True, True),
+        ("2d-bf16-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous",
+         torch.bfloat16, True, True),
+    ]:
+        n = len(samples)
+        x = make_input(shape, dtype, layout=layout, seed=n)
+        w = randn(wshape, n + 1, dtype, scale=0.3)
+        if layout == "channels_last":
+            w = w.contiguous(memory_format=torch.channels_last)
+        b = randn((wshape[0],), n + 2, dtype) if bias else None
+        bn_w, bn_b, mean, var = make_params(wshape[0], dtype, seed=n + 3)
+        if not affine:
+            bn_w = bn_b = None
+        samples.append((sid, (x, w, b, bn_w, bn_b, mean, var, EPS, stride, padding, dilation, groups)))
+    return samples
+
+
+@pytest.mark.parametrize("sample", _frozen_opcheck_samples(), ids=lambda s: s[0])
+def test_conv_bn_frozen_opcheck(sample):
+    args = sample[1]
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i in (0, 1, 2, 3, 4) else a
+                 for i, a in enumerate(args))
+    torch.library.opcheck(OPS.conv_bn_frozen.default, args)
+
+
+@pytest.mark.parametrize("which", ["stats", "weight-rank", "stride"])
+def test_conv_bn_frozen_rejects_bad_arguments(which):
+    x = make_input((2, 4, 6, 5), torch.float32)
+    w = torch.randn(6, 4, 3, 3)
+    mean, var = torch.zeros(6), torch.ones(6)
+    stride = [1, 1]
+    match = {"stats": "one entry per output channel", "weight-rank": "as many dimensions",
+             "stride": "one entry per spatial dimension"}[which]
+    if which == "stats":
+        mean = torch.zeros(5)
+    elif which == "weight-rank":
+        w = torch.randn(6, 4, 3)
+    else:
+        stride = [1]
+    with pytest.raises(ValueError, match=match):
+        OPS.conv_bn_frozen(x, w, None, None, None, mean, var, EPS, stride, [1, 1], [1, 1], 1)
 
 
 # ---------------------------------------------------------------------------

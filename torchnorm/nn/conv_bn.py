@@ -6,13 +6,17 @@ output (the activation's result, which the next layer keeps too). These
 blocks keep about one, chosen per mode:
 
 * **BatchNorm in eval mode (frozen statistics, fine-tuning).** The statistics
-  are constants, so the BatchNorm is folded into the conv weight on every
-  forward (``W * g / sqrt(var + eps)``, bias ``(b - mean) * g / sqrt(var +
-  eps) + beta``): gradients reach the conv weight, the BN weight and the BN
-  bias, and backward keeps only the conv input and the block output, never
-  the conv output nor the folded weight (its backward folds it again). SiLU
-  keeps its input too (its derivative needs it); ReLU and leaky ReLU run in
-  place and keep only their output.
+  are constants, so the BatchNorm is a per-channel scale and shift of the
+  conv output (``g / sqrt(var + eps)`` and ``(b - mean) * g / sqrt(var +
+  eps) + beta``), computed by one op, ``torchnorm::conv_bn_frozen``, with
+  gradients for the conv weight, the BN weight and the BN bias. It folds the
+  scale into the conv weight on every forward and keeps only the conv input
+  (its backward folds again), never the folded weight; except on the CPU
+  where a layer's output is smaller than its weight (a ResNet's last stages
+  at small batches), where scaling the output is cheaper than two passes
+  over the weight: that keeps the conv output too, which is then smaller
+  than the weight. SiLU keeps its input too (its derivative needs it); ReLU
+  and leaky ReLU run in place and keep only their output.
 * **Convs with forward hooks, or autocast**, take the plain path (the conv
   module is called, then the fused BatchNorm op): correct, with the saving
   of the no-residual training block only.
@@ -38,7 +42,7 @@ Running statistics are updated exactly as torch.nn does (the same op as
 :class:`torchnorm.nn.BatchNorm2d`).
 """
 import contextlib
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -140,67 +144,25 @@ def _activate(z: Tensor, activation: str, negative_slope: float, inplace: bool =
     return z
 
 
-def folded_conv_parameters(conv: torch.nn.Module, bn: torch.nn.Module) -> Tuple[Tensor, Tensor]:
-    """Weight and bias of ``conv`` with eval-mode ``bn`` folded in, as
-    differentiable functions of both modules' parameters (frozen statistics):
-    ``W * g / sqrt(var + eps)`` and ``(b - mean) * g / sqrt(var + eps) + beta``
-    per output channel of a (non-transposed) convolution."""
-    return _fold(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-
-
-class _FrozenConvBN(torch.autograd.Function):
-    """conv(x, W * s) + (b - mean) * s + beta with s = g / sqrt(var + eps) from
-    frozen statistics. Keeps the conv input and the parameters, not the folded
-    weight (a weight-sized tensor per layer, which autograd would otherwise
-    keep): backward folds it again and runs the conv's backward on it."""
-
-    @staticmethod
-    def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, conv, bn):
-        ctx.conv, ctx.eps = conv, bn.eps
-        ctx.save_for_backward(x, conv_weight, conv_bias, bn_weight, bn.running_mean, bn.running_var)
-        weight, bias = _fold(conv_weight, conv_bias, bn_weight, bn_bias, bn.running_mean, bn.running_var, bn.eps)
-        return conv._conv_forward(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, conv_weight, conv_bias, bn_weight, mean, var = ctx.saved_tensors
-        conv, needs = ctx.conv, ctx.needs_input_grad
-        inv_std = torch.rsqrt(var + ctx.eps)
-        scale = inv_std if bn_weight is None else bn_weight * inv_std
-        per_channel = (-1,) + (1,) * (conv_weight.dim() - 1)
-        folded = (conv_weight * scale.reshape(per_channel)).to(conv_weight.dtype)
-        want_weight = needs[1] or needs[3]
-        want_bias = needs[2] or needs[3] or needs[4]
-        grad_x, grad_folded, grad_shift = torch.ops.aten.convolution_backward(
-            grad_out, x, folded, [folded.shape[0]], conv.stride, conv.padding, conv.dilation, False,
-            [0] * (folded.dim() - 2), conv.groups, [needs[0], want_weight, want_bias])
-        grad_scale = 0
-        grad_w = grad_b = grad_g = grad_beta = None
-        if want_weight:
-            if needs[1]:
-                grad_w = grad_folded * scale.reshape(per_channel)
-            grad_scale = (grad_folded * conv_weight).flatten(1).sum(1)
-        if want_bias:
-            if needs[2]:
-                grad_b = grad_shift * scale
-            centred = -mean if conv_bias is None else conv_bias - mean
-            grad_scale = grad_scale + grad_shift * centred
-            grad_beta = grad_shift if needs[4] else None
-        if needs[3]:
-            grad_g = grad_scale * inv_std
-        return grad_x, grad_w, grad_b, grad_g, grad_beta, None, None
-
-
-def _fold(conv_weight, conv_bias, bn_weight, bn_bias, mean, var, eps):
-    """The one place of the fold's formula (module docstring), on tensors."""
-    scale = torch.rsqrt(var + eps)
-    if bn_weight is not None:
-        scale = bn_weight * scale
-    weight = conv_weight * scale.reshape((-1,) + (1,) * (conv_weight.dim() - 1))
-    bias = (-mean if conv_bias is None else conv_bias - mean) * scale
-    if bn_bias is not None:
-        bias = bias + bn_bias
-    return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)
+def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor) -> Tensor:
+    """``bn(conv(input))`` with ``bn``'s statistics frozen, by the
+    ``torchnorm::conv_bn_frozen`` op (csrc/conv_bn.cpp; see the module
+    docstring for what it keeps). Padding that is not explicit zeros (a
+    padding mode, or ``padding="same"`` that is uneven) is applied first, as
+    torch.nn's conv does."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):
+        pads = conv._reversed_padding_repeated_twice
+        if conv.padding_mode == "zeros" and pads[0::2] == pads[1::2]:
+            padding = tuple(reversed(pads[0::2]))  # "same" or "valid", even on both sides
+        else:
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            input = torch.nn.functional.pad(input, pads, mode=mode)
+            padding = (0,) * len(conv.kernel_size)
+    out, _ = torch.ops.torchnorm.conv_bn_frozen(input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                                bn.running_var, bn.eps, conv.stride, padding, conv.dilation,
+                                                conv.groups)
+    return out
 
 
 class _ConvBNRecomputeConv(torch.autograd.Function):
@@ -269,11 +231,7 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
     if not _may_bypass_conv_call(conv, input):
         return F.batch_norm(conv(input), call.running_mean, call.running_var, bn.weight, bn.bias, False, 0.0,
                             bn.eps, activation, negative_slope, residual)
-    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-        z = _FrozenConvBN.apply(input, conv.weight, conv.bias, bn.weight, bn.bias, conv, bn)
-    else:  # padding the backward above does not express: plain autograd
-        weight, bias = folded_conv_parameters(conv, bn)
-        z = conv._conv_forward(input, weight, bias)
+    z = _frozen_conv_bn(conv, bn, input)
     if residual is not None:
         z = z + residual
     return _activate(z, activation, negative_slope, inplace=True)

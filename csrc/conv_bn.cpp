@@ -1,0 +1,317 @@
+// Conv + frozen BatchNorm (eval-mode statistics, trainable parameters) as one
+// op, for every backend (CompositeExplicitAutograd): the convolution is
+// ATen's, the frozen BatchNorm is the per-output-channel affine map
+//   out = conv(x, W) * scale + shift,
+//   scale = bn_weight / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias.
+// It is computed in one of two ways, whichever scales less data
+// (output_is_smaller): the fold, conv(x, W * scale) + shift, which keeps
+// nothing activation-sized for backward; or the scaled conv output, which
+// keeps the (smaller than the weight) conv output. Its autograd
+// (csrc/autograd.cpp) keeps those and the conv input; torch.nn's pair keeps
+// every conv output, and a differentiable fold every folded weight.
+//
+// This is C++ because the same arithmetic as a Python autograd.Function cost
+// about 0.4 ms of interpreter time per layer and step (profiled on ResNet-50
+// at batch 8, 112x112, CPU), which was most of its gap to torch.nn.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace torchnorm {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// The frozen BatchNorm per output channel, in the parameters' dtype.
+struct FrozenAffine {
+  Tensor scale, shift, inv_std;
+};
+
+// Whether the per-channel vectors (undefined ones aside) are float or double
+// CPU tensors of one type, read by plain loops: on the CPU a dozen ATen calls
+// on C-element vectors cost more than ResNet's smaller convolutions' whole
+// BatchNorm (about 50 us against 14 us for a tiny layer's conv).
+bool per_channel_loops(std::initializer_list<const Tensor*> vectors) {
+  const Tensor* first = nullptr;
+  for (const Tensor* t : vectors) {
+    if (!t->defined()) continue;
+    if (!first) first = t;
+    if (!t->is_cpu() || t->scalar_type() != first->scalar_type() || !t->is_contiguous() ||
+        (t->scalar_type() != at::kFloat && t->scalar_type() != at::kDouble)) {
+      return false;
+    }
+  }
+  return first != nullptr;
+}
+
+// Element c of an optional per-channel vector, in double; `absent` when the
+// vector is undefined.
+template <typename scalar_t>
+struct Vector {
+  const scalar_t* data;
+  double absent;
+  Vector(const Tensor& t, double absent) : data(t.defined() ? t.const_data_ptr<scalar_t>() : nullptr), absent(absent) {}
+  double operator[](int64_t c) const { return data ? double(data[c]) : absent; }
+};
+
+// The fold's formula (DESIGN.md): scale = bn_weight / sqrt(var + eps) and
+// shift = (conv_bias - mean) * scale + bn_bias, with 1 / sqrt(var + eps). By
+// a loop where per_channel_loops allows (computed in double), else by the
+// same formula in ATen ops (other devices, half-precision parameters).
+FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
+                           const optional<Tensor>& bn_bias, const Tensor& mean, const Tensor& var, double eps) {
+  const Tensor b = conv_bias.value_or(Tensor()), w = bn_weight.value_or(Tensor()), beta = bn_bias.value_or(Tensor());
+  if (per_channel_loops({&b, &w, &beta, &mean, &var})) {
+    const int64_t channels = mean.numel();
+    FrozenAffine r{at::empty({channels}, mean.options()), at::empty({channels}, mean.options()),
+                   at::empty({channels}, mean.options())};
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "frozen_affine", [&] {
+      const Vector<scalar_t> var_c(var, 0), w_c(w, 1), b_c(b, 0), mean_c(mean, 0), beta_c(beta, 0);
+      scalar_t* scale_out = r.scale.data_ptr<scalar_t>();
+      scalar_t* shift_out = r.shift.data_ptr<scalar_t>();
+      scalar_t* inv_std_out = r.inv_std.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < channels; ++c) {
+        const double inv_std = 1.0 / std::sqrt(var_c[c] + eps);
+        const double scale = w_c[c] * inv_std;
+        scale_out[c] = scalar_t(scale);
+        shift_out[c] = scalar_t((b_c[c] - mean_c[c]) * scale + beta_c[c]);
+        inv_std_out[c] = scalar_t(inv_std);
+      }
+    });
+    return r;
+  }
+  Tensor inv_std = (var + eps).rsqrt();
+  Tensor scale = bn_weight ? *bn_weight * inv_std : inv_std;
+  Tensor shift = (conv_bias ? *conv_bias - mean : -mean) * scale;
+  if (bn_bias) shift = shift + *bn_bias;
+  return {scale, shift, inv_std};
+}
+
+// A per-channel vector shaped to broadcast over dimension `channel_dim` (0
+// for a weight, 1 for an activation) of a tensor with `dim` dimensions.
+Tensor per_channel(const Tensor& t, int64_t dim, int64_t channel_dim) {
+  std::vector<int64_t> shape(dim, 1);
+  shape[channel_dim] = -1;
+  return t.reshape(shape);
+}
+
+int64_t conv_output_numel(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  int64_t numel = input.size(0) * weight.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    const int64_t i = d - 2;
+    numel *= (input.size(d) + 2 * padding[i] - dilation[i] * (weight.size(d) - 1) - 1) / stride[i] + 1;
+  }
+  return numel;
+}
+
+// Whether the scale goes on the conv output (and its gradient) instead of on
+// the weight (the fold). Per layer and step, the fold reads and writes the
+// weight in forward, again in backward, and reads the weight and its
+// gradient once more for the BN weight's gradient (about 7 weight-sized
+// passes); scaling the output costs about 7 output-sized passes, and keeps
+// the conv output for the BN weight's gradient. So the smaller wins: in a
+// ResNet's last stages the weights are several times a small batch's
+// activations (on ResNet-50 at batch 8, 112x112, 89.5 MiB of conv weights,
+// while the smaller of weight and output sums to 23.7 MiB). Only on the CPU:
+// on a GPU weight passes cost microseconds next to the convolutions, and the
+// fold keeps less.
+bool output_is_smaller(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation) {
+  return input.is_cpu() && conv_output_numel(input, weight, stride, padding, dilation) < weight.numel();
+}
+
+void check_args(const Tensor& input, const Tensor& weight, const Tensor& mean, const Tensor& var,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t spatial = input.dim() - 2;
+  TORCH_CHECK_VALUE(spatial >= 1 && spatial <= 3, "torchnorm.conv_bn_frozen: expected a 3d, 4d or 5d input, got ",
+                    input.dim(), "d");
+  TORCH_CHECK_VALUE(weight.dim() == input.dim(), "torchnorm.conv_bn_frozen: weight must have as many dimensions as "
+                    "the input (", input.dim(), "), got ", weight.dim());
+  for (const auto* list : {&stride, &padding, &dilation}) {
+    TORCH_CHECK_VALUE(int64_t(list->size()) == spatial, "torchnorm.conv_bn_frozen: stride, padding and dilation "
+                      "need one entry per spatial dimension (", spatial, ")");
+  }
+  for (const auto* stats : {&mean, &var}) {
+    TORCH_CHECK_VALUE(stats->dim() == 1 && stats->size(0) == weight.size(0), "torchnorm.conv_bn_frozen: running "
+                      "statistics must have one entry per output channel (", weight.size(0), "), got shape ",
+                      stats->sizes());
+  }
+}
+
+// Per output channel c: sum over k of g[c, k] * w[c, k]; then, when `scale`
+// is given, g[c, :] *= scale[c] in place. One pass over g and w on the CPU
+// (float and double, where g and w lay their elements out alike, one dense
+// block per channel); ATen ops otherwise.
+Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& scale) {
+  const int64_t channels = g.size(0);
+  const int64_t block = channels ? g.numel() / channels : 0;
+  const bool fast = g.is_cpu() && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
+                    w.scalar_type() == g.scalar_type() && g.strides() == w.strides() &&
+                    g.is_non_overlapping_and_dense() && g.stride(0) == block;
+  if (!fast) {
+    Tensor dot = (g * w).flatten(1).sum(1);
+    if (scale) g.mul_(per_channel(*scale, g.dim(), 0));
+    return dot;
+  }
+  Tensor dot = at::empty({channels}, g.options());
+  const Tensor scale_values = scale ? scale->to(g.scalar_type()).contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "channel_dot", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    scalar_t* g_data = g.data_ptr<scalar_t>();
+    const scalar_t* w_data = w.const_data_ptr<scalar_t>();
+    const scalar_t* s_data = scale ? scale_values.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dot_data = dot.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(block, 1));
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t* gc = g_data + c * block;
+        const scalar_t* wc = w_data + c * block;
+        const Vec s(s_data ? s_data[c] : scalar_t(1));
+        Vec acc(0);
+        int64_t k = 0;
+        for (; k + Vec::size() <= block; k += Vec::size()) {
+          const Vec gv = Vec::loadu(gc + k);
+          acc = at::vec::fmadd(gv, Vec::loadu(wc + k), acc);
+          if (s_data) (gv * s).store(gc + k);
+        }
+        scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return a + b; }, acc);
+        for (; k < block; ++k) {
+          sum += gc[k] * wc[k];
+          if (s_data) gc[k] *= s_data[c];
+        }
+        dot_data[c] = sum;
+      }
+    });
+  });
+  return dot;
+}
+
+std::tuple<Tensor, Tensor> conv_bn_frozen(const Tensor& input, const Tensor& weight,
+                                          const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
+                                          const optional<Tensor>& bn_bias, const Tensor& running_mean,
+                                          const Tensor& running_var, double eps, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_args(input, weight, running_mean, running_var, stride, padding, dilation);
+  const auto [scale, shift, inv_std] = frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps);
+  const auto dtype = weight.scalar_type();
+  const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
+  if (output_is_smaller(input, weight, stride, padding, dilation)) {
+    Tensor conv_output = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false,
+                                         no_output_padding, groups);
+    const int64_t dim = conv_output.dim();
+    Tensor out = at::addcmul(per_channel(shift.to(dtype), dim, 1), conv_output, per_channel(scale.to(dtype), dim, 1));
+    return {out, conv_output};
+  }
+  const Tensor folded = (weight * per_channel(scale, weight.dim(), 0)).to(dtype);
+  return {at::convolution(input, folded, shift.to(dtype), stride, padding, dilation, false, no_output_padding, groups),
+          at::empty({0}, input.options())};
+}
+
+// The conv bias's and the BN weight's gradients from per-channel sums:
+// grad_conv_bias = grad_shift * scale and grad_bn_weight = (grad_scale +
+// grad_shift * (conv_bias - mean)) * inv_std. Loops or ATen ops, as
+// frozen_affine.
+std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tensor& grad_scale,
+                                          const Tensor& grad_shift, const optional<Tensor>& conv_bias,
+                                          const Tensor& mean, bool want_conv_bias, bool want_bn_weight) {
+  if (!want_conv_bias && !want_bn_weight) return {};
+  const Tensor b = conv_bias.value_or(Tensor());
+  if (per_channel_loops({&affine.scale, &affine.inv_std, &grad_scale, &grad_shift, &b, &mean})) {
+    const int64_t channels = mean.numel();
+    Tensor grad_conv_bias = want_conv_bias ? at::empty({channels}, mean.options()) : Tensor();
+    Tensor grad_bn_weight = want_bn_weight ? at::empty({channels}, mean.options()) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "parameter_grads", [&] {
+      const Vector<scalar_t> scale(affine.scale, 0), inv_std(affine.inv_std, 0), shift_grad(grad_shift, 0),
+          scale_grad(grad_scale, 0), b_c(b, 0), mean_c(mean, 0);
+      scalar_t* conv_bias_out = want_conv_bias ? grad_conv_bias.data_ptr<scalar_t>() : nullptr;
+      scalar_t* bn_weight_out = want_bn_weight ? grad_bn_weight.data_ptr<scalar_t>() : nullptr;
+      for (int64_t c = 0; c < channels; ++c) {
+        if (conv_bias_out) conv_bias_out[c] = scalar_t(shift_grad[c] * scale[c]);
+        if (bn_weight_out) bn_weight_out[c] = scalar_t((scale_grad[c] + shift_grad[c] * (b_c[c] - mean_c[c])) * inv_std[c]);
+      }
+    });
+    return {grad_conv_bias, grad_bn_weight};
+  }
+  Tensor grad_conv_bias = want_conv_bias ? grad_shift * affine.scale : Tensor();
+  Tensor grad_bn_weight;
+  if (want_bn_weight) {
+    const Tensor centred = conv_bias ? *conv_bias - mean : -mean;
+    grad_bn_weight = (grad_scale + grad_shift * centred) * affine.inv_std;
+  }
+  return {grad_conv_bias, grad_bn_weight};
+}
+
+Tensor empty_unless(bool wanted, const Tensor& t, const Tensor& like) {
+  return wanted ? t.to(like.scalar_type()) : at::empty({0}, like.options());
+}
+
+// Gradients (input, conv weight, conv bias, BN weight, BN bias), given the
+// conv output that the forward kept when it scaled the output (else empty).
+// Folded: with G the conv's weight gradient for the unscaled output,
+// conv_weight_backward(x, grad), the conv weight's gradient is G * scale and
+// the scale's is sum_k G[c, k] * W[c, k], which equals the sum of grad *
+// conv(x, W) over the output, so no conv output is needed. Scaled output:
+// the conv's backward runs on grad * scale, and the scale's gradient is the
+// sum of grad * conv_output.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
+    const optional<Tensor>& bn_weight, const Tensor& running_mean, const Tensor& running_var,
+    const Tensor& conv_output, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, std::array<bool, 5> output_mask) {
+  check_args(input, weight, running_mean, running_var, stride, padding, dilation);
+  const FrozenAffine affine = frozen_affine(conv_bias, bn_weight, std::nullopt, running_mean, running_var, eps);
+  const Tensor& scale = affine.scale;
+  const bool want_weight = output_mask[1] || output_mask[3];
+  const bool want_shift = output_mask[2] || output_mask[3] || output_mask[4];
+  const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
+  Tensor grad_input, grad_weight, grad_shift, grad_scale;
+  if (conv_output.numel() > 0) {
+    TORCH_CHECK_VALUE(conv_output.sizes() == grad_output.sizes(), "torchnorm.conv_bn_frozen_backward: conv_output "
+                      "must be the forward's kept conv output, shaped like grad_output ", grad_output.sizes(),
+                      ", or empty; got ", conv_output.sizes());
+    const int64_t dim = grad_output.dim();
+    const Tensor grad_scaled = grad_output * per_channel(scale.to(grad_output.scalar_type()), dim, 1);
+    std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
+        grad_scaled, input, weight, std::nullopt, stride, padding, dilation, false, no_output_padding, groups,
+        {output_mask[0], output_mask[1], false});
+    std::vector<int64_t> all_but_channels{0};
+    for (int64_t d = 2; d < dim; ++d) all_but_channels.push_back(d);
+    if (want_shift) grad_shift = grad_output.sum(all_but_channels);
+    if (output_mask[3]) grad_scale = (grad_output * conv_output).sum(all_but_channels);
+  } else {
+    const Tensor folded = (weight * per_channel(scale, weight.dim(), 0)).to(weight.scalar_type());
+    std::tie(grad_input, grad_weight, grad_shift) = at::convolution_backward(
+        grad_output, input, folded, std::vector<int64_t>{weight.size(0)}, stride, padding, dilation, false,
+        no_output_padding, groups, {output_mask[0], want_weight, want_shift});
+    if (want_weight) {
+      grad_scale = channel_dot(grad_weight, weight, output_mask[1] ? optional<Tensor>(scale) : std::nullopt);
+    }
+  }
+  auto [grad_conv_bias, grad_bn_weight] = parameter_grads(affine, grad_scale, grad_shift, conv_bias, running_mean,
+                                                          output_mask[2], output_mask[3]);
+  const Tensor& bn_like = bn_weight ? *bn_weight : weight;
+  return {empty_unless(output_mask[0], grad_input, input), empty_unless(output_mask[1], grad_weight, weight),
+          empty_unless(output_mask[2], grad_conv_bias, conv_bias ? *conv_bias : weight),
+          empty_unless(output_mask[3], grad_bn_weight, bn_like), empty_unless(output_mask[4], grad_shift, bn_like)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchnorm, CompositeExplicitAutograd, m) {
+  m.impl("conv_bn_frozen", &conv_bn_frozen);
+  m.impl("conv_bn_frozen_backward", &conv_bn_frozen_backward);
+}
+
+}  // namespace torchnorm
