@@ -276,6 +276,105 @@ def test_fold_functional_batch_norm_training_is_refused():
         fold_conv_bn(TrainingFunctional().eval())
 
 
+class FunctionalLayer(nn.Module):
+    """A functional Conv / ConvTranspose / Linear call on model attributes,
+    then a BatchNorm module (or F.batch_norm on attributes)."""
+
+    def __init__(self, call, weight_shape, bias, bn, functional_bn=False):
+        super().__init__()
+        self.call, self.functional_bn = call, functional_bn
+        self.w = nn.Parameter(torch.randn(weight_shape) * 0.3)
+        self.b = nn.Parameter(torch.randn(bn.num_features)) if bias else None
+        self.bn = bn
+
+    def forward(self, x):
+        z = self.call(x, self.w, self.b)
+        if self.functional_bn:
+            bn = self.bn
+            return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        return self.bn(z)
+
+
+# name -> (call, weight shape, bias, BatchNorm, functional BN, input shape)
+FUNCTIONAL_FOLD_CASES = {
+    "conv2d-groups-stride": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, groups=2), (6, 2, 3, 3), True,
+                             lambda: nn.BatchNorm2d(6), False, (2, 4, 9, 8)),
+    "conv1d-same-nobias": (lambda x, w, b: F.conv1d(x, w, b, padding="same", dilation=2), (5, 3, 3), False,
+                           lambda: nn.BatchNorm1d(5), True, (3, 3, 11)),
+    "conv3d": (lambda x, w, b: torch.conv3d(x, w, b, (1, 2, 1), 1), (4, 3, 2, 3, 2), True,
+               lambda: tnn.BatchNorm3d(4), False, (2, 3, 4, 6, 5)),
+    "conv_transpose2d-groups": (lambda x, w, b: F.conv_transpose2d(x, w, b, 2, 1, 1, 2), (4, 3, 3, 3), True,
+                                lambda: nn.BatchNorm2d(6), True, (2, 4, 5, 4)),
+    "linear": (lambda x, w, b: F.linear(x, w, b), (5, 7), True, lambda: nn.BatchNorm1d(5), False, (6, 7)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUNCTIONAL_FOLD_CASES))
+def test_fold_functional_layer(case):
+    call, wshape, bias, make_bn, functional_bn, shape = FUNCTIONAL_FOLD_CASES[case]
+    torch.manual_seed(0)
+    model = randomize(FunctionalLayer(call, wshape, bias, make_bn(), functional_bn), seed=3).double().eval()
+    x = make_input(shape, torch.float64, seed=4)
+    before = snapshot(model)
+    with torch.no_grad():
+        want = model(x)
+    folded = fold_conv_bn(model, (x,))
+    assert batch_norm_ops(folded) == 0
+    [fold] = folded.fold_report.folds
+    assert fold.folded and fold.error <= 1e-10, str(folded.fold_report)
+    layers = [m for m in folded.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d,
+                                                             nn.Linear))]
+    assert len(layers) == 1 and layers[0].bias is not None
+    assert not hasattr(folded, "w") and not hasattr(folded, "b"), "the unfolded parameters were kept"
+    assert [n for n in folded.graph.nodes if n.op == "get_attr"] == []
+    with torch.no_grad():
+        assert_close(folded(x), want, torch.float64, "forward", msg=case)
+    assert_state_unchanged(model, before)
+
+
+def test_fold_functional_layer_refusals():
+    """A functional layer whose weight is computed, or whose output is used twice,
+    is left alone, with the reason."""
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.w * 2, padding=1))
+
+    class UsedTwice(Computed):
+        def forward(self, x):
+            z = F.conv2d(x, self.w, padding=1)
+            return self.bn(z) + z
+
+    with pytest.raises(ValueError, match="weight is not a constant attribute"):
+        fold_conv_bn(Computed().eval())
+    with pytest.raises(ValueError, match="used more than once"):
+        fold_conv_bn(UsedTwice().eval())
+
+
+def test_fold_functional_layer_keeps_weight_a_module_still_reads():
+    """F.conv2d on a conv module's own weight, with the module also called:
+    the folded call gets its own parameters and the module keeps its weight."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(x) + self.bn(F.conv2d(x, self.conv.weight, None, 1, 1))
+
+    model = randomize(Shared(), seed=5).double().eval()
+    x = make_input((2, 3, 5, 6), torch.float64, seed=6)
+    folded = fold_conv_bn(model)
+    assert batch_norm_ops(folded) == 0 and hasattr(folded.conv, "weight")
+    with torch.no_grad():
+        assert_close(folded(x), model(x), torch.float64, "forward")
+
+
 # ---------------------------------------------------------------------------
 # fold_conv_bn: BatchNorms with an activation / residual, ConvBN blocks
 # ---------------------------------------------------------------------------

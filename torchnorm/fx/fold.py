@@ -148,6 +148,64 @@ def _functional_batch_norm(node: fx.Node, gm: fx.GraphModule):
     return (a["input"], (mean, var, float(a["eps"]), weight, bias)), ""
 
 
+# Functional layers (F.conv2d is torch.conv2d): the module each call equals,
+# and its arguments after (input, weight, bias), which are that module's
+# constructor arguments of the same names.
+_CONV_OPTIONS = ("stride", "padding", "dilation", "groups")
+_TRANSPOSED_OPTIONS = ("stride", "padding", "output_padding", "groups", "dilation")
+_FUNCTIONAL_LAYERS = {
+    torch.conv1d: (torch.nn.Conv1d, _CONV_OPTIONS),
+    torch.conv2d: (torch.nn.Conv2d, _CONV_OPTIONS),
+    torch.conv3d: (torch.nn.Conv3d, _CONV_OPTIONS),
+    torch.conv_transpose1d: (torch.nn.ConvTranspose1d, _TRANSPOSED_OPTIONS),
+    torch.conv_transpose2d: (torch.nn.ConvTranspose2d, _TRANSPOSED_OPTIONS),
+    torch.conv_transpose3d: (torch.nn.ConvTranspose3d, _TRANSPOSED_OPTIONS),
+    torch.nn.functional.linear: (torch.nn.Linear, ()),
+}
+
+
+def _node_label(node: Any) -> str:
+    """How the report names a layer node: its module's name, or the node's."""
+    if not isinstance(node, fx.Node):
+        return ""
+    return node.target if node.op == "call_module" else node.name
+
+
+def _functional_layer(node: fx.Node, gm: fx.GraphModule) -> Tuple[Optional[torch.nn.Module], str]:
+    """The module a functional Conv / ConvTranspose / Linear call equals, holding
+    the call's weight and bias, when those are attributes of the model and the
+    other arguments constants; else (None, reason)."""
+    cls, options = _FUNCTIONAL_LAYERS[node.target]
+    names = ("input", "weight", "bias") + options
+    if len(node.args) > len(names) or not set(node.kwargs) <= set(names[1:]) or not node.args:
+        return None, "its arguments are not the functional signature's"
+    bound = dict(zip(names, node.args), **node.kwargs)
+    tensors = {}
+    for name in ("weight", "bias"):
+        value = bound.get(name)
+        if value is None and name == "bias":
+            tensors[name] = None
+        elif isinstance(value, fx.Node) and value.op == "get_attr":
+            tensors[name] = _attribute(gm, value.target)
+        else:
+            return None, f"its {name} is not a constant attribute of the model"
+    kwargs = {name: bound[name] for name in options if name in bound}
+    if any(isinstance(v, fx.Node) for v in kwargs.values()):
+        return None, "its options are not constants"
+    weight, bias = tensors["weight"], tensors["bias"]
+    factory = dict(bias=bias is not None, device="meta", dtype=weight.dtype)
+    if cls is torch.nn.Linear:
+        layer = cls(weight.shape[1], weight.shape[0], **factory)
+    elif cls in _graph.TRANSPOSED_TYPES:
+        layer = cls(weight.shape[0], weight.shape[1] * kwargs.get("groups", 1), weight.shape[2:], **kwargs, **factory)
+    else:
+        layer = cls(weight.shape[1] * kwargs.get("groups", 1), weight.shape[0], weight.shape[2:], **kwargs, **factory)
+    layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+    return layer, ""
+
+
 def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
     modules = dict(gm.named_modules())
     calls = _graph.call_counts(gm.graph)
@@ -155,6 +213,11 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
     skipped: List[Fold] = []
 
     def layer_of(input_node) -> Tuple[Optional[torch.nn.Module], str]:
+        if (isinstance(input_node, fx.Node) and input_node.op == "call_function"
+                and input_node.target in _FUNCTIONAL_LAYERS):
+            if len(input_node.users) > 1:
+                return None, f"the output of {input_node.name} is used more than once"
+            return _functional_layer(input_node, gm)
         if not (isinstance(input_node, fx.Node) and input_node.op == "call_module"
                 and isinstance(modules[input_node.target], _FOLDABLE_LAYERS)):
             return None, "does not follow a Conv, ConvTranspose or Linear"
@@ -215,10 +278,10 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
         input_node, stats, epilogue, act_module, residual = found
         layer, reason = layer_of(input_node)
         if layer is None:
-            skipped.append(Fold(getattr(input_node, "target", ""), name, False, reason))
+            skipped.append(Fold(_node_label(input_node), name, False, reason))
             continue
         if _out_channels(layer) != stats[0].numel():
-            skipped.append(Fold(input_node.target, name, False,
+            skipped.append(Fold(_node_label(input_node), name, False,
                                 f"{_out_channels(layer)} output channels but {stats[0].numel()} statistics"))
             continue
         candidates.append(_Candidate(node, input_node, layer, stats, epilogue, act_module, residual))
@@ -226,7 +289,7 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
 
 
 def _layer_name(c: _Candidate) -> str:
-    return c.block + ".conv" if c.block else c.layer_node.target
+    return c.block + ".conv" if c.block else _node_label(c.layer_node)
 
 
 def _bn_name(c: _Candidate) -> str:
@@ -285,9 +348,16 @@ def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module, replaced
         gm.add_submodule(c.block, layer)  # the folded conv takes the block's place
         layer_node = c.bn_node
         layer_node.args, layer_node.kwargs = layer_node.args[:1], {}
-    else:
+    elif c.layer_node.op == "call_module":
         gm.add_submodule(c.layer_node.target, layer)
         layer_node = c.layer_node
+    else:  # a functional call becomes a call of the folded module
+        name = _free_attribute_name(gm, c.layer_node.name)
+        gm.add_submodule(name, layer)
+        with graph.inserting_after(c.layer_node):
+            layer_node = graph.call_module(name, (c.input_node,))
+        c.layer_node.replace_all_uses_with(layer_node)
+        graph.erase_node(c.layer_node)
     inserted, last = [], layer_node
     if c.residual is not None:
         residual = c.residual
@@ -314,6 +384,31 @@ def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module, replaced
     replaced[c.bn_node] = last
 
 
+def _free_attribute_name(gm: fx.GraphModule, base: str) -> str:
+    name, n = base, 1
+    while hasattr(gm, name):
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def _drop_unused_attributes(gm: fx.GraphModule, targets: set) -> None:
+    """Deletes the model attributes in `targets` (what folded functional calls
+    read: a layer's weight and bias, F.batch_norm's statistics and parameters)
+    that no get_attr node reads any more, unless
+    they belong to a module the graph still calls (its forward reads them)."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for target in targets - read:
+        owner_name, _, attr = target.rpartition(".")
+        if owner_name in called:
+            continue
+        try:
+            owner = gm.get_submodule(owner_name)
+        except AttributeError:  # delete_all_unused_submodules took the whole module
+            continue
+        delattr(owner, attr)
+
+
 def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]] = None,
                  tolerance: Optional[float] = None) -> fx.GraphModule:
     """Folds every inference BatchNorm into the Conv1d/2d/3d, ConvTranspose1d/2d/3d
@@ -322,9 +417,12 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
 
     Folded: torch.nn's and torchnorm's BatchNorm modules, timm's BatchNormAct2d,
     ``F.batch_norm(..., training=False)`` calls whose statistics are model
-    attributes, and torchnorm's ConvBN blocks, when the BatchNorm is in eval
-    mode, directly follows the layer, and the layer's output feeds nothing
-    else. A fused activation or residual stays, after the folded layer. Left
+    attributes, and torchnorm's ConvBN blocks, after a layer module or a
+    functional call (``F.conv2d``, ``F.conv_transpose2d``, ``F.linear``, ...)
+    whose weight and bias are model attributes (the call becomes a module
+    holding the folded parameters; attributes no longer read are dropped),
+    when the BatchNorm is in eval mode, directly follows the layer, and the
+    layer's output feeds nothing else. A fused activation or residual stays, after the folded layer. Left
     alone (and listed in the report): BatchNorm in training mode, shared
     layers or BatchNorms, layer outputs used twice.
 
@@ -366,6 +464,8 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
         values = recorder.values
     used_tolerance = None
     inputs = {id(c): c.input_node for c in candidates}  # before any rewrite changes them
+    functional_attributes = {a.target for c in candidates for node in (c.layer_node, c.bn_node)
+                             if node.op == "call_function" for a in node.all_input_nodes if a.op == "get_attr"}
     replaced: Dict[fx.Node, fx.Node] = {}
     for c in candidates:
         layer = _folded_layer(c)
@@ -395,6 +495,7 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
+    _drop_unused_attributes(gm, functional_attributes)
     gm.recompile()
     output_error = None
     if example_inputs is not None:
