@@ -598,6 +598,22 @@ def test_frozen_bfloat16_matches_float64(stride):
         assert_close(got, want, torch.bfloat16, "grad", what)
 
 
+@pytest.mark.parametrize("stride", [1, 4], ids=["fold", "scaled-output"])
+def test_frozen_block_compiles(stride):
+    """torch.compile(fullgraph=True) of a frozen block (the op's fake kernel
+    must pick the same path as the CPU kernel) gives eager's outputs and
+    gradients."""
+    block = _make_block(2, torch.float32, "relu", seed=76, stride=stride).eval()
+    x = make_input((2, 5, 7, 9), torch.float32, seed=77).requires_grad_()
+    params = [x, block.conv.weight, block.bn.weight, block.bn.bias]
+    want = block(x)
+    grads_want = torch.autograd.grad(want.sum(), params)
+    got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got.sum(), params), grads_want):
+        assert torch.equal(g, w)
+
+
 def _frozen_opcheck_samples():
     f32, f64 = torch.float32, torch.float64
     samples = []
