@@ -118,14 +118,18 @@ def _sync(device: str) -> None:
 
 def median_seconds(fns: Dict[str, Callable[[], None]], device: str, warmup: int, reps: int) -> Dict[str, float]:
     """Median seconds per call of each function, the functions called in turn (one call each per
-    round), so a slow spell of a shared machine falls on all of them alike."""
+    round), so a slow spell of a shared machine falls on all of them alike. Each round starts
+    one function later, so none always runs in the cache and allocator state that the same
+    other one leaves behind."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             _sync(device)

@@ -417,18 +417,16 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(const Tensor& input, c
 
 // ------------------------------------------------------ conv + frozen BN --
 
-using ConvBNFrozenSignature = std::tuple<Tensor, Tensor>(
-    const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const Tensor&, const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t);
+using ConvBNFrozenSignature = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                                     const optional<Tensor>&, const Tensor&, const Tensor&, double, at::IntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, int64_t);
 using ConvBNFrozenBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-    const Tensor&, const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-    std::array<bool, 5>);
+    const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>);
 
 // conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
-//                running_var, eps, stride, padding, dilation, groups) -> (out, conv_output)
-// Saves the conv input, the parameters, the (frozen) running statistics and
-// conv_output (empty unless the op scaled the output instead of folding).
+//                running_var, eps, stride, padding, dilation, groups) -> out
+// Saves the conv input, the parameters and the (frozen) running statistics.
 struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
   // The op below autograd, looked up once.
   static const c10::TypedOperatorHandle<ConvBNFrozenSignature>& op() {
@@ -442,11 +440,10 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
                                const Tensor& running_var, double eps, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, conv_output] = op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                        stride, padding, dilation, groups);
+    Tensor out = op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
+                           padding, dilation, groups);
     ctx->save_for_backward({input, weight, or_undefined(conv_bias), or_undefined(bn_weight), running_mean,
-                            running_var, conv_output});
-    ctx->mark_non_differentiable({conv_output});
+                            running_var});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
@@ -455,7 +452,7 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
     ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(weight.requires_grad()) << 1 |
                                      int64_t(requires_grad(conv_bias)) << 2 | int64_t(requires_grad(bn_weight)) << 3 |
                                      int64_t(requires_grad(bn_bias)) << 4;
-    return {out, conv_output};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -467,7 +464,7 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return result;
     static const auto backward = find_op<ConvBNFrozenBackwardSignature>("torchnorm::conv_bn_frozen_backward");
     auto [gi, gw, gcb, gbw, gbb] = backward.call(
-        grads[0], saved[0], saved[1], as_optional(saved[2]), as_optional(saved[3]), saved[4], saved[5], saved[6],
+        grads[0], saved[0], saved[1], as_optional(saved[2]), as_optional(saved[3]), saved[4], saved[5],
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
         ctx->saved_data["groups"].toInt(), mask);
@@ -479,20 +476,18 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
   }
 };
 
-std::tuple<Tensor, Tensor> conv_bn_frozen_autograd(const Tensor& input, const Tensor& weight,
-                                                   const optional<Tensor>& conv_bias,
-                                                   const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias,
-                                                   const Tensor& running_mean, const Tensor& running_var, double eps,
-                                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                                   at::IntArrayRef dilation, int64_t groups) {
+Tensor conv_bn_frozen_autograd(const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
+                               const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias,
+                               const Tensor& running_mean, const Tensor& running_var, double eps,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
   if (!needs_autograd(input, weight, conv_bias, bn_weight, bn_bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return ConvBNFrozen::op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
                                    stride, padding, dilation, groups);
   }
-  auto r = ConvBNFrozen::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
-                               padding, dilation, groups);
-  return {r[0], r[1]};
+  return ConvBNFrozen::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
+                             padding, dilation, groups)[0];
 }
 
 }  // namespace

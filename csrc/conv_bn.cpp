@@ -2,13 +2,12 @@
 // op, for every backend (CompositeExplicitAutograd): the convolution is
 // ATen's, the frozen BatchNorm is the per-output-channel affine map
 //   out = conv(x, W) * scale + shift,
-//   scale = bn_weight / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias.
-// It is computed in one of two ways, whichever scales less data
-// (output_is_smaller): the fold, conv(x, W * scale) + shift, which keeps
-// nothing activation-sized for backward; or the scaled conv output, which
-// keeps the (smaller than the weight) conv output. Its autograd
-// (csrc/autograd.cpp) keeps those and the conv input; torch.nn's pair keeps
-// every conv output, and a differentiable fold every folded weight.
+//   scale = bn_weight / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias,
+// computed either as the fold, conv(x, W * scale) + shift, or by scaling the
+// conv output, whichever touches less memory (output_is_smaller). Its
+// autograd (csrc/autograd.cpp) keeps the conv input and the parameters only:
+// neither the conv output, which torch.nn's pair keeps, nor a folded weight,
+// which a differentiable fold keeps.
 //
 // This is C++ because the same arithmetic as a Python autograd.Function cost
 // about 0.4 ms of interpreter time per layer and step (profiled on ResNet-50
@@ -33,10 +32,17 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// The frozen BatchNorm per output channel, in the parameters' dtype.
+// The frozen BatchNorm per output channel, in the parameters' dtype, and
+// whether backward may divide by every scale (see output_is_smaller).
 struct FrozenAffine {
   Tensor scale, shift, inv_std;
+  bool divisible = false;
 };
+
+// A scale whose products with gradients stay normal floats, so dividing
+// them by it again loses nothing: not zero (a zero-initialized BN weight),
+// tiny, huge or non-finite.
+bool divisible(double scale) { return std::abs(scale) >= 1e-20 && std::abs(scale) <= 1e20; }
 
 // Whether the per-channel vectors (undefined ones aside) are float or double
 // CPU tensors of one type, read by plain loops: on the CPU a dozen ATen calls
@@ -69,13 +75,15 @@ struct Vector {
 // shift = (conv_bias - mean) * scale + bn_bias, with 1 / sqrt(var + eps). By
 // a loop where per_channel_loops allows (computed in double), else by the
 // same formula in ATen ops (other devices, half-precision parameters).
+// `want_divisible` asks for FrozenAffine::divisible (a host sync off the CPU).
 FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
-                           const optional<Tensor>& bn_bias, const Tensor& mean, const Tensor& var, double eps) {
+                           const optional<Tensor>& bn_bias, const Tensor& mean, const Tensor& var, double eps,
+                           bool want_divisible) {
   const Tensor b = conv_bias.value_or(Tensor()), w = bn_weight.value_or(Tensor()), beta = bn_bias.value_or(Tensor());
   if (per_channel_loops({&b, &w, &beta, &mean, &var})) {
     const int64_t channels = mean.numel();
     FrozenAffine r{at::empty({channels}, mean.options()), at::empty({channels}, mean.options()),
-                   at::empty({channels}, mean.options())};
+                   at::empty({channels}, mean.options()), true};
     AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "frozen_affine", [&] {
       const Vector<scalar_t> var_c(var, 0), w_c(w, 1), b_c(b, 0), mean_c(mean, 0), beta_c(beta, 0);
       scalar_t* scale_out = r.scale.data_ptr<scalar_t>();
@@ -87,6 +95,7 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
         scale_out[c] = scalar_t(scale);
         shift_out[c] = scalar_t((b_c[c] - mean_c[c]) * scale + beta_c[c]);
         inv_std_out[c] = scalar_t(inv_std);
+        r.divisible = r.divisible && divisible(scale);
       }
     });
     return r;
@@ -95,7 +104,9 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
   Tensor scale = bn_weight ? *bn_weight * inv_std : inv_std;
   Tensor shift = (conv_bias ? *conv_bias - mean : -mean) * scale;
   if (bn_bias) shift = shift + *bn_bias;
-  return {scale, shift, inv_std};
+  const Tensor magnitude = want_divisible ? scale.abs() : Tensor();
+  return {scale, shift, inv_std,
+          want_divisible && (magnitude >= 1e-20).logical_and(magnitude <= 1e20).all().item<bool>()};
 }
 
 // A per-channel vector shaped to broadcast over dimension `channel_dim` (0
@@ -116,17 +127,18 @@ int64_t conv_output_numel(const Tensor& input, const Tensor& weight, at::IntArra
   return numel;
 }
 
-// Whether the scale goes on the conv output (and its gradient) instead of on
-// the weight (the fold). Per layer and step, the fold reads and writes the
-// weight in forward, again in backward, and reads the weight and its
-// gradient once more for the BN weight's gradient (about 7 weight-sized
-// passes); scaling the output costs about 7 output-sized passes, and keeps
-// the conv output for the BN weight's gradient. So the smaller wins: in a
+// Whether the scale goes on the conv output instead of on the weight (the
+// fold, which backward repeats). Either is one read and one write of that
+// tensor in forward and again in backward, so the smaller wins: in a
 // ResNet's last stages the weights are several times a small batch's
-// activations (on ResNet-50 at batch 8, 112x112, 89.5 MiB of conv weights,
-// while the smaller of weight and output sums to 23.7 MiB). Only on the CPU:
-// on a GPU weight passes cost microseconds next to the convolutions, and the
-// fold keeps less.
+// activations (on ResNet-50 at batch 8, 112x112: 89.5 MiB of conv weights,
+// while the smaller of weight and output sums to 23.7 MiB over the layers).
+// Backward then runs the conv's backward on grad * scale, which gives the
+// conv weight's gradient G * scale directly, and divides the dot product
+// that gives the scale's gradient by the scale; so a scale that is not
+// FrozenAffine::divisible makes backward fold instead. Only on the CPU: on
+// a GPU weight passes cost microseconds next to the convolutions, and the
+// check would wait for the device.
 bool output_is_smaller(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation) {
   return input.is_cpu() && conv_output_numel(input, weight, stride, padding, dilation) < weight.numel();
@@ -198,25 +210,23 @@ Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& sca
   return dot;
 }
 
-std::tuple<Tensor, Tensor> conv_bn_frozen(const Tensor& input, const Tensor& weight,
-                                          const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
-                                          const optional<Tensor>& bn_bias, const Tensor& running_mean,
-                                          const Tensor& running_var, double eps, at::IntArrayRef stride,
-                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
+                      const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias, const Tensor& running_mean,
+                      const Tensor& running_var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups) {
   check_args(input, weight, running_mean, running_var, stride, padding, dilation);
-  const auto [scale, shift, inv_std] = frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps);
+  const auto [scale, shift, inv_std, divisible] =
+      frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, false);
   const auto dtype = weight.scalar_type();
   const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
   if (output_is_smaller(input, weight, stride, padding, dilation)) {
-    Tensor conv_output = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false,
-                                         no_output_padding, groups);
-    const int64_t dim = conv_output.dim();
-    Tensor out = at::addcmul(per_channel(shift.to(dtype), dim, 1), conv_output, per_channel(scale.to(dtype), dim, 1));
-    return {out, conv_output};
+    Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false, no_output_padding,
+                                 groups);
+    const int64_t dim = out.dim();
+    return at::addcmul_out(out, per_channel(shift.to(dtype), dim, 1), out, per_channel(scale.to(dtype), dim, 1));
   }
   const Tensor folded = (weight * per_channel(scale, weight.dim(), 0)).to(dtype);
-  return {at::convolution(input, folded, shift.to(dtype), stride, padding, dilation, false, no_output_padding, groups),
-          at::empty({0}, input.options())};
+  return at::convolution(input, folded, shift.to(dtype), stride, padding, dilation, false, no_output_padding, groups);
 }
 
 // The conv bias's and the BN weight's gradients from per-channel sums:
@@ -257,39 +267,39 @@ Tensor empty_unless(bool wanted, const Tensor& t, const Tensor& like) {
   return wanted ? t.to(like.scalar_type()) : at::empty({0}, like.options());
 }
 
-// Gradients (input, conv weight, conv bias, BN weight, BN bias), given the
-// conv output that the forward kept when it scaled the output (else empty).
-// Folded: with G the conv's weight gradient for the unscaled output,
-// conv_weight_backward(x, grad), the conv weight's gradient is G * scale and
-// the scale's is sum_k G[c, k] * W[c, k], which equals the sum of grad *
-// conv(x, W) over the output, so no conv output is needed. Scaled output:
-// the conv's backward runs on grad * scale, and the scale's gradient is the
-// sum of grad * conv_output.
+// Gradients (input, conv weight, conv bias, BN weight, BN bias). With G the
+// conv's weight gradient for the unscaled output, conv_weight_backward(x,
+// grad), the conv weight's gradient is G * scale and the scale's is sum_k
+// G[c, k] * W[c, k], which equals the sum of grad * conv(x, W) over the
+// output: no conv output is needed. Folded, the conv's backward runs on grad
+// with the folded weight and returns G; scaling the output, it runs on
+// grad * scale with the weight and returns G * scale (output_is_smaller).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
-    const optional<Tensor>& bn_weight, const Tensor& running_mean, const Tensor& running_var,
-    const Tensor& conv_output, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, std::array<bool, 5> output_mask) {
+    const optional<Tensor>& bn_weight, const Tensor& running_mean, const Tensor& running_var, double eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 5> output_mask) {
   check_args(input, weight, running_mean, running_var, stride, padding, dilation);
-  const FrozenAffine affine = frozen_affine(conv_bias, bn_weight, std::nullopt, running_mean, running_var, eps);
+  const bool smaller = output_is_smaller(input, weight, stride, padding, dilation);
+  const FrozenAffine affine =
+      frozen_affine(conv_bias, bn_weight, std::nullopt, running_mean, running_var, eps, smaller);
   const Tensor& scale = affine.scale;
   const bool want_weight = output_mask[1] || output_mask[3];
   const bool want_shift = output_mask[2] || output_mask[3] || output_mask[4];
   const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
   Tensor grad_input, grad_weight, grad_shift, grad_scale;
-  if (conv_output.numel() > 0) {
-    TORCH_CHECK_VALUE(conv_output.sizes() == grad_output.sizes(), "torchnorm.conv_bn_frozen_backward: conv_output "
-                      "must be the forward's kept conv output, shaped like grad_output ", grad_output.sizes(),
-                      ", or empty; got ", conv_output.sizes());
+  if (smaller && affine.divisible) {
     const int64_t dim = grad_output.dim();
     const Tensor grad_scaled = grad_output * per_channel(scale.to(grad_output.scalar_type()), dim, 1);
     std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
         grad_scaled, input, weight, std::nullopt, stride, padding, dilation, false, no_output_padding, groups,
-        {output_mask[0], output_mask[1], false});
-    std::vector<int64_t> all_but_channels{0};
-    for (int64_t d = 2; d < dim; ++d) all_but_channels.push_back(d);
-    if (want_shift) grad_shift = grad_output.sum(all_but_channels);
-    if (output_mask[3]) grad_scale = (grad_output * conv_output).sum(all_but_channels);
+        {output_mask[0], want_weight, false});
+    if (want_shift) {
+      std::vector<int64_t> all_but_channels{0};
+      for (int64_t d = 2; d < dim; ++d) all_but_channels.push_back(d);
+      grad_shift = grad_output.sum(all_but_channels);
+    }
+    if (output_mask[3]) grad_scale = channel_dot(grad_weight, weight, std::nullopt) / scale;
   } else {
     const Tensor folded = (weight * per_channel(scale, weight.dim(), 0)).to(weight.scalar_type());
     std::tie(grad_input, grad_weight, grad_shift) = at::convolution_backward(

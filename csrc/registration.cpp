@@ -82,23 +82,19 @@ TORCH_LIBRARY(torchnorm, m) {
   // Convolution (zero padding, not transposed) followed by BatchNorm with
   // frozen statistics: out = conv(input, weight) * scale + shift per output
   // channel, scale = bn_weight / sqrt(running_var + eps), shift = (conv_bias -
-  // running_mean) * scale + bn_bias. Returns (out, conv_output): on the CPU,
-  // where the conv output is smaller than the weight, the op scales it rather
-  // than folding the weight and returns it unscaled for backward; otherwise
-  // conv_output is an empty tensor of shape (0,). Differentiable in input,
-  // weight, conv_bias, bn_weight and bn_bias.
+  // running_mean) * scale + bn_bias. Differentiable in input, weight,
+  // conv_bias, bn_weight and bn_bias; keeps no conv output for backward.
   m.def(
       "conv_bn_frozen(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, int[] dilation, "
-      "int groups) -> (Tensor, Tensor)");
-  // Gradients of conv_bn_frozen, given the conv_output it returned: (input,
-  // weight, conv_bias, bn_weight, bn_bias); an output whose output_mask entry
-  // is false is an empty tensor of shape (0,).
+      "int groups) -> Tensor");
+  // Gradients of conv_bn_frozen: (input, weight, conv_bias, bn_weight,
+  // bn_bias); an output whose output_mask entry is false is an empty tensor
+  // of shape (0,).
   m.def(
       "conv_bn_frozen_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? conv_bias, "
-      "Tensor? bn_weight, Tensor running_mean, Tensor running_var, Tensor conv_output, float eps, int[] stride, "
-      "int[] padding, int[] dilation, int groups, bool[5] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bn_weight, Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, "
+      "int[] dilation, int groups, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the

@@ -509,15 +509,18 @@ def test_residual_block_input_is_rebuilt():
         assert_close(got, want, torch.float64, "grad", "grads")
 
 
+@pytest.mark.parametrize("stride", [1, 4], ids=["fold", "scaled-output"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=act_name)
-def test_frozen_block_does_not_save_conv_output(activation, with_residual):
+def test_frozen_block_does_not_save_conv_output(activation, with_residual, stride):
     """Frozen BN: backward keeps only the conv input and the block output (and
     SiLU's input), never the conv output as such nor the folded weight (module
-    docstring)."""
-    block = _make_block(2, torch.float32, activation, seed=60, in_channels=5, out_channels=5).eval()
+    docstring), whether it folds or scales the (then smaller) output."""
+    block = _make_block(2, torch.float32, activation, seed=60, in_channels=5, out_channels=5,
+                        stride=stride).eval()
     x = make_input((2, 5, 7, 9), torch.float32, seed=6).requires_grad_()
-    res = make_input((2, 5, 7, 9), torch.float32, seed=7, offset=False).requires_grad_() if with_residual else None
+    out_shape = block(x).shape
+    res = make_input(out_shape, torch.float32, seed=7, offset=False).requires_grad_() if with_residual else None
     with _SavedTensors() as fused:
         out = block(x, residual=res)
     weight = block.conv.weight
@@ -540,7 +543,7 @@ def _aten_calls(fn):
 
 # (id, input shape, block kwargs, whether the output is scaled): on the CPU
 # the output is scaled where it is smaller than the conv weight; otherwise the
-# weight is folded.
+# weight is folded. Neither divides by the scale: a zero one is fine.
 FROZEN_PATHS = [
     ("large-output", (2, 5, 7, 9), dict(), False),
     ("large-output-zero-scale", (2, 5, 7, 9), dict(), False),

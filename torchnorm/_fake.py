@@ -141,30 +141,21 @@ def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps
     return _kernel_layout(input), _group_stats(input, input.shape[1]), _group_stats(input, input.shape[1])
 
 
-def _conv_output_is_smaller(input, weight, conv_output):
-    # csrc/conv_bn.cpp, output_is_smaller: on the CPU, where the conv output
-    # has fewer elements than the weight, the op scales (and keeps) it.
-    return input.device.type == "cpu" and conv_output.numel() < weight.numel()
-
-
 @torch.library.register_fake("torchnorm::conv_bn_frozen")
 def _conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
                     dilation, groups):
     _check_devices("torchnorm.conv_bn_frozen", input, weight=weight, conv_bias=conv_bias, bn_weight=bn_weight,
                    bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
     # The output is the convolution's, with its shape, dtype and layout.
-    out = torch.ops.aten.convolution.default(input, weight, None, stride, padding, dilation, False,
-                                             [0] * (input.dim() - 2), groups)
-    kept = torch.empty_like(out) if _conv_output_is_smaller(input, weight, out) else input.new_empty((0,))
-    return out, kept
+    return torch.ops.aten.convolution.default(input, weight, None, stride, padding, dilation, False,
+                                              [0] * (input.dim() - 2), groups)
 
 
 @torch.library.register_fake("torchnorm::conv_bn_frozen_backward")
-def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, running_mean, running_var, conv_output,
-                             eps, stride, padding, dilation, groups, output_mask):
+def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, running_mean, running_var, eps,
+                             stride, padding, dilation, groups, output_mask):
     _check_devices("torchnorm.conv_bn_frozen_backward", input, grad_output=grad_output, weight=weight,
-                   conv_bias=conv_bias, bn_weight=bn_weight, running_mean=running_mean, running_var=running_var,
-                   conv_output=conv_output)
+                   conv_bias=conv_bias, bn_weight=bn_weight, running_mean=running_mean, running_var=running_var)
     grad_input, grad_weight, _ = torch.ops.aten.convolution_backward.default(
         grad_output, input, weight, None, stride, padding, dilation, False, [0] * (input.dim() - 2), groups,
         [output_mask[0], output_mask[1], False])

@@ -10,13 +10,12 @@ blocks keep about one, chosen per mode:
   conv output (``g / sqrt(var + eps)`` and ``(b - mean) * g / sqrt(var +
   eps) + beta``), computed by one op, ``torchnorm::conv_bn_frozen``, with
   gradients for the conv weight, the BN weight and the BN bias. It folds the
-  scale into the conv weight on every forward and keeps only the conv input
-  (its backward folds again), never the folded weight; except on the CPU
-  where a layer's output is smaller than its weight (a ResNet's last stages
-  at small batches), where scaling the output is cheaper than two passes
-  over the weight: that keeps the conv output too, which is then smaller
-  than the weight. SiLU keeps its input too (its derivative needs it); ReLU
-  and leaky ReLU run in place and keep only their output.
+  scale into the conv weight on every forward (on the CPU, where a layer's
+  output is smaller than its weight, as in a ResNet's last stages at small
+  batches, it scales the output instead: fewer bytes). Backward keeps only
+  the conv input, never the conv output nor a folded weight. SiLU keeps its
+  input too (its derivative needs it); ReLU and leaky ReLU run in place and
+  keep only their output.
 * **Convs with forward hooks, or autocast**, take the plain path (the conv
   module is called, then the fused BatchNorm op): correct, with the saving
   of the no-residual training block only.
@@ -146,10 +145,10 @@ def _activate(z: Tensor, activation: str, negative_slope: float, inplace: bool =
 
 def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor) -> Tensor:
     """``bn(conv(input))`` with ``bn``'s statistics frozen, by the
-    ``torchnorm::conv_bn_frozen`` op (csrc/conv_bn.cpp; see the module
-    docstring for what it keeps). Padding that is not explicit zeros (a
-    padding mode, or ``padding="same"`` that is uneven) is applied first, as
-    torch.nn's conv does."""
+    ``torchnorm::conv_bn_frozen`` op (csrc/conv_bn.cpp), which keeps only the
+    conv input for backward. Padding that is not explicit zeros (a padding
+    mode, or ``padding="same"`` that is uneven) is applied first, as torch.nn's
+    conv does."""
     padding = conv.padding
     if conv.padding_mode != "zeros" or isinstance(padding, str):
         pads = conv._reversed_padding_repeated_twice
@@ -159,10 +158,9 @@ def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor) -
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             input = torch.nn.functional.pad(input, pads, mode=mode)
             padding = (0,) * len(conv.kernel_size)
-    out, _ = torch.ops.torchnorm.conv_bn_frozen(input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                                                bn.running_var, bn.eps, conv.stride, padding, conv.dilation,
-                                                conv.groups)
-    return out
+    return torch.ops.torchnorm.conv_bn_frozen(input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                              bn.running_var, bn.eps, conv.stride, padding, conv.dilation,
+                                              conv.groups)
 
 
 class _ConvBNRecomputeConv(torch.autograd.Function):
