@@ -349,10 +349,16 @@ def test_fold_functional_layer_refusals():
             z = F.conv2d(x, self.w, padding=1)
             return self.bn(z) + z
 
+    class SameWithStride(Computed):
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.w, None, 2, "same"))
+
     with pytest.raises(ValueError, match="weight is not a constant attribute"):
         fold_conv_bn(Computed().eval())
     with pytest.raises(ValueError, match="used more than once"):
         fold_conv_bn(UsedTwice().eval())
+    with pytest.raises(ValueError, match="make no Conv2d"):
+        fold_conv_bn(SameWithStride().eval())
 
 
 def test_fold_functional_layer_keeps_weight_a_module_still_reads():

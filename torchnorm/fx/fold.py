@@ -149,18 +149,18 @@ def _functional_batch_norm(node: fx.Node, gm: fx.GraphModule):
 
 
 # Functional layers (F.conv2d is torch.conv2d): the module each call equals,
-# and its arguments after (input, weight, bias), which are that module's
-# constructor arguments of the same names.
+# its arguments after (input, weight, bias), which are that module's
+# constructor arguments of the same names, and its weight's rank.
 _CONV_OPTIONS = ("stride", "padding", "dilation", "groups")
 _TRANSPOSED_OPTIONS = ("stride", "padding", "output_padding", "groups", "dilation")
 _FUNCTIONAL_LAYERS = {
-    torch.conv1d: (torch.nn.Conv1d, _CONV_OPTIONS),
-    torch.conv2d: (torch.nn.Conv2d, _CONV_OPTIONS),
-    torch.conv3d: (torch.nn.Conv3d, _CONV_OPTIONS),
-    torch.conv_transpose1d: (torch.nn.ConvTranspose1d, _TRANSPOSED_OPTIONS),
-    torch.conv_transpose2d: (torch.nn.ConvTranspose2d, _TRANSPOSED_OPTIONS),
-    torch.conv_transpose3d: (torch.nn.ConvTranspose3d, _TRANSPOSED_OPTIONS),
-    torch.nn.functional.linear: (torch.nn.Linear, ()),
+    torch.conv1d: (torch.nn.Conv1d, _CONV_OPTIONS, 3),
+    torch.conv2d: (torch.nn.Conv2d, _CONV_OPTIONS, 4),
+    torch.conv3d: (torch.nn.Conv3d, _CONV_OPTIONS, 5),
+    torch.conv_transpose1d: (torch.nn.ConvTranspose1d, _TRANSPOSED_OPTIONS, 3),
+    torch.conv_transpose2d: (torch.nn.ConvTranspose2d, _TRANSPOSED_OPTIONS, 4),
+    torch.conv_transpose3d: (torch.nn.ConvTranspose3d, _TRANSPOSED_OPTIONS, 5),
+    torch.nn.functional.linear: (torch.nn.Linear, (), 2),
 }
 
 
@@ -175,7 +175,7 @@ def _functional_layer(node: fx.Node, gm: fx.GraphModule) -> Tuple[Optional[torch
     """The module a functional Conv / ConvTranspose / Linear call equals, holding
     the call's weight and bias, when those are attributes of the model and the
     other arguments constants; else (None, reason)."""
-    cls, options = _FUNCTIONAL_LAYERS[node.target]
+    cls, options, weight_rank = _FUNCTIONAL_LAYERS[node.target]
     names = ("input", "weight", "bias") + options
     if len(node.args) > len(names) or not set(node.kwargs) <= set(names[1:]) or not node.args:
         return None, "its arguments are not the functional signature's"
@@ -193,13 +193,20 @@ def _functional_layer(node: fx.Node, gm: fx.GraphModule) -> Tuple[Optional[torch
     if any(isinstance(v, fx.Node) for v in kwargs.values()):
         return None, "its options are not constants"
     weight, bias = tensors["weight"], tensors["bias"]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != weight_rank:
+        return None, f"its weight is not a {weight_rank}-D tensor"
     factory = dict(bias=bias is not None, device="meta", dtype=weight.dtype)
-    if cls is torch.nn.Linear:
-        layer = cls(weight.shape[1], weight.shape[0], **factory)
-    elif cls in _graph.TRANSPOSED_TYPES:
-        layer = cls(weight.shape[0], weight.shape[1] * kwargs.get("groups", 1), weight.shape[2:], **kwargs, **factory)
-    else:
-        layer = cls(weight.shape[1] * kwargs.get("groups", 1), weight.shape[0], weight.shape[2:], **kwargs, **factory)
+    try:
+        if cls is torch.nn.Linear:
+            layer = cls(weight.shape[1], weight.shape[0], **factory)
+        elif cls in _graph.TRANSPOSED_TYPES:
+            layer = cls(weight.shape[0], weight.shape[1] * kwargs.get("groups", 1), weight.shape[2:], **kwargs,
+                        **factory)
+        else:
+            layer = cls(weight.shape[1] * kwargs.get("groups", 1), weight.shape[0], weight.shape[2:], **kwargs,
+                        **factory)
+    except (TypeError, ValueError, RuntimeError) as error:  # e.g. padding="same" with a stride
+        return None, f"its arguments make no {cls.__name__}: {error}"
     layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
