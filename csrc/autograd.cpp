@@ -59,6 +59,15 @@ bool needs_autograd(const Inputs&... inputs) {
   return (tracked(inputs) || ...);
 }
 
+// The bits of ctx->saved_data["grad_wanted"] (bit i: input i needs a gradient).
+template <size_t N>
+std::array<bool, N> grad_wanted(AutogradContext* ctx) {
+  const int64_t bits = ctx->saved_data["grad_wanted"].toInt();
+  std::array<bool, N> wanted;
+  for (size_t i = 0; i < N; ++i) wanted[i] = (bits >> i) & 1;
+  return wanted;
+}
+
 // Saves (input, weight, bias, residual, mean, rstd), the activation, and
 // which of input, weight, bias, residual need gradients.
 void save_for_grads(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
@@ -79,9 +88,7 @@ std::array<Tensor, 4> batch_norm_grads(AutogradContext* ctx, const Tensor& grad_
   const auto saved = ctx->get_saved_variables();
   const std::string activation = ctx->saved_data["activation"].toStringRef();
   const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
-  const int64_t wanted_bits = ctx->saved_data["grad_wanted"].toInt();
-  std::array<bool, 4> wanted;
-  for (int i = 0; i < 4; ++i) wanted[i] = (wanted_bits >> i) & 1;
+  const std::array<bool, 4> wanted = grad_wanted<4>(ctx);
   // Without an activation the residual's gradient is grad_output itself:
   // hand it through instead of having the kernel copy it.
   const bool copy_residual_grad = wanted[3] && activation != "none";
@@ -229,8 +236,7 @@ void save_row_norm(AutogradContext* ctx, const Tensor& input, at::IntArrayRef no
 std::array<Tensor, 3> row_norm_grads(AutogradContext* ctx, const variable_list& grads) {
   const auto saved = ctx->get_saved_variables();
   const auto normalized_shape = ctx->saved_data["normalized_shape"].toIntVector();
-  const int64_t wanted = ctx->saved_data["grad_wanted"].toInt();
-  const std::array<bool, 3> mask{bool(wanted & 1), bool(wanted & 2), bool(wanted & 4)};
+  const std::array<bool, 3> mask = grad_wanted<3>(ctx);
   if (!(mask[0] || mask[1] || mask[2])) return {};
   const optional<Tensor> grad_sum =
       ctx->saved_data["has_residual"].toBool() ? as_optional(grads[1]) : std::nullopt;
@@ -305,8 +311,7 @@ void save_group_norm(AutogradContext* ctx, const Tensor& input, int64_t num_grou
 
 std::array<Tensor, 3> group_norm_grads(AutogradContext* ctx, const Tensor& grad_output) {
   const auto saved = ctx->get_saved_variables();
-  const int64_t wanted = ctx->saved_data["grad_wanted"].toInt();
-  const std::array<bool, 3> mask{bool(wanted & 1), bool(wanted & 2), bool(wanted & 4)};
+  const std::array<bool, 3> mask = grad_wanted<3>(ctx);
   if (!(mask[0] || mask[1] || mask[2])) return {};
   static const auto backward = find_op<GroupNormBackwardSignature>("torchnorm::group_norm_backward");
   auto [gi, gw, gb] = backward.call(grad_output, saved[0], ctx->saved_data["num_groups"].toInt(), saved[3], saved[4],
@@ -457,9 +462,7 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const int64_t wanted = ctx->saved_data["grad_wanted"].toInt();
-    std::array<bool, 5> mask;
-    for (int i = 0; i < 5; ++i) mask[i] = (wanted >> i) & 1;
+    const std::array<bool, 5> mask = grad_wanted<5>(ctx);
     variable_list result(12);
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return result;
     static const auto backward = find_op<ConvBNFrozenBackwardSignature>("torchnorm::conv_bn_frozen_backward");

@@ -18,13 +18,16 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "common/batch_norm_host.h"
+#include "common/batch_norm_math.h"
+#include "cpu/norm_kernels.h"
 
 namespace torchnorm {
 namespace {
@@ -42,7 +45,8 @@ struct FrozenAffine {
 // A scale whose products with gradients stay normal floats, so dividing
 // them by it again loses nothing: not zero (a zero-initialized BN weight),
 // tiny, huge or non-finite.
-bool divisible(double scale) { return std::abs(scale) >= 1e-20 && std::abs(scale) <= 1e20; }
+constexpr double kMinDivisible = 1e-20, kMaxDivisible = 1e20;
+bool divisible(double scale) { return std::abs(scale) >= kMinDivisible && std::abs(scale) <= kMaxDivisible; }
 
 // Whether the per-channel vectors (undefined ones aside) are float or double
 // CPU tensors of one type, read by plain loops: on the CPU a dozen ATen calls
@@ -90,8 +94,8 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
       scalar_t* shift_out = r.shift.data_ptr<scalar_t>();
       scalar_t* inv_std_out = r.inv_std.data_ptr<scalar_t>();
       for (int64_t c = 0; c < channels; ++c) {
-        const double inv_std = 1.0 / std::sqrt(var_c[c] + eps);
-        const double scale = w_c[c] * inv_std;
+        const double inv_std = rstd_from_var(var_c[c], eps);
+        const double scale = forward_coefficients(inv_std, w_c[c], beta_c[c]).scale;
         scale_out[c] = scalar_t(scale);
         shift_out[c] = scalar_t((b_c[c] - mean_c[c]) * scale + beta_c[c]);
         inv_std_out[c] = scalar_t(inv_std);
@@ -106,7 +110,7 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
   if (bn_bias) shift = shift + *bn_bias;
   const Tensor magnitude = want_divisible ? scale.abs() : Tensor();
   return {scale, shift, inv_std,
-          want_divisible && (magnitude >= 1e-20).logical_and(magnitude <= 1e20).all().item<bool>()};
+          want_divisible && (magnitude >= kMinDivisible).logical_and(magnitude <= kMaxDivisible).all().item<bool>()};
 }
 
 // A per-channel vector shaped to broadcast over dimension `channel_dim` (0
@@ -185,8 +189,7 @@ Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& sca
     const scalar_t* w_data = w.const_data_ptr<scalar_t>();
     const scalar_t* s_data = scale ? scale_values.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dot_data = dot.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(block, 1));
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, channels, cpu::grain_for(block), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         scalar_t* gc = g_data + c * block;
         const scalar_t* wc = w_data + c * block;
@@ -215,18 +218,18 @@ Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<
                       const Tensor& running_var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups) {
   check_args(input, weight, running_mean, running_var, stride, padding, dilation);
-  const auto [scale, shift, inv_std, divisible] =
-      frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, false);
+  const FrozenAffine affine = frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, false);
   const auto dtype = weight.scalar_type();
   const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
   if (output_is_smaller(input, weight, stride, padding, dilation)) {
     Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false, no_output_padding,
                                  groups);
-    const int64_t dim = out.dim();
-    return at::addcmul_out(out, per_channel(shift.to(dtype), dim, 1), out, per_channel(scale.to(dtype), dim, 1));
+    return at::addcmul_out(out, per_channel(affine.shift.to(dtype), out.dim(), 1), out,
+                           per_channel(affine.scale.to(dtype), out.dim(), 1));
   }
-  const Tensor folded = (weight * per_channel(scale, weight.dim(), 0)).to(dtype);
-  return at::convolution(input, folded, shift.to(dtype), stride, padding, dilation, false, no_output_padding, groups);
+  const Tensor folded = (weight * per_channel(affine.scale, weight.dim(), 0)).to(dtype);
+  return at::convolution(input, folded, affine.shift.to(dtype), stride, padding, dilation, false, no_output_padding,
+                         groups);
 }
 
 // The conv bias's and the BN weight's gradients from per-channel sums:
@@ -264,7 +267,7 @@ std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tens
 }
 
 Tensor empty_unless(bool wanted, const Tensor& t, const Tensor& like) {
-  return wanted ? t.to(like.scalar_type()) : at::empty({0}, like.options());
+  return wanted ? t.to(like.scalar_type()) : empty_placeholder(like, like.scalar_type());
 }
 
 // Gradients (input, conv weight, conv bias, BN weight, BN bias). With G the

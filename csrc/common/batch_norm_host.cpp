@@ -54,6 +54,10 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like, t.options()).copy_(t);
 }
 
+at::Tensor empty_placeholder(const at::Tensor& like, at::ScalarType dtype) {
+  return at::empty({0}, like.options().dtype(dtype));
+}
+
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -200,7 +204,7 @@ BackwardPlan plan_backward(
   p.x = as_kernel_layout(input, p.g);
   p.grad_out = with_strides_of(grad_out, p.x);
   if (residual) p.residual = with_strides_of(*residual, p.x);
-  const auto none = [&](at::ScalarType t) { return at::empty({0}, input.options().dtype(t)); };
+  const auto none = [&](at::ScalarType t) { return empty_placeholder(input, t); };
   const auto param_type = parameter_type(input, weight);
   p.grad_input = output_mask[0] ? at::empty_like(p.x) : none(input.scalar_type());
   p.grad_weight = output_mask[1] ? at::empty({p.g.C}, input.options().dtype(param_type)) : none(param_type);

@@ -39,6 +39,10 @@ at::ScalarType accumulate_type(at::ScalarType input_type);
 
 bool is_supported_float(at::ScalarType t);
 
+// The stand-in for an output that was not asked for (output_mask false): an
+// empty tensor of shape (0,) with like's device and the given dtype.
+at::Tensor empty_placeholder(const at::Tensor& like, at::ScalarType dtype);
+
 // Argument checks shared by every op; each throws a clear error naming the
 // argument. The input must be float32, float64, float16 or bfloat16:
 void check_supported_input(const char* op, const at::Tensor& input);

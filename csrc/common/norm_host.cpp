@@ -15,9 +15,6 @@ std::vector<int64_t> row_stats_shape(const at::Tensor& input, int64_t normalized
   return shape;
 }
 
-at::Tensor empty_placeholder(const at::Tensor& like, at::ScalarType dtype) {
-  return at::empty({0}, like.options().dtype(dtype));
-}
 
 void check_normalized_shape(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape) {
   const int64_t k = normalized_shape.size();
