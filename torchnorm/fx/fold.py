@@ -392,6 +392,7 @@ def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module, replaced
 
 
 def _free_attribute_name(gm: fx.GraphModule, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first name `gm` does not have."""
     name, n = base, 1
     while hasattr(gm, name):
         name, n = f"{base}_{n}", n + 1
@@ -401,8 +402,8 @@ def _free_attribute_name(gm: fx.GraphModule, base: str) -> str:
 def _drop_unused_attributes(gm: fx.GraphModule, targets: set) -> None:
     """Deletes the model attributes in `targets` (what folded functional calls
     read: a layer's weight and bias, F.batch_norm's statistics and parameters)
-    that no get_attr node reads any more, unless
-    they belong to a module the graph still calls (its forward reads them)."""
+    that no get_attr node reads any more, unless they belong to a module the
+    graph still calls (its forward reads them)."""
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for target in targets - read:
@@ -429,9 +430,9 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
     whose weight and bias are model attributes (the call becomes a module
     holding the folded parameters; attributes no longer read are dropped),
     when the BatchNorm is in eval mode, directly follows the layer, and the
-    layer's output feeds nothing else. A fused activation or residual stays, after the folded layer. Left
-    alone (and listed in the report): BatchNorm in training mode, shared
-    layers or BatchNorms, layer outputs used twice.
+    layer's output feeds nothing else. A fused activation or residual stays,
+    after the folded layer. Left alone (and listed in the report): BatchNorm
+    in training mode, shared layers or BatchNorms, layer outputs used twice.
 
     Linear + BatchNorm1d is folded only with ``example_inputs`` that show a
     2-D input (on (N, L, F) input BatchNorm1d normalizes L, not Linear's F).
