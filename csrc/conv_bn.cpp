@@ -252,7 +252,9 @@ std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tens
       scalar_t* bn_weight_out = want_bn_weight ? grad_bn_weight.data_ptr<scalar_t>() : nullptr;
       for (int64_t c = 0; c < channels; ++c) {
         if (conv_bias_out) conv_bias_out[c] = scalar_t(shift_grad[c] * scale[c]);
-        if (bn_weight_out) bn_weight_out[c] = scalar_t((scale_grad[c] + shift_grad[c] * (b_c[c] - mean_c[c])) * inv_std[c]);
+        if (bn_weight_out) {
+          bn_weight_out[c] = scalar_t((scale_grad[c] + shift_grad[c] * (b_c[c] - mean_c[c])) * inv_std[c]);
+        }
       }
     });
     return {grad_conv_bias, grad_bn_weight};

@@ -595,7 +595,8 @@ def test_frozen_bfloat16_matches_float64(stride):
     g = make_input(out.shape, torch.bfloat16, seed=75, offset=False)
     params = [x, block.conv.weight, block.conv.bias, block.bn.weight, block.bn.bias]
     params_ref = [x_ref, ref_conv.weight, ref_conv.bias, ref_bn.weight, ref_bn.bias]
-    for got, want, what in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params_ref, g.double()),
+    grads_ref = torch.autograd.grad(expected, params_ref, g.double())
+    for got, want, what in zip(torch.autograd.grad(out, params, g), grads_ref,
                                ("input", "conv.weight", "conv.bias", "bn.weight", "bn.bias")):
         assert got.dtype == torch.bfloat16, what
         assert_close(got, want, torch.bfloat16, "grad", what)
