@@ -424,13 +424,15 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(const Tensor& input, c
 
 using ConvBNFrozenSignature = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                                      const optional<Tensor>&, const Tensor&, const Tensor&, double, at::IntArrayRef,
-                                     at::IntArrayRef, at::IntArrayRef, int64_t);
+                                     at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::IntArrayRef);
 using ConvBNFrozenBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-    const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 5>);
+    const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::IntArrayRef,
+    std::array<bool, 5>);
 
 // conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
-//                running_var, eps, stride, padding, dilation, groups) -> out
+//                running_var, eps, stride, padding, dilation, groups,
+//                transposed, output_padding) -> out
 // Saves the conv input, the parameters and the (frozen) running statistics.
 struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
   // The op below autograd, looked up once.
@@ -443,10 +445,11 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
                                const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
                                const optional<Tensor>& bn_bias, const Tensor& running_mean,
                                const Tensor& running_var, double eps, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
+                               at::IntArrayRef output_padding) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out = op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
-                           padding, dilation, groups);
+                           padding, dilation, groups, transposed, output_padding);
     ctx->save_for_backward({input, weight, or_undefined(conv_bias), or_undefined(bn_weight), running_mean,
                             running_var});
     ctx->saved_data["eps"] = eps;
@@ -454,6 +457,8 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["transposed"] = transposed;
+    ctx->saved_data["output_padding"] = output_padding.vec();
     ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(weight.requires_grad()) << 1 |
                                      int64_t(requires_grad(conv_bias)) << 2 | int64_t(requires_grad(bn_weight)) << 3 |
                                      int64_t(requires_grad(bn_bias)) << 4;
@@ -463,14 +468,15 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 5> mask = grad_wanted<5>(ctx);
-    variable_list result(12);
+    variable_list result(14);
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return result;
     static const auto backward = find_op<ConvBNFrozenBackwardSignature>("torchnorm::conv_bn_frozen_backward");
     auto [gi, gw, gcb, gbw, gbb] = backward.call(
         grads[0], saved[0], saved[1], as_optional(saved[2]), as_optional(saved[3]), saved[4], saved[5],
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-        ctx->saved_data["groups"].toInt(), mask);
+        ctx->saved_data["groups"].toInt(), ctx->saved_data["transposed"].toBool(),
+        ctx->saved_data["output_padding"].toIntVector(), mask);
     const std::array<Tensor, 5> all{gi, gw, gcb, gbw, gbb};
     for (int i = 0; i < 5; ++i) {
       if (mask[i]) result[i] = all[i];
@@ -483,14 +489,14 @@ Tensor conv_bn_frozen_autograd(const Tensor& input, const Tensor& weight, const 
                                const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias,
                                const Tensor& running_mean, const Tensor& running_var, double eps,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups) {
+                               int64_t groups, bool transposed, at::IntArrayRef output_padding) {
   if (!needs_autograd(input, weight, conv_bias, bn_weight, bn_bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return ConvBNFrozen::op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                   stride, padding, dilation, groups);
+                                   stride, padding, dilation, groups, transposed, output_padding);
   }
   return ConvBNFrozen::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride,
-                             padding, dilation, groups)[0];
+                             padding, dilation, groups, transposed, output_padding)[0];
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
-// Conv + frozen BatchNorm (eval-mode statistics, trainable parameters) as one
-// op, for every backend (CompositeExplicitAutograd): the convolution is
-// ATen's, the frozen BatchNorm is the per-output-channel affine map
+// Conv or transposed conv + frozen BatchNorm (eval-mode statistics, trainable
+// parameters) as one op, for every backend (CompositeExplicitAutograd): the
+// convolution is ATen's, the frozen BatchNorm is the per-output-channel affine
+// map
 //   out = conv(x, W) * scale + shift,
 //   scale = bn_weight / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias,
 // computed either as the fold, conv(x, W * scale) + shift, or by scaling the
@@ -113,23 +114,65 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
           want_divisible && (magnitude >= kMinDivisible).logical_and(magnitude <= kMaxDivisible).all().item<bool>()};
 }
 
-// A per-channel vector shaped to broadcast over dimension `channel_dim` (0
-// for a weight, 1 for an activation) of a tensor with `dim` dimensions.
+// A per-channel vector shaped to broadcast over dimension `channel_dim` of a
+// tensor with `dim` dimensions (1 for an activation).
 Tensor per_channel(const Tensor& t, int64_t dim, int64_t channel_dim) {
   std::vector<int64_t> shape(dim, 1);
   shape[channel_dim] = -1;
   return t.reshape(shape);
 }
 
-int64_t conv_output_numel(const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
-  int64_t numel = input.size(0) * weight.size(0);
-  for (int64_t d = 2; d < input.dim(); ++d) {
-    const int64_t i = d - 2;
-    numel *= (input.size(d) + 2 * padding[i] - dilation[i] * (weight.size(d) - 1) - 1) / stride[i] + 1;
+// The convolution's arguments. A transposed conv's weight is (in_channels,
+// out_channels / groups, kernel...): its output channels are dimension 1,
+// repeated for each group of input channels along dimension 0.
+struct Conv {
+  at::IntArrayRef stride, padding, dilation;
+  int64_t groups;
+  bool transposed;
+  std::vector<int64_t> output_padding;  // all zeros where the op was given none
+
+  int64_t out_channels(const Tensor& weight) const { return transposed ? weight.size(1) * groups : weight.size(0); }
+
+  Tensor run(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias) const {
+    return at::convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups);
   }
-  return numel;
-}
+
+  // (grad_input, grad_weight, grad_bias), those the mask asks for.
+  std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                              std::array<bool, 3> mask) const {
+    const std::vector<int64_t> bias_sizes{out_channels(weight)};
+    return at::convolution_backward(grad_output, input, weight,
+                                    mask[2] ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride,
+                                    padding, dilation, transposed, output_padding, groups, mask);
+  }
+
+  // `scale` (one entry per output channel) shaped to multiply `weight`
+  // element-wise.
+  Tensor weight_scale(const Tensor& scale, const Tensor& weight) const {
+    if (!transposed) return per_channel(scale, weight.dim(), 0);
+    const int64_t in_per_group = weight.size(0) / groups, out_per_group = weight.size(1);
+    std::vector<int64_t> shape(weight.dim(), 1);
+    shape[0] = weight.size(0);
+    shape[1] = out_per_group;
+    return scale.reshape({groups, 1, out_per_group}).expand({groups, in_per_group, out_per_group}).reshape(shape);
+  }
+
+  // Per output channel, the sum of a weight-shaped tensor's entries.
+  Tensor sum_per_output_channel(const Tensor& t) const {
+    if (!transposed) return t.flatten(1).sum(1);
+    return t.flatten(2).sum(2).reshape({groups, t.size(0) / groups, t.size(1)}).sum(1).reshape(-1);
+  }
+
+  int64_t output_numel(const Tensor& input, const Tensor& weight) const {
+    int64_t numel = input.size(0) * out_channels(weight);
+    for (int64_t d = 2; d < input.dim(); ++d) {
+      const int64_t i = d - 2, extent = dilation[i] * (weight.size(d) - 1);
+      numel *= transposed ? (input.size(d) - 1) * stride[i] - 2 * padding[i] + extent + output_padding[i] + 1
+                          : (input.size(d) + 2 * padding[i] - extent - 1) / stride[i] + 1;
+    }
+    return numel;
+  }
+};
 
 // Whether the scale goes on the conv output instead of on the weight (the
 // fold, which backward repeats). Either is one read and one write of that
@@ -143,13 +186,14 @@ int64_t conv_output_numel(const Tensor& input, const Tensor& weight, at::IntArra
 // FrozenAffine::divisible makes backward fold instead. Only on the CPU: on
 // a GPU weight passes cost microseconds next to the convolutions, and the
 // check would wait for the device.
-bool output_is_smaller(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation) {
-  return input.is_cpu() && conv_output_numel(input, weight, stride, padding, dilation) < weight.numel();
+bool output_is_smaller(const Tensor& input, const Tensor& weight, const Conv& conv) {
+  return input.is_cpu() && conv.output_numel(input, weight) < weight.numel();
 }
 
-void check_args(const Tensor& input, const Tensor& weight, const Tensor& mean, const Tensor& var,
-                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+// Checks the arguments and gathers the convolution's.
+Conv conv_args(const Tensor& input, const Tensor& weight, const Tensor& mean, const Tensor& var,
+               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+               bool transposed, at::IntArrayRef output_padding) {
   const int64_t spatial = input.dim() - 2;
   TORCH_CHECK_VALUE(spatial >= 1 && spatial <= 3, "torchnorm.conv_bn_frozen: expected a 3d, 4d or 5d input, got ",
                     input.dim(), "d");
@@ -159,26 +203,42 @@ void check_args(const Tensor& input, const Tensor& weight, const Tensor& mean, c
     TORCH_CHECK_VALUE(int64_t(list->size()) == spatial, "torchnorm.conv_bn_frozen: stride, padding and dilation "
                       "need one entry per spatial dimension (", spatial, ")");
   }
+  TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, "torchnorm.conv_bn_frozen: groups (", groups,
+                    ") must be positive and divide the weight's first dimension (", weight.size(0), ")");
+  Conv conv{stride, padding, dilation, groups, transposed, std::vector<int64_t>(spatial, 0)};
+  if (!output_padding.empty()) {
+    TORCH_CHECK_VALUE(int64_t(output_padding.size()) == spatial, "torchnorm.conv_bn_frozen: output_padding needs "
+                      "one entry per spatial dimension (", spatial, ") or none");
+    conv.output_padding = output_padding.vec();
+  }
+  for (int64_t p : conv.output_padding) {
+    TORCH_CHECK_VALUE(transposed || p == 0, "torchnorm.conv_bn_frozen: output_padding applies to transposed "
+                      "convolutions only");
+  }
+  const int64_t channels = conv.out_channels(weight);
   for (const auto* stats : {&mean, &var}) {
-    TORCH_CHECK_VALUE(stats->dim() == 1 && stats->size(0) == weight.size(0), "torchnorm.conv_bn_frozen: running "
-                      "statistics must have one entry per output channel (", weight.size(0), "), got shape ",
+    TORCH_CHECK_VALUE(stats->dim() == 1 && stats->size(0) == channels, "torchnorm.conv_bn_frozen: running "
+                      "statistics must have one entry per output channel (", channels, "), got shape ",
                       stats->sizes());
   }
+  return conv;
 }
 
-// Per output channel c: sum over k of g[c, k] * w[c, k]; then, when `scale`
-// is given, g[c, :] *= scale[c] in place. One pass over g and w on the CPU
-// (float and double, where g and w lay their elements out alike, one dense
-// block per channel); ATen ops otherwise.
-Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& scale) {
+// Per output channel c: the sum of g * w over the entries of c's weights;
+// then, when `scale` is given, g *= scale per output channel, in place. One
+// pass over g and w on the CPU (float and double, not transposed, where g
+// and w lay their elements out alike, one dense block per channel); ATen
+// ops otherwise.
+Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& scale, const Conv& conv) {
   const int64_t channels = g.size(0);
   const int64_t block = channels ? g.numel() / channels : 0;
-  const bool fast = g.is_cpu() && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
+  const bool fast = !conv.transposed && g.is_cpu() &&
+                    (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
                     w.scalar_type() == g.scalar_type() && g.strides() == w.strides() &&
                     g.is_non_overlapping_and_dense() && g.stride(0) == block;
   if (!fast) {
-    Tensor dot = (g * w).flatten(1).sum(1);
-    if (scale) g.mul_(per_channel(*scale, g.dim(), 0));
+    Tensor dot = conv.sum_per_output_channel(g * w);
+    if (scale) g.mul_(conv.weight_scale(*scale, g));
     return dot;
   }
   Tensor dot = at::empty({channels}, g.options());
@@ -216,20 +276,18 @@ Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& sca
 Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
                       const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias, const Tensor& running_mean,
                       const Tensor& running_var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation, int64_t groups) {
-  check_args(input, weight, running_mean, running_var, stride, padding, dilation);
+                      at::IntArrayRef dilation, int64_t groups, bool transposed, at::IntArrayRef output_padding) {
+  const Conv conv = conv_args(input, weight, running_mean, running_var, stride, padding, dilation, groups, transposed,
+                              output_padding);
   const FrozenAffine affine = frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, false);
   const auto dtype = weight.scalar_type();
-  const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
-  if (output_is_smaller(input, weight, stride, padding, dilation)) {
-    Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, false, no_output_padding,
-                                 groups);
+  if (output_is_smaller(input, weight, conv)) {
+    Tensor out = conv.run(input, weight, std::nullopt);
     return at::addcmul_out(out, per_channel(affine.shift.to(dtype), out.dim(), 1), out,
                            per_channel(affine.scale.to(dtype), out.dim(), 1));
   }
-  const Tensor folded = (weight * per_channel(affine.scale, weight.dim(), 0)).to(dtype);
-  return at::convolution(input, folded, affine.shift.to(dtype), stride, padding, dilation, false, no_output_padding,
-                         groups);
+  const Tensor folded = (weight * conv.weight_scale(affine.scale, weight)).to(dtype);
+  return conv.run(input, folded, affine.shift.to(dtype));
 }
 
 // The conv bias's and the BN weight's gradients from per-channel sums:
@@ -274,44 +332,43 @@ Tensor empty_unless(bool wanted, const Tensor& t, const Tensor& like) {
 
 // Gradients (input, conv weight, conv bias, BN weight, BN bias). With G the
 // conv's weight gradient for the unscaled output, conv_weight_backward(x,
-// grad), the conv weight's gradient is G * scale and the scale's is sum_k
-// G[c, k] * W[c, k], which equals the sum of grad * conv(x, W) over the
-// output: no conv output is needed. Folded, the conv's backward runs on grad
-// with the folded weight and returns G; scaling the output, it runs on
-// grad * scale with the weight and returns G * scale (output_is_smaller).
+// grad), the conv weight's gradient is G * scale and the scale's is the sum
+// of G * W over each output channel's weights, which equals the sum of
+// grad * conv(x, W) over the output: no conv output is needed. Folded, the
+// conv's backward runs on grad with the folded weight and returns G; scaling
+// the output, it runs on grad * scale with the weight and returns G * scale
+// (output_is_smaller).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
     const optional<Tensor>& bn_weight, const Tensor& running_mean, const Tensor& running_var, double eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 5> output_mask) {
-  check_args(input, weight, running_mean, running_var, stride, padding, dilation);
-  const bool smaller = output_is_smaller(input, weight, stride, padding, dilation);
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
+    at::IntArrayRef output_padding, std::array<bool, 5> output_mask) {
+  const Conv conv = conv_args(input, weight, running_mean, running_var, stride, padding, dilation, groups, transposed,
+                              output_padding);
+  const bool smaller = output_is_smaller(input, weight, conv);
   const FrozenAffine affine =
       frozen_affine(conv_bias, bn_weight, std::nullopt, running_mean, running_var, eps, smaller);
   const Tensor& scale = affine.scale;
   const bool want_weight = output_mask[1] || output_mask[3];
   const bool want_shift = output_mask[2] || output_mask[3] || output_mask[4];
-  const std::vector<int64_t> no_output_padding(input.dim() - 2, 0);
   Tensor grad_input, grad_weight, grad_shift, grad_scale;
   if (smaller && affine.divisible) {
     const int64_t dim = grad_output.dim();
     const Tensor grad_scaled = grad_output * per_channel(scale.to(grad_output.scalar_type()), dim, 1);
-    std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
-        grad_scaled, input, weight, std::nullopt, stride, padding, dilation, false, no_output_padding, groups,
-        {output_mask[0], want_weight, false});
+    std::tie(grad_input, grad_weight, std::ignore) =
+        conv.backward(grad_scaled, input, weight, {output_mask[0], want_weight, false});
     if (want_shift) {
       std::vector<int64_t> all_but_channels{0};
       for (int64_t d = 2; d < dim; ++d) all_but_channels.push_back(d);
       grad_shift = grad_output.sum(all_but_channels);
     }
-    if (output_mask[3]) grad_scale = channel_dot(grad_weight, weight, std::nullopt) / scale;
+    if (output_mask[3]) grad_scale = channel_dot(grad_weight, weight, std::nullopt, conv) / scale;
   } else {
-    const Tensor folded = (weight * per_channel(scale, weight.dim(), 0)).to(weight.scalar_type());
-    std::tie(grad_input, grad_weight, grad_shift) = at::convolution_backward(
-        grad_output, input, folded, std::vector<int64_t>{weight.size(0)}, stride, padding, dilation, false,
-        no_output_padding, groups, {output_mask[0], want_weight, want_shift});
+    const Tensor folded = (weight * conv.weight_scale(scale, weight)).to(weight.scalar_type());
+    std::tie(grad_input, grad_weight, grad_shift) =
+        conv.backward(grad_output, input, folded, {output_mask[0], want_weight, want_shift});
     if (want_weight) {
-      grad_scale = channel_dot(grad_weight, weight, output_mask[1] ? optional<Tensor>(scale) : std::nullopt);
+      grad_scale = channel_dot(grad_weight, weight, output_mask[1] ? optional<Tensor>(scale) : std::nullopt, conv);
     }
   }
   auto [grad_conv_bias, grad_bn_weight] = parameter_grads(affine, grad_scale, grad_shift, conv_bias, running_mean,

@@ -79,22 +79,25 @@ TORCH_LIBRARY(torchnorm, m) {
       "instance_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
 
-  // Convolution (zero padding, not transposed) followed by BatchNorm with
-  // frozen statistics: out = conv(input, weight) * scale + shift per output
-  // channel, scale = bn_weight / sqrt(running_var + eps), shift = (conv_bias -
-  // running_mean) * scale + bn_bias. Differentiable in input, weight,
-  // conv_bias, bn_weight and bn_bias; keeps no conv output for backward.
+  // Convolution (zero padding; transposed where `transposed`, as
+  // aten::convolution) followed by BatchNorm with frozen statistics: out =
+  // conv(input, weight) * scale + shift per output channel, scale = bn_weight
+  // / sqrt(running_var + eps), shift = (conv_bias - running_mean) * scale +
+  // bn_bias. Differentiable in input, weight, conv_bias, bn_weight and
+  // bn_bias; keeps no conv output for backward. An empty output_padding
+  // means zeros.
   m.def(
       "conv_bn_frozen(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, int[] dilation, "
-      "int groups) -> Tensor");
+      "int groups, bool transposed=False, int[] output_padding=[]) -> Tensor");
   // Gradients of conv_bn_frozen: (input, weight, conv_bias, bn_weight,
   // bn_bias); an output whose output_mask entry is false is an empty tensor
   // of shape (0,).
   m.def(
       "conv_bn_frozen_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, "
-      "int[] dilation, int groups, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int[] dilation, int groups, bool transposed, int[] output_padding, bool[5] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import torch.nn.utils.prune
 
 import torchnorm  # noqa: F401  (registers the ops)
-from torchnorm.nn import ConvBN1d, ConvBN2d, ConvBN3d, conv_bn_forward, rebuild_outputs, save_memory_in
+from torchnorm.nn import (ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d,
+                          conv_bn_forward, rebuild_outputs, save_memory_in)
 from conftest import (
     ACTIVATIONS,
     DEVICES,
@@ -43,6 +44,7 @@ from tolerances import GRADCHECK
 OPS = torch.ops.torchnorm
 EPS = 1e-5
 CLASSES = {1: ConvBN1d, 2: ConvBN2d, 3: ConvBN3d}
+TRANSPOSED_CLASSES = {1: ConvTransposeBN1d, 2: ConvTransposeBN2d, 3: ConvTransposeBN3d}
 
 
 @pytest.fixture(autouse=True)
@@ -193,8 +195,9 @@ def _randomize(block, seed):
 
 
 def _make_block(dim, dtype, activation, seed=0, in_channels=5, out_channels=7, kernel_size=3, padding=1,
-                **kwargs):
-    block = CLASSES[dim](in_channels, out_channels, kernel_size, padding=padding, activation=activation,
+                transposed=False, **kwargs):
+    classes = TRANSPOSED_CLASSES if transposed else CLASSES
+    block = classes[dim](in_channels, out_channels, kernel_size, padding=padding, activation=activation,
                          negative_slope=NEGATIVE_SLOPE, dtype=dtype, **kwargs)
     return _randomize(block, seed)
 
@@ -210,7 +213,7 @@ SPATIAL = {1: (9,), 2: (7, 9), 3: (3, 4, 5)}
 
 
 def _compare_steps(block, dim, dtype, activation, with_residual, training, layout="contiguous", steps=3,
-                   contexts=(True, False, True), seed=0):
+                   contexts=(True, False, True), seed=0, spatial=None, input_scale=2.0):
     """Runs `steps` forward/backward steps of the block and of unfused torch.nn
     copies of its conv and bn; compares outputs, every gradient and the running
     statistics. Step i runs inside rebuild_outputs() when contexts[i]. The loss
@@ -221,7 +224,7 @@ def _compare_steps(block, dim, dtype, activation, with_residual, training, layou
     ref_conv.train(training)
     ref_bn.train(training)
     conv, bn = block.conv, block.bn
-    in_shape = (2, conv.in_channels) + SPATIAL[dim]
+    in_shape = (2, conv.in_channels) + (spatial or SPATIAL[dim])
     params = [("conv.weight", conv.weight, ref_conv.weight), ("conv.bias", conv.bias, ref_conv.bias),
               ("bn.weight", bn.weight, ref_bn.weight), ("bn.bias", bn.bias, ref_bn.bias)]
     params = [p for p in params if p[1] is not None]
@@ -229,7 +232,7 @@ def _compare_steps(block, dim, dtype, activation, with_residual, training, layou
     rebuildable = not with_residual and (training or not bn.track_running_stats)
     for step in range(steps):
         s = seed + 1000 * step
-        x = make_input(in_shape, dtype, layout=layout, seed=s)
+        x = make_input(in_shape, dtype, layout=layout, seed=s, scale=input_scale)
         x_ref = x.clone().requires_grad_()
         x = x.requires_grad_()
         with torch.no_grad():
@@ -320,6 +323,41 @@ def test_block_options_match_unfused(config, training, with_residual, dtype):
     _, dim, kwargs, layout, activation = config
     block = _make_block(dim, dtype, activation, seed=11, **kwargs)
     _compare_steps(block, dim, dtype, activation, with_residual, training, layout=layout, seed=11)
+
+
+# (id, dim, block kwargs, input spatial size, layout, activation) for the
+# ConvTranspose blocks. A transposed weight is (in, out / groups, kernel...),
+# so frozen BN scales it along dimension 1, per group; "small-output" cases
+# (a latent 1x1 input, as a DCGAN generator's first layer) scale the conv
+# output instead.
+TRANSPOSED_CONFIGS = [
+    ("1d", 1, dict(), None, "contiguous", "relu"),
+    ("2d", 2, dict(), None, "contiguous", "leaky_relu"),
+    ("3d", 3, dict(), None, "contiguous", "silu"),
+    ("stride-output-padding", 2, dict(stride=2, output_padding=1, bias=True), None, "contiguous", "relu"),
+    ("groups", 2, dict(in_channels=6, out_channels=9, groups=3, stride=2), None, "contiguous", "silu"),
+    ("dilation", 1, dict(dilation=2, padding=2, stride=3, output_padding=2), None, "contiguous", "leaky_relu"),
+    ("channels_last", 2, dict(stride=2, bias=True), None, "channels_last", "relu"),
+    ("small-output", 2, dict(kernel_size=4, padding=0, bias=True), (1, 1), "contiguous", "relu"),
+    ("small-output-groups", 2, dict(in_channels=6, out_channels=8, groups=2, kernel_size=3, padding=0), (1, 2),
+     "contiguous", "silu"),
+    ("small-output-1d", 1, dict(kernel_size=4, padding=0, stride=2), (1,), "contiguous", None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+@pytest.mark.parametrize("config", TRANSPOSED_CONFIGS, ids=[c[0] for c in TRANSPOSED_CONFIGS])
+def test_transposed_block_matches_unfused(config, training, with_residual, dtype):
+    _, dim, kwargs, spatial, layout, activation = config
+    block = _make_block(dim, dtype, activation, seed=13, transposed=True, **kwargs)
+    # Inputs of half the usual scale: at the usual one, conv weight gradients
+    # reach ~1e3, where float32 rounding alone (torch.nn's own float32
+    # gradient differs from its float64 one by 1.5e-4 on "groups") exceeds
+    # the table's absolute tolerance on an entry that cancels to near zero.
+    _compare_steps(block, dim, dtype, activation, with_residual, training, layout=layout, seed=13, spatial=spatial,
+                   input_scale=0.5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
@@ -509,16 +547,26 @@ def test_residual_block_input_is_rebuilt():
         assert_close(got, want, torch.float64, "grad", "grads")
 
 
-@pytest.mark.parametrize("stride", [1, 4], ids=["fold", "scaled-output"])
+# (id, block kwargs, input shape): the two paths of the frozen op (fold the
+# weight, scale the smaller output) for a conv and a transposed conv.
+FROZEN_KINDS = [
+    ("fold", dict(), (2, 5, 7, 9)),
+    ("scaled-output", dict(stride=4), (2, 5, 7, 9)),
+    ("transposed-fold", dict(transposed=True), (2, 5, 7, 9)),
+    ("transposed-scaled-output", dict(transposed=True), (1, 5, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("kind", FROZEN_KINDS, ids=[k[0] for k in FROZEN_KINDS])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=act_name)
-def test_frozen_block_does_not_save_conv_output(activation, with_residual, stride):
+def test_frozen_block_does_not_save_conv_output(activation, with_residual, kind):
     """Frozen BN: backward keeps only the conv input and the block output (and
     SiLU's input), never the conv output as such nor the folded weight (module
     docstring), whether it folds or scales the (then smaller) output."""
-    block = _make_block(2, torch.float32, activation, seed=60, in_channels=5, out_channels=5,
-                        stride=stride).eval()
-    x = make_input((2, 5, 7, 9), torch.float32, seed=6).requires_grad_()
+    _, kwargs, shape = kind
+    block = _make_block(2, torch.float32, activation, seed=60, in_channels=5, out_channels=5, **kwargs).eval()
+    x = make_input(shape, torch.float32, seed=6).requires_grad_()
     out_shape = block(x).shape
     res = make_input(out_shape, torch.float32, seed=7, offset=False).requires_grad_() if with_residual else None
     with _SavedTensors() as fused:
@@ -549,6 +597,12 @@ FROZEN_PATHS = [
     ("large-output-zero-scale", (2, 5, 7, 9), dict(), False),
     ("small-output", (2, 5, 7, 9), dict(stride=4), True),
     ("small-output-zero-scale", (2, 5, 7, 9), dict(stride=4), True),
+    ("transposed-large-output", (2, 5, 7, 9), dict(transposed=True), False),
+    ("transposed-small-output-zero-scale", (1, 5, 1, 2), dict(transposed=True), True),
+    ("transposed-groups-large-output-zero-scale", (2, 6, 3, 4), dict(transposed=True, in_channels=6, out_channels=9,
+                                                                      groups=3), False),
+    ("transposed-groups-small-output", (1, 6, 1, 1), dict(transposed=True, in_channels=6, out_channels=9,
+                                                          groups=3), True),
 ]
 
 
@@ -602,13 +656,14 @@ def test_frozen_bfloat16_matches_float64(stride):
         assert_close(got, want, torch.bfloat16, "grad", what)
 
 
-@pytest.mark.parametrize("stride", [1, 4], ids=["fold", "scaled-output"])
-def test_frozen_block_compiles(stride):
+@pytest.mark.parametrize("kind", FROZEN_KINDS, ids=[k[0] for k in FROZEN_KINDS])
+def test_frozen_block_compiles(kind):
     """torch.compile(fullgraph=True) of a frozen block (the op's fake kernel
     must pick the same path as the CPU kernel) gives eager's outputs and
     gradients."""
-    block = _make_block(2, torch.float32, "relu", seed=76, stride=stride).eval()
-    x = make_input((2, 5, 7, 9), torch.float32, seed=77).requires_grad_()
+    _, kwargs, shape = kind
+    block = _make_block(2, torch.float32, "relu", seed=76, **kwargs).eval()
+    x = make_input(shape, torch.float32, seed=77).requires_grad_()
     params = [x, block.conv.weight, block.bn.weight, block.bn.bias]
     want = block(x)
     grads_want = torch.autograd.grad(want.sum(), params)
@@ -621,27 +676,41 @@ def test_frozen_block_compiles(stride):
 def _frozen_opcheck_samples():
     f32, f64 = torch.float32, torch.float64
     samples = []
-    # (id, input shape, weight shape, stride, padding, dilation, groups, layout, dtype, conv bias, bn affine)
-    for sid, shape, wshape, stride, padding, dilation, groups, layout, dtype, bias, affine in [
-        ("2d-fold", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", f64, True, True),
-        ("2d-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous", f64, False, True),
-        ("2d-cl-f32", (2, 4, 6, 5), (6, 4, 3, 3), (2, 1), (0, 1), (1, 2), 1, "channels_last", f32, True, True),
-        ("1d-groups", (3, 6, 11), (4, 3, 3), (4,), (1,), (1,), 2, "contiguous", f32, True, False),
-        ("3d", (2, 3, 3, 4, 4), (5, 3, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), 1, "contiguous", f64, False, True),
-        ("2d-bf16", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", torch.bfloat16, True, True),
+    # (id, input shape, weight shape, stride, padding, dilation, groups, layout, dtype, conv bias, bn affine,
+    # output padding: None for a conv, else a transposed conv's)
+    for sid, shape, wshape, stride, padding, dilation, groups, layout, dtype, bias, affine, output_padding in [
+        ("2d-fold", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", f64, True, True, None),
+        ("2d-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous", f64, False, True,
+         None),
+        ("2d-cl-f32", (2, 4, 6, 5), (6, 4, 3, 3), (2, 1), (0, 1), (1, 2), 1, "channels_last", f32, True, True, None),
+        ("1d-groups", (3, 6, 11), (4, 3, 3), (4,), (1,), (1,), 2, "contiguous", f32, True, False, None),
+        ("3d", (2, 3, 3, 4, 4), (5, 3, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), 1, "contiguous", f64, False, True,
+         None),
+        ("2d-bf16", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", torch.bfloat16, True, True,
+         None),
         ("2d-bf16-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous",
-         torch.bfloat16, True, True),
+         torch.bfloat16, True, True, None),
+        ("2d-transposed", (2, 4, 4, 3), (4, 3, 3, 3), (2, 1), (1, 0), (1, 1), 1, "contiguous", f64, True, True,
+         (1, 0)),
+        ("2d-transposed-groups-cl", (2, 4, 4, 3), (4, 3, 3, 3), (2, 2), (1, 1), (1, 2), 2, "channels_last", f32,
+         False, True, (1, 1)),
+        ("1d-transposed-scaled-output", (1, 6, 1), (6, 2, 4), (1,), (0,), (1,), 3, "contiguous", f64, True, False,
+         (0,)),
+        ("3d-transposed-scaled-output-bf16", (1, 4, 1, 1, 1), (4, 3, 2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1,
+         "contiguous", torch.bfloat16, True, True, (0, 0, 0)),
     ]:
         n = len(samples)
         x = make_input(shape, dtype, layout=layout, seed=n)
         w = randn(wshape, n + 1, dtype, scale=0.3)
         if layout == "channels_last":
             w = w.contiguous(memory_format=torch.channels_last)
-        b = randn((wshape[0],), n + 2, dtype) if bias else None
-        bn_w, bn_b, mean, var = make_params(wshape[0], dtype, seed=n + 3)
+        channels = wshape[0] if output_padding is None else wshape[1] * groups
+        b = randn((channels,), n + 2, dtype) if bias else None
+        bn_w, bn_b, mean, var = make_params(channels, dtype, seed=n + 3)
         if not affine:
             bn_w = bn_b = None
-        samples.append((sid, (x, w, b, bn_w, bn_b, mean, var, EPS, stride, padding, dilation, groups)))
+        args = (x, w, b, bn_w, bn_b, mean, var, EPS, stride, padding, dilation, groups)
+        samples.append((sid, args if output_padding is None else args + (True, output_padding)))
     return samples
 
 
@@ -653,22 +722,41 @@ def test_conv_bn_frozen_opcheck(sample):
     torch.library.opcheck(OPS.conv_bn_frozen.default, args)
 
 
-@pytest.mark.parametrize("which", ["stats", "weight-rank", "stride"])
+BAD_FROZEN_ARGUMENTS = {
+    "stats": "one entry per output channel",
+    "transposed-stats": "one entry per output channel",
+    "weight-rank": "as many dimensions",
+    "stride": "one entry per spatial dimension",
+    "groups": "must be positive and divide",
+    "output-padding-length": "output_padding needs one entry per spatial dimension",
+    "output-padding-not-transposed": "output_padding applies to transposed convolutions only",
+}
+
+
+@pytest.mark.parametrize("which", list(BAD_FROZEN_ARGUMENTS))
 def test_conv_bn_frozen_rejects_bad_arguments(which):
     x = make_input((2, 4, 6, 5), torch.float32)
     w = torch.randn(6, 4, 3, 3)
     mean, var = torch.zeros(6), torch.ones(6)
-    stride = [1, 1]
-    match = {"stats": "one entry per output channel", "weight-rank": "as many dimensions",
-             "stride": "one entry per spatial dimension"}[which]
+    stride, groups, transposed, output_padding = [1, 1], 1, False, []
     if which == "stats":
         mean = torch.zeros(5)
+    elif which == "transposed-stats":  # a transposed weight's output channels are dimension 1
+        w, transposed = torch.randn(4, 6, 3, 3), True
+        mean, var = torch.zeros(4), torch.ones(4)
     elif which == "weight-rank":
         w = torch.randn(6, 4, 3)
-    else:
+    elif which == "stride":
         stride = [1]
-    with pytest.raises(ValueError, match=match):
-        OPS.conv_bn_frozen(x, w, None, None, None, mean, var, EPS, stride, [1, 1], [1, 1], 1)
+    elif which == "groups":
+        groups = 4
+    elif which == "output-padding-length":
+        w, transposed, output_padding = torch.randn(4, 6, 3, 3), True, [1]
+    else:
+        output_padding = [1, 0]
+    with pytest.raises(ValueError, match=BAD_FROZEN_ARGUMENTS[which]):
+        OPS.conv_bn_frozen(x, w, None, None, None, mean, var, EPS, stride, [1, 1], [1, 1], groups, transposed,
+                           output_padding)
 
 
 # ---------------------------------------------------------------------------
@@ -676,14 +764,16 @@ def test_conv_bn_frozen_rejects_bad_arguments(which):
 # ---------------------------------------------------------------------------
 
 
-def _gradcheck_setup(training, activation, with_residual):
+def _gradcheck_setup(training, activation, with_residual, transposed=False):
     """A tiny float64 block and inputs; for relu / leaky_relu a seed whose
     pre-activation stays away from the kink at 0."""
+    # a 2x2 kernel takes 3x3 to 2x2; transposed, 2x2 to 3x3
+    in_size, out_size = (2, 3) if transposed else (3, 2)
     for seed in range(200):
         block = _make_block(2, torch.float64, activation, seed=seed, in_channels=2, out_channels=3,
-                            kernel_size=2, padding=0, bias=True).train(training)
-        x = make_input((2, 2, 3, 3), torch.float64, seed=seed, scale=1.0)
-        res = make_input((2, 3, 2, 2), torch.float64, seed=seed + 1, scale=1.0, offset=False) \
+                            kernel_size=2, padding=0, bias=True, transposed=transposed).train(training)
+        x = make_input((2, 2, in_size, in_size), torch.float64, seed=seed, scale=1.0)
+        res = make_input((2, 3, out_size, out_size), torch.float64, seed=seed + 1, scale=1.0, offset=False) \
             if with_residual else None
         if activation not in ("relu", "leaky_relu"):
             break
@@ -695,11 +785,12 @@ def _gradcheck_setup(training, activation, with_residual):
     return block, x, res
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=act_name)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-def test_gradcheck(training, activation, with_residual):
-    block, x, res = _gradcheck_setup(training, activation, with_residual)
+def test_gradcheck(training, activation, with_residual, transposed):
+    block, x, res = _gradcheck_setup(training, activation, with_residual, transposed)
     names = [n for n, _ in block.named_parameters()]
     buffers = {n: b for n, b in block.named_buffers()}
 

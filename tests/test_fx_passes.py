@@ -449,12 +449,14 @@ class ConvBNBlocks(nn.Module):
         self.b = tnn.ConvBN2d(6, 6, 3, padding=1, bias=True, activation="leaky_relu", negative_slope=0.2)
         self.c = tnn.ConvBN2d(6, 6, 1, activation=None)
         self.d = tnn.ConvBN2d(6, 6, 3, padding=1, activation="silu")
+        self.e = tnn.ConvTransposeBN2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2, activation="relu")
 
     def forward(self, x):
         y = self.a(x)
         y = self.b(y, y * 0.5)  # residual + activation
         y = self.c(y)           # no activation
-        return self.d(y, residual=torch.tanh(y))
+        y = self.d(y, residual=torch.tanh(y))
+        return self.e(y)        # transposed
 
 
 def test_fold_convbn_blocks():
@@ -464,7 +466,7 @@ def test_fold_convbn_blocks():
     assert batch_norm_ops(folded) == 0
     assert not any(isinstance(m, (_BN, _ConvBNNd)) for m in folded.modules())
     assert [(f.layer, f.batch_norm, f.folded) for f in folded.fold_report.folds] == [
-        (f"{n}.conv", f"{n}.bn", True) for n in "abcd"]
+        (f"{n}.conv", f"{n}.bn", True) for n in "abcde"]
     adds = [n for n in folded.graph.nodes if n.op == "call_function" and n.target is torch.add]
     assert len(adds) == 2
     with torch.no_grad():
@@ -820,6 +822,49 @@ def test_fuse_timm_batch_norm_act_trains_like_unfused():
     # is ill-conditioned and two correct float64 kernels already differ by ~1e-7.
     fused = _check_fused_training(model, n_bn, (2, 3, 64, 64))
     assert any(b.activation == "silu" for b in fused_blocks(fused).values())
+
+
+class Generator(nn.Module):
+    """A DCGAN-style generator (ConvTranspose -> BatchNorm -> ReLU from a 1x1
+    latent), with a residual block and a last layer given an output_size
+    (which fuse_conv_bn leaves alone), and a linear head for a class loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1, self.bn1 = nn.ConvTranspose2d(8, 16, 4, bias=False), nn.BatchNorm2d(16)  # 1x1 -> 4x4
+        self.up2, self.bn2 = nn.ConvTranspose2d(16, 8, 4, 2, 1, bias=False), nn.BatchNorm2d(8)  # -> 8x8
+        self.up3, self.bn3 = nn.ConvTranspose2d(8, 8, 3, 1, 1, groups=2), nn.BatchNorm2d(8)
+        self.up4, self.bn4 = nn.ConvTranspose2d(8, 4, 3, 2, 1), nn.BatchNorm2d(4)  # -> 16x16
+        self.head = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, z):
+        y = F.relu(self.bn1(self.up1(z)))
+        y = F.relu(self.bn2(self.up2(y)))
+        y = F.relu(self.bn3(self.up3(y)) + y)
+        y = torch.tanh(self.bn4(self.up4(y, output_size=[16, 16])))
+        return self.head(y.flatten(1))
+
+
+def test_fuse_transposed_generator_trains_like_unfused():
+    """ConvTranspose chains fuse like conv ones: batch statistics, frozen BN
+    (the 1x1-latent layer's output is smaller than its weight, so frozen BN
+    scales the output there and folds the weight elsewhere) and the residual
+    block; unfuse_conv_bn gives the plain graph back."""
+    torch.manual_seed(64)
+    model = Generator()
+    fused = _check_fused_training(model, 3, (4, 8, 1, 1))
+    blocks = {b.steps[0][1]: b for b in fused_blocks(fused).values()}
+    assert sorted(blocks) == ["up1", "up2", "up3"]
+    up3 = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == "up3_fused")
+    assert len(up3.args) == 2, "the residual block takes its identity"
+    restored = unfuse_conv_bn(fused)
+    assert not fused_blocks(restored)
+    x = make_input((4, 8, 1, 1), torch.float64, seed=65)
+    for mode in (False, True):
+        fused.train(mode)
+        restored.train(mode)
+        with torch.no_grad():
+            assert_close(restored(x), fused(x), torch.float64, "forward", msg=f"training={mode}")
 
 
 class Patterns(nn.Module):

@@ -143,23 +143,23 @@ def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps
 
 @torch.library.register_fake("torchnorm::conv_bn_frozen")
 def _conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
-                    dilation, groups):
+                    dilation, groups, transposed=False, output_padding=()):
     _check_devices("torchnorm.conv_bn_frozen", input, weight=weight, conv_bias=conv_bias, bn_weight=bn_weight,
                    bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
     # The output is the convolution's, with its shape, dtype and layout.
-    return torch.ops.aten.convolution.default(input, weight, None, stride, padding, dilation, False,
-                                              [0] * (input.dim() - 2), groups)
+    return torch.ops.aten.convolution.default(input, weight, None, stride, padding, dilation, transposed,
+                                              list(output_padding) or [0] * (input.dim() - 2), groups)
 
 
 @torch.library.register_fake("torchnorm::conv_bn_frozen_backward")
 def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, running_mean, running_var, eps,
-                             stride, padding, dilation, groups, output_mask):
+                             stride, padding, dilation, groups, transposed, output_padding, output_mask):
     _check_devices("torchnorm.conv_bn_frozen_backward", input, grad_output=grad_output, weight=weight,
                    conv_bias=conv_bias, bn_weight=bn_weight, running_mean=running_mean, running_var=running_var)
     grad_input, grad_weight, _ = torch.ops.aten.convolution_backward.default(
-        grad_output, input, weight, None, stride, padding, dilation, False, [0] * (input.dim() - 2), groups,
-        [output_mask[0], output_mask[1], False])
-    channels = weight.shape[0]
+        grad_output, input, weight, None, stride, padding, dilation, transposed,
+        list(output_padding) or [0] * (input.dim() - 2), groups, [output_mask[0], output_mask[1], False])
+    channels = weight.shape[1] * groups if transposed else weight.shape[0]
     bn_dtype = bn_weight.dtype if bn_weight is not None else weight.dtype
     bias_dtype = conv_bias.dtype if conv_bias is not None else weight.dtype
 

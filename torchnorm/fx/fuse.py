@@ -62,7 +62,10 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
     if epilogue is None or not isinstance(conv_node, fx.Node) or conv_node.op != "call_module":
         return None
     conv = modules[conv_node.target]
-    if type(conv) not in _graph.CONV_TYPES or len(conv_node.users) != 1 or bn.num_features != conv.out_channels:
+    if (type(conv) not in _graph.CONV_TYPES + _graph.TRANSPOSED_TYPES or len(conv_node.users) != 1
+            or bn.num_features != conv.out_channels):
+        return None
+    if len(conv_node.args) != 1 or conv_node.kwargs:  # a ConvTranspose given its output_size
         return None
     if conv.weight.dim() - 2 != {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2,
                                  torch.nn.BatchNorm3d: 3}.get(_bn_base(bn), -1):
@@ -97,9 +100,10 @@ def _bn_base(bn: torch.nn.Module) -> Optional[type]:
 
 
 def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphModule:
-    """Replaces every Conv1d/2d/3d -> BatchNorm (-> + residual) (-> ReLU /
-    LeakyReLU / SiLU) chain of ``model`` with one :class:`FusedConvBN` call
-    and returns the result as a ``torch.fx.GraphModule``.
+    """Replaces every Conv1d/2d/3d or ConvTranspose1d/2d/3d -> BatchNorm (->
+    + residual) (-> ReLU / LeakyReLU / SiLU) chain of ``model`` with one
+    :class:`FusedConvBN` call and returns the result as a
+    ``torch.fx.GraphModule``.
 
     The fused model shares ``model``'s parameters and buffers (training one
     trains the other) and has the same state_dict keys. It computes the same
@@ -107,7 +111,8 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
     keeps about half the activation memory for backward (see
     :mod:`torchnorm.nn.conv_bn`): with ``save_memory`` (default) its forward
     runs inside :func:`torchnorm.nn.rebuild_outputs`. Chains whose
-    intermediate values are used elsewhere are left alone. The ResNet tail
+    intermediate values are used elsewhere, and ConvTranspose calls given an
+    ``output_size``, are left alone. The ResNet tail
     ``act(BN(conv(x)) + identity)`` becomes one block.
     :func:`unfuse_conv_bn` undoes it.
 
@@ -145,7 +150,8 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
             graph.erase_node(n)
         fused += 1
     if not fused:
-        raise ValueError("fuse_conv_bn: found no Conv1d/2d/3d followed by a BatchNorm of its output to fuse")
+        raise ValueError("fuse_conv_bn: found no Conv1d/2d/3d or ConvTranspose1d/2d/3d followed by a BatchNorm of "
+                         "its output to fuse")
     graph.lint()
     gm.recompile()
     return save_memory_in(gm) if save_memory else gm

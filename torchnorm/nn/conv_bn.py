@@ -3,7 +3,8 @@
 Unfused, ``act(BN(conv(x)) + residual)`` keeps two activation-sized tensors
 per block for backward: the conv output (BatchNorm's input) and the block
 output (the activation's result, which the next layer keeps too). These
-blocks keep about one, chosen per mode:
+blocks keep about one, chosen per mode (the conv may be a ConvTranspose:
+everything below holds for it too):
 
 * **BatchNorm in eval mode (frozen statistics, fine-tuning).** The statistics
   are constants, so the BatchNorm is a per-channel scale and shift of the
@@ -49,7 +50,8 @@ from torch import Tensor
 from .. import functional as F
 from .batchnorm import _BatchNormCall
 
-__all__ = ["ConvBN1d", "ConvBN2d", "ConvBN3d", "conv_bn_forward", "rebuild_outputs", "save_memory_in"]
+__all__ = ["ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
+           "conv_bn_forward", "rebuild_outputs", "save_memory_in"]
 
 _REBUILD_ATTR = "_torchnorm_rebuild"
 
@@ -148,7 +150,11 @@ def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor) -
     ``torchnorm::conv_bn_frozen`` op (csrc/conv_bn.cpp), which keeps only the
     conv input for backward. Padding that is not explicit zeros (a padding
     mode, or ``padding="same"`` that is uneven) is applied first, as torch.nn's
-    conv does."""
+    conv does; a transposed conv has zero padding only."""
+    if _is_transposed(conv):
+        return torch.ops.torchnorm.conv_bn_frozen(input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                                  bn.running_var, bn.eps, conv.stride, conv.padding, conv.dilation,
+                                                  conv.groups, True, conv.output_padding)
     padding = conv.padding
     if conv.padding_mode != "zeros" or isinstance(padding, str):
         pads = conv._reversed_padding_repeated_twice
@@ -163,6 +169,19 @@ def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor) -
                                               conv.groups)
 
 
+def _is_transposed(conv: torch.nn.Module) -> bool:
+    return isinstance(conv, torch.nn.modules.conv._ConvTransposeNd)
+
+
+def _conv_arithmetic(conv: torch.nn.Module, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """What ``conv(input)`` computes, with these weight and bias tensors and
+    without the module's hooks."""
+    if _is_transposed(conv):
+        return torch.convolution(input, weight, bias, conv.stride, conv.padding, conv.dilation, True,
+                                 conv.output_padding, conv.groups)
+    return conv._conv_forward(input, weight, bias)
+
+
 class _ConvBNRecomputeConv(torch.autograd.Function):
     """Training-mode conv -> BN -> + residual -> act that keeps the block output's
     inputs (conv input, residual) but not the conv output: backward recomputes
@@ -171,7 +190,7 @@ class _ConvBNRecomputeConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, residual, conv, call, eps, activation,
                 negative_slope):
-        y = conv._conv_forward(x, conv_weight, conv_bias)
+        y = _conv_arithmetic(conv, x, conv_weight, conv_bias)
         out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
             y, bn_weight, bn_bias, call.running_mean, call.running_var, call.momentum, eps, activation,
             negative_slope, residual)
@@ -186,7 +205,7 @@ class _ConvBNRecomputeConv(torch.autograd.Function):
         conv_inputs = [t.detach().requires_grad_(need) if t is not None else None
                        for t, need in zip((x, conv_weight, conv_bias), needs[:3])]
         with torch.enable_grad():
-            y = ctx.conv._conv_forward(*conv_inputs)
+            y = _conv_arithmetic(ctx.conv, *conv_inputs)
         grad_y, grad_bn_weight, grad_bn_bias, grad_residual = torch.ops.torchnorm.batch_norm_backward.default(
             grad_out, y.detach(), bn_weight, bn_bias, residual, mean, rstd,
             True, ctx.activation, ctx.negative_slope,
@@ -206,8 +225,9 @@ class _ConvBNRecomputeConv(torch.autograd.Function):
 def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, activation: Optional[str] = None,
                     negative_slope: float = 0.01, residual: Optional[Tensor] = None) -> Tensor:
     """``act(bn(conv(input)) + residual)`` with the memory-saving strategy of
-    ``bn``'s mode (see the module docstring). ``conv`` is a Conv1d/2d/3d and
-    ``bn`` a BatchNorm of its output channels; both keep their parameters and
+    ``bn``'s mode (see the module docstring). ``conv`` is a Conv1d/2d/3d or
+    ConvTranspose1d/2d/3d (called without ``output_size``) and ``bn`` a
+    BatchNorm of its output channels; both keep their parameters and
     buffers, and ``bn``'s running statistics update as torch.nn's would."""
     activation = F._activation_name(activation)
     call = _BatchNormCall(bn)
@@ -257,11 +277,16 @@ class _ConvBNNd(torch.nn.Module):
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
                  activation: Optional[str] = None, negative_slope: float = 0.01, device=None, dtype=None) -> None:
         super().__init__()
+        self._build(dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode),
+                    eps, momentum, affine, track_running_stats, activation, negative_slope, device, dtype)
+
+    def _build(self, conv_args: dict, eps, momentum, affine, track_running_stats, activation, negative_slope,
+               device, dtype) -> None:
         F._activation_name(activation)  # reject unknown names at construction
         factory = {"device": device, "dtype": dtype}
-        self.conv = self._conv_class(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                     bias, padding_mode, **factory)
-        self.bn = self._bn_class(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        self.conv = self._conv_class(**conv_args, **factory)
+        self.bn = self._bn_class(conv_args["out_channels"], eps, momentum, affine, track_running_stats, **factory)
         self.activation = activation
         self.negative_slope = negative_slope
 
@@ -313,4 +338,42 @@ class ConvBN3d(_ConvBNNd):
     """Conv3d + BatchNorm3d (+ residual) (+ activation); see :class:`ConvBN1d`."""
 
     _conv_class = torch.nn.Conv3d
+    _bn_class = torch.nn.BatchNorm3d
+
+
+class _ConvTransposeBNNd(_ConvBNNd):
+    """``act(BN(conv_transpose(x)) + residual)``; the transposed conv's
+    arguments in its order (``output_padding`` after ``padding``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = False, dilation=1, padding_mode: str = "zeros", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = None, negative_slope: float = 0.01, device=None, dtype=None) -> None:
+        torch.nn.Module.__init__(self)
+        self._build(dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, output_padding=output_padding, groups=groups, bias=bias, dilation=dilation,
+                         padding_mode=padding_mode),
+                    eps, momentum, affine, track_running_stats, activation, negative_slope, device, dtype)
+
+
+class ConvTransposeBN1d(_ConvTransposeBNNd):
+    """ConvTranspose1d + BatchNorm1d (+ residual) (+ activation), as in a
+    generator's or decoder's upsampling path; see :class:`ConvBN1d`. The
+    block takes no ``output_size``: set ``output_padding`` instead."""
+
+    _conv_class = torch.nn.ConvTranspose1d
+    _bn_class = torch.nn.BatchNorm1d
+
+
+class ConvTransposeBN2d(_ConvTransposeBNNd):
+    """ConvTranspose2d + BatchNorm2d (+ residual) (+ activation); see :class:`ConvTransposeBN1d`."""
+
+    _conv_class = torch.nn.ConvTranspose2d
+    _bn_class = torch.nn.BatchNorm2d
+
+
+class ConvTransposeBN3d(_ConvTransposeBNNd):
+    """ConvTranspose3d + BatchNorm3d (+ residual) (+ activation); see :class:`ConvTransposeBN1d`."""
+
+    _conv_class = torch.nn.ConvTranspose3d
     _bn_class = torch.nn.BatchNorm3d
