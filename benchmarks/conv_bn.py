@@ -85,6 +85,20 @@ class _ResNet50(torch.nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def dcgan_generator(latent: int = 100, width: int = 64) -> torch.nn.Module:
+    """DCGAN's generator (Radford et al., 2015): a 1x1 latent vector up to a
+    64x64 RGB image through ConvTranspose2d -> BatchNorm2d -> ReLU layers."""
+    nn = torch.nn
+    layers, cin = [], latent
+    for i, cout in enumerate((width * 8, width * 4, width * 2, width)):
+        first = i == 0  # 1x1 -> 4x4; the others double the size
+        layers += [nn.ConvTranspose2d(cin, cout, 4, 1 if first else 2, 0 if first else 1, bias=False),
+                   nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        cin = cout
+    layers += [nn.ConvTranspose2d(cin, 3, 4, 2, 1, bias=False), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
 def mobilenet_v2() -> Optional[torch.nn.Module]:
     try:
         import torchvision
@@ -177,15 +191,27 @@ def training_step(model: torch.nn.Module, x: torch.Tensor, counter: Optional[Sav
 
 
 def train_rows(device: str, quick: bool) -> List[dict]:
-    import torchnorm.fx
+    """Saved bytes and step time of fuse_conv_bn's model against the plain
+    one: ResNet-50 (the issue's goals) and DCGAN's generator (ConvTranspose
+    chains), with batch statistics and with frozen BatchNorm."""
     batch, size = (2, 64) if quick else ((32, 224) if device == "cuda" else (8, 112))
+    gan_batch = 2 if quick else (128 if device == "cuda" else 32)
+    rows = []
+    for name, factory, shape in (("ResNet-50", resnet50, (batch, 3, size, size)),
+                                 ("DCGAN generator", dcgan_generator, (gan_batch, 100, 1, 1))):
+        rows += _train_rows_of(name, factory, torch.randn(shape, device=device), device, quick)
+    return rows
+
+
+def _train_rows_of(model_name: str, factory: Callable[[], torch.nn.Module], x: torch.Tensor, device: str,
+                   quick: bool) -> List[dict]:
+    import torchnorm.fx
     # On this shared 2-core CPU a step's time varies by 5-10% from one step to
     # the next, so the CPU rows take 15 steps each (in turn) for their medians.
     warmup, reps = (1, 2) if quick else ((3, 10) if device == "cuda" else (2, 15))
     rows = []
-    x = torch.randn(batch, 3, size, size, device=device)
     for mode in ("batch statistics", "frozen BN"):
-        plain = resnet50().to(device)
+        plain = factory().to(device)
         fused = torchnorm.fx.fuse_conv_bn(copy.deepcopy(plain), save_memory=False)
         for model in (plain, fused):
             model.train()
@@ -205,14 +231,14 @@ def train_rows(device: str, quick: bool) -> List[dict]:
                 training_step(model, x, None, is_fused)
                 peak = torch.cuda.max_memory_allocated() / 2**20
             result[name] = (counter.total, peak)
-        harness.log(f"conv_bn train ({mode}): timing {reps} steps each, torch and torchnorm in turn")
+        harness.log(f"conv_bn train {model_name} ({mode}): timing {reps} steps each, torch and torchnorm in turn")
         seconds = median_seconds({"torch": lambda: training_step(plain, x, None, False),
                                   "torchnorm": lambda: training_step(fused, x, None, True)}, device, warmup, reps)
         (base_bytes, base_peak), base_s = result["torch"], seconds["torch"]
         (ours_bytes, ours_peak), ours_s = result["torchnorm"], seconds["torchnorm"]
         rows.append({
-            "benchmark": f"ResNet-50 training step, {mode}", "device": harness.device_name(device),
-            "shape": f"({batch}, 3, {size}, {size})",
+            "benchmark": f"{model_name} training step, {mode}", "device": harness.device_name(device),
+            "shape": str(tuple(x.shape)),
             "torch": f"{base_bytes / 2**20:.1f} MiB saved, {base_s * 1e3:.0f} ms"
                      + (f", peak {base_peak:.0f} MiB" if peak != "" else ""),
             "torchnorm": f"{ours_bytes / 2**20:.1f} MiB saved, {ours_s * 1e3:.0f} ms"

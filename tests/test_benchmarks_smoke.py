@@ -136,8 +136,8 @@ def test_bytes_moved():
 
 
 def test_quick_conv_bn(tmp_path):
-    """The model-level suite: ResNet-50 saved bytes and step time, folding speed,
-    error and coverage, into its own report."""
+    """The model-level suite: ResNet-50's and DCGAN's generator's saved bytes
+    and step time, folding speed, error and coverage, into its own report."""
     pytest.importorskip("torchnorm._C")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "conv_bn",
@@ -145,14 +145,16 @@ def test_quick_conv_bn(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "conv_bn train (batch statistics): timing" in proc.stderr  # progress lines
+    assert "conv_bn train ResNet-50 (batch statistics): timing" in proc.stderr  # progress lines
     md = (tmp_path / "bench-conv-bn-cpu.md").read_text()
     for label in ("ResNet-50 training step, batch statistics", "ResNet-50 training step, frozen BN",
+                  "DCGAN generator training step, batch statistics", "DCGAN generator training step, frozen BN",
                   "fold coverage: ConvTranspose2d + BatchNorm2d", "fold coverage: Linear + BatchNorm1d"):
         assert label in md
     with open(tmp_path / "bench-conv-bn-cpu.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    train = [r for r in rows if r["benchmark"].startswith("ResNet-50 training step")]
+    train = [r for r in rows if " training step, " in r["benchmark"]]
+    assert len(train) == 4
     # Fused blocks keep less for backward than torch.nn's Conv -> BN -> ReLU.
     for r in train:
         ratio = float(r["ratio"].split("saved bytes ")[1].split("x")[0])
