@@ -123,8 +123,8 @@ Tensor per_channel(const Tensor& t, int64_t dim, int64_t channel_dim) {
 }
 
 // The convolution's arguments. A transposed conv's weight is (in_channels,
-// out_channels / groups, kernel...): its output channels are dimension 1,
-// repeated for each group of input channels along dimension 0.
+// out_channels / groups, kernel...): dimension 1 indexes the output channels
+// within a group, and group g's rows are block g of dimension 0.
 struct Conv {
   at::IntArrayRef stride, padding, dilation;
   int64_t groups;

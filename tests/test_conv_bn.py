@@ -733,8 +733,8 @@ BAD_FROZEN_ARGUMENTS = {
 }
 
 
-@pytest.mark.parametrize("which", list(BAD_FROZEN_ARGUMENTS))
-def test_conv_bn_frozen_rejects_bad_arguments(which):
+def _bad_frozen_call(which):
+    """Arguments to conv_bn_frozen with the fault `which` (BAD_FROZEN_ARGUMENTS)."""
     x = make_input((2, 4, 6, 5), torch.float32)
     w = torch.randn(6, 4, 3, 3)
     mean, var = torch.zeros(6), torch.ones(6)
@@ -754,9 +754,25 @@ def test_conv_bn_frozen_rejects_bad_arguments(which):
         w, transposed, output_padding = torch.randn(4, 6, 3, 3), True, [1]
     else:
         output_padding = [1, 0]
+    return (x, w, None, None, None, mean, var, EPS, stride, [1, 1], [1, 1], groups, transposed, output_padding)
+
+
+@pytest.mark.parametrize("which", list(BAD_FROZEN_ARGUMENTS))
+def test_conv_bn_frozen_rejects_bad_arguments(which):
     with pytest.raises(ValueError, match=BAD_FROZEN_ARGUMENTS[which]):
-        OPS.conv_bn_frozen(x, w, None, None, None, mean, var, EPS, stride, [1, 1], [1, 1], groups, transposed,
-                           output_padding)
+        OPS.conv_bn_frozen(*_bad_frozen_call(which))
+
+
+@pytest.mark.parametrize("which", ["stats", "transposed-stats", "output-padding-length",
+                                   "output-padding-not-transposed"])
+def test_conv_bn_frozen_fake_rejects_bad_arguments(which):
+    """Under torch.compile the fake kernel meets the arguments first: it refuses
+    what the op refuses (and aten::convolution's fake would let through)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in _bad_frozen_call(which)]
+        with pytest.raises(ValueError, match=BAD_FROZEN_ARGUMENTS[which]):
+            OPS.conv_bn_frozen(*args)
 
 
 # ---------------------------------------------------------------------------

@@ -141,11 +141,29 @@ def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps
     return _kernel_layout(input), _group_stats(input, input.shape[1]), _group_stats(input, input.shape[1])
 
 
+def _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding):
+    # The checks of csrc/conv_bn.cpp (conv_args) that aten::convolution's own
+    # fake does not make, so that a compiled call fails as an eager one does.
+    op = "torchnorm.conv_bn_frozen"
+    spatial = input.dim() - 2
+    if output_padding and len(output_padding) != spatial:
+        raise ValueError(f"{op}: output_padding needs one entry per spatial dimension ({spatial}) or none")
+    if not transposed and any(output_padding):
+        raise ValueError(f"{op}: output_padding applies to transposed convolutions only")
+    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    for stats in (running_mean, running_var):
+        if stats.dim() != 1 or stats.shape[0] != channels:
+            raise ValueError(f"{op}: running statistics must have one entry per output channel ({channels}), "
+                             f"got shape {list(stats.shape)}")
+    return channels
+
+
 @torch.library.register_fake("torchnorm::conv_bn_frozen")
 def _conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
                     dilation, groups, transposed=False, output_padding=()):
     _check_devices("torchnorm.conv_bn_frozen", input, weight=weight, conv_bias=conv_bias, bn_weight=bn_weight,
                    bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding)
     # The output is the convolution's, with its shape, dtype and layout.
     return torch.ops.aten.convolution.default(input, weight, None, stride, padding, dilation, transposed,
                                               list(output_padding) or [0] * (input.dim() - 2), groups)
@@ -159,7 +177,7 @@ def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, r
     grad_input, grad_weight, _ = torch.ops.aten.convolution_backward.default(
         grad_output, input, weight, None, stride, padding, dilation, transposed,
         list(output_padding) or [0] * (input.dim() - 2), groups, [output_mask[0], output_mask[1], False])
-    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    channels = _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding)
     bn_dtype = bn_weight.dtype if bn_weight is not None else weight.dtype
     bias_dtype = conv_bias.dtype if conv_bias is not None else weight.dtype
 

@@ -151,7 +151,7 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
         fused += 1
     if not fused:
         raise ValueError("fuse_conv_bn: found no Conv1d/2d/3d or ConvTranspose1d/2d/3d followed by a BatchNorm of "
-                         "its output to fuse")
+                         "its output to fuse (a ConvTranspose called with output_size is not fused)")
     graph.lint()
     gm.recompile()
     return save_memory_in(gm) if save_memory else gm

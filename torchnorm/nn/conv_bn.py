@@ -349,7 +349,7 @@ class _ConvTransposeBNNd(_ConvBNNd):
                  groups: int = 1, bias: bool = False, dilation=1, padding_mode: str = "zeros", eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
                  activation: Optional[str] = None, negative_slope: float = 0.01, device=None, dtype=None) -> None:
-        torch.nn.Module.__init__(self)
+        torch.nn.Module.__init__(self)  # not _ConvBNNd's: its conv arguments differ
         self._build(dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
                          padding=padding, output_padding=output_padding, groups=groups, bias=bias, dilation=dilation,
                          padding_mode=padding_mode),
