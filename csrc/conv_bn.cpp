@@ -137,13 +137,14 @@ struct Conv {
     return at::convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups);
   }
 
-  // (grad_input, grad_weight, grad_bias), those the mask asks for.
-  std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
-                                              std::array<bool, 3> mask) const {
-    const std::vector<int64_t> bias_sizes{out_channels(weight)};
-    return at::convolution_backward(grad_output, input, weight,
-                                    mask[2] ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride,
-                                    padding, dilation, transposed, output_padding, groups, mask);
+  // (grad_input, grad_weight), those the mask asks for. The bias gradient
+  // is a plain sum (see conv_bn_frozen_backward), not asked of the conv.
+  std::pair<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                     bool want_input, bool want_weight) const {
+    auto [grad_input, grad_weight, unused] =
+        at::convolution_backward(grad_output, input, weight, std::nullopt, stride, padding, dilation, transposed,
+                                 output_padding, groups, {want_input, want_weight, false});
+    return {grad_input, grad_weight};
   }
 
   // `scale` (one entry per output channel) shaped to multiply `weight`
@@ -352,21 +353,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
   const bool want_weight = output_mask[1] || output_mask[3];
   const bool want_shift = output_mask[2] || output_mask[3] || output_mask[4];
   Tensor grad_input, grad_weight, grad_shift, grad_scale;
+  if (want_shift) {
+    // One sum for both paths, not the conv backward's bias output: on the
+    // CPU, ResNet-50's conv backwards (batch 8, 112x112) took 0.4-4.4% longer
+    // with oneDNN's bias gradient than without it plus this sum.
+    std::vector<int64_t> all_but_channels{0};
+    for (int64_t d = 2; d < grad_output.dim(); ++d) all_but_channels.push_back(d);
+    grad_shift = grad_output.sum(all_but_channels);
+  }
   if (smaller && affine.divisible) {
-    const int64_t dim = grad_output.dim();
-    const Tensor grad_scaled = grad_output * per_channel(scale.to(grad_output.scalar_type()), dim, 1);
-    std::tie(grad_input, grad_weight, std::ignore) =
-        conv.backward(grad_scaled, input, weight, {output_mask[0], want_weight, false});
-    if (want_shift) {
-      std::vector<int64_t> all_but_channels{0};
-      for (int64_t d = 2; d < dim; ++d) all_but_channels.push_back(d);
-      grad_shift = grad_output.sum(all_but_channels);
-    }
+    const Tensor grad_scaled = grad_output * per_channel(scale.to(grad_output.scalar_type()), grad_output.dim(), 1);
+    std::tie(grad_input, grad_weight) = conv.backward(grad_scaled, input, weight, output_mask[0], want_weight);
     if (output_mask[3]) grad_scale = channel_dot(grad_weight, weight, std::nullopt, conv) / scale;
   } else {
     const Tensor folded = (weight * conv.weight_scale(scale, weight)).to(weight.scalar_type());
-    std::tie(grad_input, grad_weight, grad_shift) =
-        conv.backward(grad_output, input, folded, {output_mask[0], want_weight, want_shift});
+    std::tie(grad_input, grad_weight) = conv.backward(grad_output, input, folded, output_mask[0], want_weight);
     if (want_weight) {
       grad_scale = channel_dot(grad_weight, weight, output_mask[1] ? optional<Tensor>(scale) : std::nullopt, conv);
     }
