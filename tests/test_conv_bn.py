@@ -657,6 +657,28 @@ def test_frozen_bfloat16_matches_float64(stride):
 
 
 @pytest.mark.parametrize("kind", FROZEN_KINDS, ids=[k[0] for k in FROZEN_KINDS])
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_block_on_device(device, kind):
+    """The frozen op on each device (on a GPU it always folds, by ATen ops)
+    against the unfused pair on that device, in float64."""
+    _, kwargs, shape = kind
+    dtype = torch.float64
+    block = _make_block(2, dtype, "relu", seed=78, bias=True, **kwargs).eval().to(device)
+    ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
+    x = make_input(shape, dtype, device=device, seed=79).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out = block(x)
+    expected = _unfused(ref_conv, ref_bn, x_ref, None, "relu")
+    assert_close(out, expected, dtype, "forward", "output")
+    g = make_input(out.shape, dtype, device=device, seed=80, offset=False)
+    params = [x, block.conv.weight, block.conv.bias, block.bn.weight, block.bn.bias]
+    params_ref = [x_ref, ref_conv.weight, ref_conv.bias, ref_bn.weight, ref_bn.bias]
+    for got, want, what in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params_ref, g),
+                               ("input", "conv.weight", "conv.bias", "bn.weight", "bn.bias")):
+        assert_close(got, want, dtype, "grad", what)
+
+
+@pytest.mark.parametrize("kind", FROZEN_KINDS, ids=[k[0] for k in FROZEN_KINDS])
 def test_frozen_block_compiles(kind):
     """torch.compile(fullgraph=True) of a frozen block (the op's fake kernel
     must pick the same path as the CPU kernel) gives eager's outputs and
