@@ -19,6 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -227,22 +228,30 @@ Conv conv_args(const Tensor& input, const Tensor& weight, const Tensor& mean, co
 
 // Per output channel c: the sum of g * w over the entries of c's weights;
 // then, when `scale` is given, g *= scale per output channel, in place. One
-// pass over g and w on the CPU (float and double, not transposed, where g
-// and w lay their elements out alike, one dense block per channel); ATen
-// ops otherwise.
+// pass over g and w on the CPU for float and double, where g and w lay their
+// elements out alike (see the loop); ATen ops otherwise.
 Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& scale, const Conv& conv) {
-  const int64_t channels = g.size(0);
-  const int64_t block = channels ? g.numel() / channels : 0;
-  const bool fast = !conv.transposed && g.is_cpu() &&
-                    (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
-                    w.scalar_type() == g.scalar_type() && g.strides() == w.strides() &&
-                    g.is_non_overlapping_and_dense() && g.stride(0) == block;
+  const int64_t channels = conv.out_channels(w);
+  // The loop's view of a weight: `groups` groups of `rows` rows, each row
+  // holding, per output channel of the group, one block of `block`
+  // contiguous entries. A conv weight is one row of all channels' blocks
+  // (in any dense layout that puts channel c's entries in block c); a
+  // contiguous transposed weight has one row per input channel.
+  const int64_t groups = conv.transposed ? conv.groups : 1;
+  const int64_t rows = conv.transposed ? w.size(0) / groups : 1;
+  const int64_t outs = channels / groups;
+  const int64_t blocks = groups * rows * outs;
+  const int64_t block = blocks ? w.numel() / blocks : 0;
+  const bool layout_ok = conv.transposed ? g.is_contiguous() && w.is_contiguous()
+                                         : g.is_non_overlapping_and_dense() && g.stride(0) == block;
+  const bool fast = g.is_cpu() && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
+                    w.scalar_type() == g.scalar_type() && g.strides() == w.strides() && layout_ok;
   if (!fast) {
     Tensor dot = conv.sum_per_output_channel(g * w);
     if (scale) g.mul_(conv.weight_scale(*scale, g));
     return dot;
   }
-  Tensor dot = at::empty({channels}, g.options());
+  Tensor dot = at::zeros({channels}, g.options());
   const Tensor scale_values = scale ? scale->to(g.scalar_type()).contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "channel_dot", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
@@ -250,24 +259,35 @@ Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& sca
     const scalar_t* w_data = w.const_data_ptr<scalar_t>();
     const scalar_t* s_data = scale ? scale_values.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dot_data = dot.data_ptr<scalar_t>();
-    at::parallel_for(0, channels, cpu::grain_for(block), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        scalar_t* gc = g_data + c * block;
-        const scalar_t* wc = w_data + c * block;
-        const Vec s(s_data ? s_data[c] : scalar_t(1));
-        Vec acc(0);
-        int64_t k = 0;
-        for (; k + Vec::size() <= block; k += Vec::size()) {
-          const Vec gv = Vec::loadu(gc + k);
-          acc = at::vec::fmadd(gv, Vec::loadu(wc + k), acc);
-          if (s_data) (gv * s).store(gc + k);
+    // One block: returns the sum of gb * wb and scales gb.
+    auto block_dot = [&](scalar_t* gb, const scalar_t* wb, int64_t c) {
+      const Vec s(s_data ? s_data[c] : scalar_t(1));
+      Vec acc(0);
+      int64_t k = 0;
+      for (; k + Vec::size() <= block; k += Vec::size()) {
+        const Vec gv = Vec::loadu(gb + k);
+        acc = at::vec::fmadd(gv, Vec::loadu(wb + k), acc);
+        if (s_data) (gv * s).store(gb + k);
+      }
+      scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return a + b; }, acc);
+      for (; k < block; ++k) {
+        sum += gb[k] * wb[k];
+        if (s_data) gb[k] *= s_data[c];
+      }
+      return sum;
+    };
+    // A task takes a range of output channels and walks their blocks row by
+    // row, so it writes contiguous stretches of g.
+    at::parallel_for(0, channels, cpu::grain_for(block * rows), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end;) {
+        const int64_t group = c / outs, first = c % outs, count = std::min(outs - first, end - c);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t offset = ((group * rows + r) * outs + first) * block;
+          for (int64_t i = 0; i < count; ++i) {
+            dot_data[c + i] += block_dot(g_data + offset + i * block, w_data + offset + i * block, c + i);
+          }
         }
-        scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return a + b; }, acc);
-        for (; k < block; ++k) {
-          sum += gc[k] * wc[k];
-          if (s_data) gc[k] *= s_data[c];
-        }
-        dot_data[c] = sum;
+        c += count;
       }
     });
   });
