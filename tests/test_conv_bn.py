@@ -873,14 +873,16 @@ def test_gradcheck_conv_bn_forward(training):
     assert torch.autograd.gradcheck(fn, args, **GRADCHECK)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-def test_conv_hooks_run_in_every_mode(training, with_residual):
-    """The block's conv is a torch.nn.Conv2d: its forward pre-hooks and hooks
+def test_conv_hooks_run_in_every_mode(training, with_residual, transposed):
+    """The block's conv is a torch.nn.Conv2d (or ConvTranspose2d): its forward pre-hooks and hooks
     run on every forward, whatever the mode. torch.nn.utils.prune recomputes
     the weight in a pre-hook, so skipping it trains a stale weight."""
     dtype = torch.float64
-    block = _make_block(2, dtype, "relu", seed=97, in_channels=5, out_channels=5).train(training)
+    block = _make_block(2, dtype, "relu", seed=97, in_channels=5, out_channels=5,
+                        transposed=transposed).train(training)
     ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
     for conv in (block.conv, ref_conv):
         torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.4)
@@ -909,16 +911,18 @@ def test_conv_hooks_run_in_every_mode(training, with_residual):
         opt_ref.zero_grad()
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-def test_autocast_matches_unfused(training, with_residual):
+def test_autocast_matches_unfused(training, with_residual, transposed):
     """Mixed precision: under CPU autocast to bfloat16 every mode runs forward
     and backward like unfused torch.nn under the same autocast (a custom
     autograd.Function's backward runs outside autocast unless it restores it).
     Outputs are compared; gradient values are not (the fused and unfused
     blocks round different intermediates to bfloat16, which the tolerance
     table does not cover; float32 / float64 tests check the gradients)."""
-    block = _make_block(2, torch.float32, "relu", seed=98, in_channels=5, out_channels=5).train(training)
+    block = _make_block(2, torch.float32, "relu", seed=98, in_channels=5, out_channels=5,
+                        transposed=transposed).train(training)
     ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
     x = make_input((2, 5, 6, 7), torch.float32, seed=17).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
@@ -951,13 +955,14 @@ REQUIRES_GRAD = [
 ]
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
 @pytest.mark.parametrize("wanted", REQUIRES_GRAD, ids=[r[0] for r in REQUIRES_GRAD])
-def test_partial_requires_grad(wanted, training, with_residual):
+def test_partial_requires_grad(wanted, training, with_residual, transposed):
     """Frozen layers and fine-tuning: only some of the inputs need gradients."""
     dtype = torch.float64
-    block = _make_block(2, dtype, "silu", seed=99, bias=True).train(training)
+    block = _make_block(2, dtype, "silu", seed=99, bias=True, transposed=transposed).train(training)
     ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
     x = make_input((2, 5, 6, 7), dtype, seed=20)
     res = make_input((2, 7, 6, 7), dtype, seed=21, offset=False) if with_residual else None
