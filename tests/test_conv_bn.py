@@ -877,9 +877,10 @@ def test_gradcheck_conv_bn_forward(training):
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
 def test_conv_hooks_run_in_every_mode(training, with_residual, transposed):
-    """The block's conv is a torch.nn.Conv2d (or ConvTranspose2d): its forward pre-hooks and hooks
-    run on every forward, whatever the mode. torch.nn.utils.prune recomputes
-    the weight in a pre-hook, so skipping it trains a stale weight."""
+    """The block's conv is a torch.nn.Conv2d (or ConvTranspose2d): its forward
+    pre-hooks and hooks run on every forward, whatever the mode.
+    torch.nn.utils.prune recomputes the weight in a pre-hook, so skipping it
+    trains a stale weight."""
     dtype = torch.float64
     block = _make_block(2, dtype, "relu", seed=97, in_channels=5, out_channels=5,
                         transposed=transposed).train(training)
