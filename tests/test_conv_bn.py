@@ -582,6 +582,36 @@ def test_frozen_block_does_not_save_conv_output(activation, with_residual, kind)
                                    f"its output (expected {allowed})")
 
 
+# (id, input batch, residual shape, residual dtype): residuals that z +
+# residual broadcasts or promotes over, in place or not.
+FROZEN_RESIDUALS = [
+    ("broadcast-into-output", 2, (1, 7, 1, 9), torch.float32),
+    ("broadcast-output", 1, (2, 7, 7, 9), torch.float32),
+    ("float64", 2, (2, 7, 7, 9), torch.float64),
+    ("bfloat16", 2, (2, 7, 7, 9), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", FROZEN_RESIDUALS, ids=[c[0] for c in FROZEN_RESIDUALS])
+def test_frozen_residual_shapes_and_dtypes(case):
+    """Frozen BN adds the residual into the conv output in place only where
+    z + residual has z's shape and dtype; otherwise (a residual that widens
+    the batch or the dtype) it gives torch.nn's result."""
+    name, batch, shape, dtype = case
+    block = _make_block(2, torch.float32, "relu", seed=81).eval()
+    ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
+    x = make_input((batch, 5, 7, 9), torch.float32, seed=82)
+    res = make_input(shape, dtype, seed=83, offset=False).requires_grad_()
+    res_ref = res.detach().clone().requires_grad_()
+    out = block(x, residual=res)
+    expected = _unfused(ref_conv, ref_bn, x, res_ref, "relu")
+    assert out.shape == expected.shape and out.dtype == expected.dtype, name
+    assert_close(out, expected, torch.float32, "forward", name)
+    g = torch.ones_like(out)
+    assert_close(torch.autograd.grad(out, res, g)[0], torch.autograd.grad(expected, res_ref, g)[0], torch.float32,
+                 "grad", name)
+
+
 def _aten_calls(fn):
     """Names of the ATen ops that ``fn()`` runs, those the C++ ops call included."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -251,7 +251,11 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
                             bn.eps, activation, negative_slope, residual)
     z = _frozen_conv_bn(conv, bn, input)
     if residual is not None:
-        z = z + residual
+        # In place where that gives the same tensor as z + residual: z is a
+        # fresh output that nothing keeps for backward.
+        same = (torch.result_type(z, residual) == z.dtype
+                and torch.broadcast_shapes(z.shape, residual.shape) == z.shape)
+        z = z.add_(residual) if same else z + residual
     return _activate(z, activation, negative_slope, inplace=True)
 
 
