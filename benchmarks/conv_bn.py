@@ -130,8 +130,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fns: Dict[str, Callable[[], None]], device: str, warmup: int, reps: int) -> Dict[str, float]:
-    """Median seconds per call of each function, the functions called in turn (one call each per
+def timed_rounds(fns: Dict[str, Callable[[], None]], device: str, warmup: int, reps: int) -> Dict[str, List[float]]:
+    """Seconds of each call of each function, the functions called in turn (one call each per
     round), so a slow spell of a shared machine falls on all of them alike. Each round starts
     one function later, so none always runs in the cache and allocator state that the same
     other one leaves behind."""
@@ -148,7 +148,12 @@ def median_seconds(fns: Dict[str, Callable[[], None]], device: str, warmup: int,
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_seconds(fns: Dict[str, Callable[[], None]], device: str, warmup: int, reps: int) -> Dict[str, float]:
+    """Median seconds per call of each function, timed by :func:`timed_rounds`."""
+    return {name: statistics.median(t) for name, t in timed_rounds(fns, device, warmup, reps).items()}
 
 
 class SavedBytes:
@@ -232,10 +237,13 @@ def _train_rows_of(model_name: str, factory: Callable[[], torch.nn.Module], x: t
                 peak = torch.cuda.max_memory_allocated() / 2**20
             result[name] = (counter.total, peak)
         harness.log(f"conv_bn train {model_name} ({mode}): timing {reps} steps each, torch and torchnorm in turn")
-        seconds = median_seconds({"torch": lambda: training_step(plain, x, None, False),
-                                  "torchnorm": lambda: training_step(fused, x, None, True)}, device, warmup, reps)
-        (base_bytes, base_peak), base_s = result["torch"], seconds["torch"]
-        (ours_bytes, ours_peak), ours_s = result["torchnorm"], seconds["torchnorm"]
+        rounds = timed_rounds({"torch": lambda: training_step(plain, x, None, False),
+                               "torchnorm": lambda: training_step(fused, x, None, True)}, device, warmup, reps)
+        (base_bytes, base_peak), base_s = result["torch"], statistics.median(rounds["torch"])
+        (ours_bytes, ours_peak), ours_s = result["torchnorm"], statistics.median(rounds["torchnorm"])
+        # The two steps of a round ran back to back: their ratio is free of
+        # the machine's slower drifts, which move both medians.
+        paired = statistics.median(o / b for o, b in zip(rounds["torchnorm"], rounds["torch"]))
         rows.append({
             "benchmark": f"{model_name} training step, {mode}", "device": harness.device_name(device),
             "shape": str(tuple(x.shape)),
@@ -243,7 +251,8 @@ def _train_rows_of(model_name: str, factory: Callable[[], torch.nn.Module], x: t
                      + (f", peak {base_peak:.0f} MiB" if peak != "" else ""),
             "torchnorm": f"{ours_bytes / 2**20:.1f} MiB saved, {ours_s * 1e3:.0f} ms"
                          + (f", peak {ours_peak:.0f} MiB" if peak != "" else ""),
-            "ratio": f"saved bytes {ours_bytes / base_bytes:.2f}x, step time {ours_s / base_s:.2f}x"
+            "ratio": f"saved bytes {ours_bytes / base_bytes:.2f}x, step time {ours_s / base_s:.2f}x "
+                     f"(per round: {paired:.2f}x)"
                      + (f", peak {ours_peak / base_peak:.2f}x" if peak != "" else ""),
         })
     return rows
