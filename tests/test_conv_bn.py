@@ -708,18 +708,23 @@ def test_frozen_block_on_device(device, kind):
         assert_close(got, want, dtype, "grad", what)
 
 
+@pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("kind", FROZEN_KINDS, ids=[k[0] for k in FROZEN_KINDS])
-def test_frozen_block_compiles(kind):
+def test_frozen_block_compiles(kind, with_residual):
     """torch.compile(fullgraph=True) of a frozen block (the op's fake kernel
-    must pick the same path as the CPU kernel) gives eager's outputs and
-    gradients."""
+    must pick the same path as the CPU kernel; the residual add must not
+    break the graph) gives eager's outputs and gradients."""
     _, kwargs, shape = kind
     block = _make_block(2, torch.float32, "relu", seed=76, **kwargs).eval()
     x = make_input(shape, torch.float32, seed=77).requires_grad_()
-    params = [x, block.conv.weight, block.bn.weight, block.bn.bias]
-    want = block(x)
+    res = None
+    if with_residual:
+        with torch.no_grad():
+            res = make_input(block(x).shape, torch.float32, seed=78, offset=False).requires_grad_()
+    params = [x, block.conv.weight, block.bn.weight, block.bn.bias] + ([res] if with_residual else [])
+    want = block(x, res)
     grads_want = torch.autograd.grad(want.sum(), params)
-    got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    got = torch.compile(block, fullgraph=True, backend="aot_eager")(x, res)
     assert torch.equal(got, want)
     for g, w in zip(torch.autograd.grad(got.sum(), params), grads_want):
         assert torch.equal(g, w)

@@ -253,8 +253,9 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
     if residual is not None:
         # In place where that gives the same tensor as z + residual: z is a
         # fresh output that nothing keeps for backward.
-        same = (torch.result_type(z, residual) == z.dtype
-                and torch.broadcast_shapes(z.shape, residual.shape) == z.shape)
+        # (Compares dtypes, not torch.result_type's: torch.compile would
+        # break the graph on a function that returns a dtype.)
+        same = residual.dtype == z.dtype and torch.broadcast_shapes(z.shape, residual.shape) == z.shape
         z = z.add_(residual) if same else z + residual
     return _activate(z, activation, negative_slope, inplace=True)
 
