@@ -142,8 +142,9 @@ def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps
 
 
 def _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding):
-    # The checks of csrc/conv_bn.cpp (conv_args) that aten::convolution's own
-    # fake does not make, so that a compiled call fails as an eager one does.
+    """The checks of csrc/conv_bn.cpp (conv_args) that aten::convolution's own
+    fake does not make, so that a compiled call fails as an eager one does.
+    Returns the output channels and the output padding (zeros for none)."""
     op = "torchnorm.conv_bn_frozen"
     spatial = input.dim() - 2
     if output_padding and len(output_padding) != spatial:
@@ -155,7 +156,7 @@ def _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, tran
         if stats.dim() != 1 or stats.shape[0] != channels:
             raise ValueError(f"{op}: running statistics must have one entry per output channel ({channels}), "
                              f"got shape {list(stats.shape)}")
-    return channels
+    return channels, list(output_padding) or [0] * spatial
 
 
 @torch.library.register_fake("torchnorm::conv_bn_frozen")
@@ -163,10 +164,11 @@ def _conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean, 
                     dilation, groups, transposed=False, output_padding=()):
     _check_devices("torchnorm.conv_bn_frozen", input, weight=weight, conv_bias=conv_bias, bn_weight=bn_weight,
                    bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
-    _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding)
+    _, output_padding = _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed,
+                                              output_padding)
     # The output is the convolution's, with its shape, dtype and layout.
     return torch.ops.aten.convolution.default(input, weight, None, stride, padding, dilation, transposed,
-                                              list(output_padding) or [0] * (input.dim() - 2), groups)
+                                              output_padding, groups)
 
 
 @torch.library.register_fake("torchnorm::conv_bn_frozen_backward")
@@ -174,10 +176,11 @@ def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, r
                              stride, padding, dilation, groups, transposed, output_padding, output_mask):
     _check_devices("torchnorm.conv_bn_frozen_backward", input, grad_output=grad_output, weight=weight,
                    conv_bias=conv_bias, bn_weight=bn_weight, running_mean=running_mean, running_var=running_var)
+    channels, output_padding = _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed,
+                                                     output_padding)
     grad_input, grad_weight, _ = torch.ops.aten.convolution_backward.default(
-        grad_output, input, weight, None, stride, padding, dilation, transposed,
-        list(output_padding) or [0] * (input.dim() - 2), groups, [output_mask[0], output_mask[1], False])
-    channels = _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding)
+        grad_output, input, weight, None, stride, padding, dilation, transposed, output_padding, groups,
+        [output_mask[0], output_mask[1], False])
     bn_dtype = bn_weight.dtype if bn_weight is not None else weight.dtype
     bias_dtype = conv_bias.dtype if conv_bias is not None else weight.dtype
 
