@@ -845,6 +845,16 @@ class Generator(nn.Module):
         return self.head(y.flatten(1))
 
 
+def _assert_same_outputs_in_both_modes(restored, fused, x):
+    """An unfused model and the fused one it came from compute the same, in
+    training and in eval mode."""
+    for mode in (False, True):
+        fused.train(mode)
+        restored.train(mode)
+        with torch.no_grad():
+            assert_close(restored(x), fused(x), torch.float64, "forward", msg=f"training={mode}")
+
+
 def test_fuse_transposed_generator_trains_like_unfused():
     """ConvTranspose chains fuse like conv ones: batch statistics, frozen BN
     (the 1x1-latent layer's output is smaller than its weight, so frozen BN
@@ -860,11 +870,7 @@ def test_fuse_transposed_generator_trains_like_unfused():
     restored = unfuse_conv_bn(fused)
     assert not fused_blocks(restored)
     x = make_input((4, 8, 1, 1), torch.float64, seed=65)
-    for mode in (False, True):
-        fused.train(mode)
-        restored.train(mode)
-        with torch.no_grad():
-            assert_close(restored(x), fused(x), torch.float64, "forward", msg=f"training={mode}")
+    _assert_same_outputs_in_both_modes(restored, fused, x)
 
 
 class Patterns(nn.Module):
@@ -1022,11 +1028,7 @@ def test_unfuse_restores_the_graph():
     targets = [n.target for n in restored.graph.nodes if n.op == "call_module"]
     assert sorted(targets) == sorted(original_targets)
     x = make_input((2, 4, 5, 6), torch.float64, seed=90)
-    for mode in (False, True):
-        fused.train(mode)
-        restored.train(mode)
-        with torch.no_grad():
-            assert_close(restored(x), fused(x), torch.float64, "forward", msg=f"training={mode}")
+    _assert_same_outputs_in_both_modes(restored, fused, x)
 
 
 def test_unfuse_and_fuse_errors():
