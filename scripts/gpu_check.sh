@@ -6,6 +6,11 @@
 # <card>.csv/.md/.png. Commit those under benchmarks/results/.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
+#
+# Each step's time limit can be set to fit a short lease (seconds; 0 skips the
+# step): TESTS_TIMEOUT (900), MEMCHECK_TIMEOUT (420), RACECHECK_TIMEOUT (300),
+# BENCH_TIMEOUT (3600). TESTS_ARGS passes options to pytest (e.g. "-m cuda",
+# the GPU cases only), BENCH_ARGS to the benchmark (e.g. "--suite conv_bn").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/gpu_check}
@@ -26,8 +31,16 @@ if ! $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "build failed"; exit 1
 fi
 
+# Runs "$@" under a time limit of $1 seconds, or skips it where that is 0.
+limited() {
+  local seconds=$1; shift
+  if [ "$seconds" = 0 ]; then echo "skipped"; return 0; fi
+  timeout "$seconds" "$@"
+}
+
 step tests
-timeout 900 $PY -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
+limited "${TESTS_TIMEOUT:-900}" $PY -m pytest tests -q -x -p no:cacheprovider ${TESTS_ARGS:-} > "$OUT/tests.log" 2>&1 \
+  || status=1
 tail -5 "$OUT/tests.log"
 
 step sanitizer
@@ -36,19 +49,20 @@ step sanitizer
 # memory hazards of the block reductions) over their float32 cases; each kept
 # to a few minutes.
 NORM_TESTS="tests/test_batch_norm.py tests/test_layer_norm.py tests/test_group_norm.py tests/test_instance_norm.py"
-timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
+limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest $NORM_TESTS -q -x -p no:cacheprovider \
   -k "cuda and (test_op_ or test_empty_batch)" \
   > "$OUT/sanitizer.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer.log"
-timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 \
+limited "${RACECHECK_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY -m pytest $NORM_TESTS -q -x -p no:cacheprovider \
   -k "cuda and test_op_ and f32 and not f64" \
   > "$OUT/racecheck.log" 2>&1 || status=1
 tail -5 "$OUT/racecheck.log"
 
 step benchmarks
-$PY -m benchmarks --device cuda --out "$OUT/$card.csv" 2>&1 | tail -40 || status=1
+limited "${BENCH_TIMEOUT:-3600}" $PY -m benchmarks --device cuda ${BENCH_ARGS:-} --out "$OUT/$card.csv" 2>&1 | tail -40 \
+  || status=1
 
 step done
 exit $status
