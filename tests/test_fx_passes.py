@@ -629,6 +629,23 @@ def test_fold_report_with_example_inputs(dtype):
     assert f"{report.folds[0].error:.2e}" in text
 
 
+def test_fold_checks_run_without_tf32():
+    """On a GPU, cuDNN convolutions default to TF32, whose rounding (~1e-3)
+    is over the float32 tolerance: the fold checks turn it off while they run
+    (every conv call sees it off) and restore the caller's setting after."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(torch.backends.cudnn.allow_tf32))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        fold_conv_bn(model, (torch.randn(2, 3, 6, 6),))
+        assert seen and not any(seen), seen
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_fold_tolerance_zero_refuses():
     model = randomize(TwoFolds(), seed=42).eval()
     x = make_input((2, 3, 7, 6), torch.float32, seed=43)

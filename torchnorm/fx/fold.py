@@ -1,4 +1,5 @@
 """Inference: fold eval-mode BatchNorm into the Conv / ConvTranspose / Linear before it."""
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -321,6 +322,20 @@ def _epilogue(c: _Candidate, z: torch.Tensor, residual: Optional[torch.Tensor]) 
     return _activate(z, *c.activation)
 
 
+@contextlib.contextmanager
+def _full_float32():
+    """TF32 off for cuDNN convolutions and matrix products (on by default for
+    cuDNN): the fold checks compare the folded and the unfused layer, and
+    TF32's 10-bit mantissa would put its rounding (about 1e-3 relative) into
+    every comparison, over any float32 tolerance."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     want64, got64 = want.detach().double(), got.detach().double()
     scale = want64.abs().max().item() if want64.numel() else 0.0
@@ -441,8 +456,10 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
     checked: the folded layer's output on the input the unfused layer saw is
     compared with the unfused BatchNorm's output, and a fold whose error
     exceeds ``tolerance`` (relative to the largest output; default per dtype,
-    DEFAULT_TOLERANCE) is refused. The returned module's ``fold_report``
-    (printable) lists every BatchNorm, what happened to it and its error.
+    DEFAULT_TOLERANCE) is refused. These checks run with TF32 off, so on a
+    GPU they measure the fold, not TF32's rounding. The returned module's
+    ``fold_report`` (printable) lists every BatchNorm, what happened to it
+    and its error.
 
     Raises ValueError when there is nothing to fold, saying why for each
     BatchNorm found (e.g. in training mode).
@@ -467,7 +484,7 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
             if c.residual is not None:
                 wanted.add(c.residual)
         recorder = _Recorder(gm, wanted)
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32():
             reference_output = recorder.run(*example_inputs)
         values = recorder.values
     used_tolerance = None
@@ -491,7 +508,7 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
         if example_inputs is not None:
             limit = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(layer.weight.dtype, 1e-4)
             used_tolerance = limit if used_tolerance is None else max(used_tolerance, limit)
-            with torch.no_grad():
+            with torch.no_grad(), _full_float32():
                 got = _epilogue(c, layer(values[inputs[id(c)]]), values.get(c.residual))
             fold.error = _relative_error(got, values[c.bn_node])
             if not fold.error <= limit:
@@ -507,7 +524,7 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
     gm.recompile()
     output_error = None
     if example_inputs is not None:
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32():
             folded_output = gm(*example_inputs)
         if isinstance(reference_output, torch.Tensor) and isinstance(folded_output, torch.Tensor):
             output_error = _relative_error(folded_output, reference_output)
