@@ -29,9 +29,16 @@
 
 #include "common/batch_norm_host.h"
 #include "common/batch_norm_math.h"
+#include "common/conv_bn_kernels.h"
 #include "cpu/norm_kernels.h"
 
 namespace torchnorm {
+
+FrozenCudaKernels& frozen_cuda_kernels() {
+  static FrozenCudaKernels kernels;
+  return kernels;
+}
+
 namespace {
 
 using at::Tensor;
@@ -50,21 +57,26 @@ struct FrozenAffine {
 constexpr double kMinDivisible = 1e-20, kMaxDivisible = 1e20;
 bool divisible(double scale) { return std::abs(scale) >= kMinDivisible && std::abs(scale) <= kMaxDivisible; }
 
-// Whether the per-channel vectors (undefined ones aside) are float or double
-// CPU tensors of one type, read by plain loops: on the CPU a dozen ATen calls
-// on C-element vectors cost more than ResNet's smaller convolutions' whole
-// BatchNorm (about 50 us against 14 us for a tiny layer's conv).
+// Whether a device runs the per-channel loops below: the CPU, and CUDA where
+// the extension was built with its kernels (common/conv_bn_kernels.h).
+bool has_loops(const Tensor& t) { return t.is_cpu() || (t.is_cuda() && frozen_cuda_kernels().affine); }
+
+// Whether the per-channel vectors (undefined ones aside) are contiguous
+// float or double tensors of one type on one device with loops: a dozen
+// ATen calls on C-element vectors cost more than ResNet's smaller
+// convolutions' whole BatchNorm (on the CPU about 50 us against 14 us for a
+// tiny layer's conv; on a GPU, a kernel launch each).
 bool per_channel_loops(std::initializer_list<const Tensor*> vectors) {
   const Tensor* first = nullptr;
   for (const Tensor* t : vectors) {
     if (!t->defined()) continue;
     if (!first) first = t;
-    if (!t->is_cpu() || t->scalar_type() != first->scalar_type() || !t->is_contiguous() ||
+    if (t->device() != first->device() || t->scalar_type() != first->scalar_type() || !t->is_contiguous() ||
         (t->scalar_type() != at::kFloat && t->scalar_type() != at::kDouble)) {
       return false;
     }
   }
-  return first != nullptr;
+  return first != nullptr && has_loops(*first);
 }
 
 // Element c of an optional per-channel vector, in double; `absent` when the
@@ -77,10 +89,17 @@ struct Vector {
   double operator[](int64_t c) const { return data ? double(data[c]) : absent; }
 };
 
-// The fold's formula (DESIGN.md): scale = bn_weight / sqrt(var + eps) and
-// shift = (conv_bias - mean) * scale + bn_bias, with 1 / sqrt(var + eps). By
-// a loop where per_channel_loops allows (computed in double), else by the
-// same formula in ATen ops (other devices, half-precision parameters).
+// Whether every scale is divisible (an ATen reduction; a host sync off the CPU).
+bool all_divisible(const Tensor& scale) {
+  const Tensor magnitude = scale.abs();
+  return (magnitude >= kMinDivisible).logical_and(magnitude <= kMaxDivisible).all().item<bool>();
+}
+
+// The fold's formula (frozen_channel in batch_norm_math.h, DESIGN.md): scale
+// = bn_weight / sqrt(var + eps) and shift = (conv_bias - mean) * scale +
+// bn_bias, with 1 / sqrt(var + eps). By a loop (a CPU loop or a CUDA kernel)
+// where per_channel_loops allows, computed in double, else by the same
+// formula in ATen ops (half-precision parameters, other devices).
 // `want_divisible` asks for FrozenAffine::divisible (a host sync off the CPU).
 FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
                            const optional<Tensor>& bn_bias, const Tensor& mean, const Tensor& var, double eps,
@@ -90,18 +109,22 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
     const int64_t channels = mean.numel();
     FrozenAffine r{at::empty({channels}, mean.options()), at::empty({channels}, mean.options()),
                    at::empty({channels}, mean.options()), true};
+    if (!mean.is_cpu()) {
+      frozen_cuda_kernels().affine(b, w, beta, mean, var, eps, r.scale, r.shift, r.inv_std);
+      r.divisible = want_divisible && all_divisible(r.scale);
+      return r;
+    }
     AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "frozen_affine", [&] {
       const Vector<scalar_t> var_c(var, 0), w_c(w, 1), b_c(b, 0), mean_c(mean, 0), beta_c(beta, 0);
       scalar_t* scale_out = r.scale.data_ptr<scalar_t>();
       scalar_t* shift_out = r.shift.data_ptr<scalar_t>();
       scalar_t* inv_std_out = r.inv_std.data_ptr<scalar_t>();
       for (int64_t c = 0; c < channels; ++c) {
-        const double inv_std = rstd_from_var(var_c[c], eps);
-        const double scale = forward_coefficients(inv_std, w_c[c], beta_c[c]).scale;
-        scale_out[c] = scalar_t(scale);
-        shift_out[c] = scalar_t((b_c[c] - mean_c[c]) * scale + beta_c[c]);
-        inv_std_out[c] = scalar_t(inv_std);
-        r.divisible = r.divisible && divisible(scale);
+        const FrozenChannel<double> f = frozen_channel<double>(var_c[c], eps, w_c[c], beta_c[c], b_c[c], mean_c[c]);
+        scale_out[c] = scalar_t(f.scale);
+        shift_out[c] = scalar_t(f.shift);
+        inv_std_out[c] = scalar_t(f.inv_std);
+        r.divisible = r.divisible && divisible(f.scale);
       }
     });
     return r;
@@ -110,9 +133,7 @@ FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Ten
   Tensor scale = bn_weight ? *bn_weight * inv_std : inv_std;
   Tensor shift = (conv_bias ? *conv_bias - mean : -mean) * scale;
   if (bn_bias) shift = shift + *bn_bias;
-  const Tensor magnitude = want_divisible ? scale.abs() : Tensor();
-  return {scale, shift, inv_std,
-          want_divisible && (magnitude >= kMinDivisible).logical_and(magnitude <= kMaxDivisible).all().item<bool>()};
+  return {scale, shift, inv_std, want_divisible && all_divisible(scale)};
 }
 
 // A per-channel vector shaped to broadcast over dimension `channel_dim` of a
@@ -228,8 +249,8 @@ Conv conv_args(const Tensor& input, const Tensor& weight, const Tensor& mean, co
 
 // Per output channel c: the sum of g * w over the entries of c's weights;
 // then, when `scale` is given, g *= scale per output channel, in place. One
-// pass over g and w on the CPU for float and double, where g and w lay their
-// elements out alike (see the loop); ATen ops otherwise.
+// pass over g and w (a CPU loop or a CUDA kernel) for float and double, where
+// g and w lay their elements out alike (see the loop); ATen ops otherwise.
 Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& scale, const Conv& conv) {
   const int64_t channels = conv.out_channels(w);
   // The loop's view of a weight: `groups` groups of `rows` rows, each row
@@ -244,15 +265,20 @@ Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& sca
   const int64_t block = blocks ? w.numel() / blocks : 0;
   const bool layout_ok = conv.transposed ? g.is_contiguous() && w.is_contiguous()
                                          : g.is_non_overlapping_and_dense() && g.stride(0) == block;
-  const bool fast = g.is_cpu() && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
+  const bool fast = has_loops(g) && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
                     w.scalar_type() == g.scalar_type() && g.strides() == w.strides() && layout_ok;
   if (!fast) {
     Tensor dot = conv.sum_per_output_channel(g * w);
     if (scale) g.mul_(conv.weight_scale(*scale, g));
     return dot;
   }
-  Tensor dot = at::zeros({channels}, g.options());
   const Tensor scale_values = scale ? scale->to(g.scalar_type()).contiguous() : Tensor();
+  if (!g.is_cpu()) {
+    Tensor dot = at::empty({channels}, g.options());
+    frozen_cuda_kernels().channel_dot(g, w, scale_values, groups, rows, outs, block, dot);
+    return dot;
+  }
+  Tensor dot = at::zeros({channels}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "channel_dot", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
     scalar_t* g_data = g.data_ptr<scalar_t>();
@@ -311,10 +337,9 @@ Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<
   return conv.run(input, folded, affine.shift.to(dtype));
 }
 
-// The conv bias's and the BN weight's gradients from per-channel sums:
-// grad_conv_bias = grad_shift * scale and grad_bn_weight = (grad_scale +
-// grad_shift * (conv_bias - mean)) * inv_std. Loops or ATen ops, as
-// frozen_affine.
+// The conv bias's and the BN weight's gradients from per-channel sums
+// (frozen_conv_bias_grad, frozen_bn_weight_grad in batch_norm_math.h).
+// Loops or ATen ops, as frozen_affine.
 std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tensor& grad_scale,
                                           const Tensor& grad_shift, const optional<Tensor>& conv_bias,
                                           const Tensor& mean, bool want_conv_bias, bool want_bn_weight) {
@@ -324,15 +349,21 @@ std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tens
     const int64_t channels = mean.numel();
     Tensor grad_conv_bias = want_conv_bias ? at::empty({channels}, mean.options()) : Tensor();
     Tensor grad_bn_weight = want_bn_weight ? at::empty({channels}, mean.options()) : Tensor();
+    if (!mean.is_cpu()) {
+      frozen_cuda_kernels().parameter_grads(affine.scale, affine.inv_std, grad_scale, grad_shift, b, mean,
+                                            grad_conv_bias, grad_bn_weight);
+      return {grad_conv_bias, grad_bn_weight};
+    }
     AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "parameter_grads", [&] {
       const Vector<scalar_t> scale(affine.scale, 0), inv_std(affine.inv_std, 0), shift_grad(grad_shift, 0),
           scale_grad(grad_scale, 0), b_c(b, 0), mean_c(mean, 0);
       scalar_t* conv_bias_out = want_conv_bias ? grad_conv_bias.data_ptr<scalar_t>() : nullptr;
       scalar_t* bn_weight_out = want_bn_weight ? grad_bn_weight.data_ptr<scalar_t>() : nullptr;
       for (int64_t c = 0; c < channels; ++c) {
-        if (conv_bias_out) conv_bias_out[c] = scalar_t(shift_grad[c] * scale[c]);
+        if (conv_bias_out) conv_bias_out[c] = scalar_t(frozen_conv_bias_grad(shift_grad[c], scale[c]));
         if (bn_weight_out) {
-          bn_weight_out[c] = scalar_t((scale_grad[c] + shift_grad[c] * (b_c[c] - mean_c[c])) * inv_std[c]);
+          bn_weight_out[c] =
+              scalar_t(frozen_bn_weight_grad(scale_grad[c], shift_grad[c], b_c[c], mean_c[c], inv_std[c]));
         }
       }
     });

@@ -686,11 +686,19 @@ def test_frozen_bfloat16_matches_float64(stride):
         assert_close(got, want, torch.bfloat16, "grad", what)
 
 
-@pytest.mark.parametrize("kind", FROZEN_KINDS, ids=[k[0] for k in FROZEN_KINDS])
+# FROZEN_KINDS and grouped convs: on a GPU the per-channel loops are CUDA
+# kernels (csrc/cuda/conv_bn.cu) whose channel_dot walks groups and rows.
+DEVICE_KINDS = FROZEN_KINDS + [
+    ("groups", dict(in_channels=6, out_channels=9, groups=3), (2, 6, 7, 9)),
+    ("transposed-groups", dict(transposed=True, in_channels=6, out_channels=9, groups=3, stride=2), (2, 6, 5, 4)),
+]
+
+
+@pytest.mark.parametrize("kind", DEVICE_KINDS, ids=[k[0] for k in DEVICE_KINDS])
 @pytest.mark.parametrize("device", DEVICES)
 def test_frozen_block_on_device(device, kind):
-    """The frozen op on each device (on a GPU it always folds, by ATen ops)
-    against the unfused pair on that device, in float64."""
+    """The frozen op on each device (on a GPU it always folds) against the
+    unfused pair on that device, in float64 (where TF32 does not apply)."""
     _, kwargs, shape = kind
     dtype = torch.float64
     block = _make_block(2, dtype, "relu", seed=78, bias=True, **kwargs).eval().to(device)
@@ -772,9 +780,10 @@ def _frozen_opcheck_samples():
 
 
 @pytest.mark.parametrize("sample", _frozen_opcheck_samples(), ids=lambda s: s[0])
-def test_conv_bn_frozen_opcheck(sample):
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_bn_frozen_opcheck(device, sample):
     args = sample[1]
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i in (0, 1, 2, 3, 4) else a
+    args = tuple(a.to(device).requires_grad_(i in (0, 1, 2, 3, 4)) if isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args))
     torch.library.opcheck(OPS.conv_bn_frozen.default, args)
 

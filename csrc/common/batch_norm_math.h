@@ -57,4 +57,36 @@ TN_HOST_DEVICE void update_running_stats(
   running_var = (acc_t(1) - momentum) * running_var + momentum * unbiased_var;
 }
 
+// BatchNorm with frozen statistics after a conv (conv_bn_frozen), per output
+// channel: out = conv(x, W) * scale + shift with scale = bn_weight * inv_std,
+// inv_std = 1 / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias
+// (the fold's formula, DESIGN.md).
+template <typename acc_t>
+struct FrozenChannel {
+  acc_t scale, shift, inv_std;
+};
+
+template <typename acc_t>
+TN_HOST_DEVICE FrozenChannel<acc_t> frozen_channel(acc_t var, acc_t eps, acc_t bn_weight, acc_t bn_bias,
+                                                   acc_t conv_bias, acc_t mean) {
+  const acc_t inv_std = rstd_from_var(var, eps);
+  const acc_t scale = forward_coefficients(inv_std, bn_weight, bn_bias).scale;
+  return {scale, (conv_bias - mean) * scale + bn_bias, inv_std};
+}
+
+// Its parameter gradients from the per-channel sums grad_scale (of the
+// output's gradient times conv(x, W)) and grad_shift (of the gradient):
+// the conv bias's is grad_shift * scale; the BN weight's is
+// (grad_scale + grad_shift * (conv_bias - mean)) * inv_std.
+template <typename acc_t>
+TN_HOST_DEVICE acc_t frozen_conv_bias_grad(acc_t grad_shift, acc_t scale) {
+  return grad_shift * scale;
+}
+
+template <typename acc_t>
+TN_HOST_DEVICE acc_t frozen_bn_weight_grad(acc_t grad_scale, acc_t grad_shift, acc_t conv_bias, acc_t mean,
+                                           acc_t inv_std) {
+  return (grad_scale + grad_shift * (conv_bias - mean)) * inv_std;
+}
+
 }  // namespace torchnorm
