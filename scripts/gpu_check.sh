@@ -2,14 +2,15 @@
 # One command for a GPU machine: build the CUDA kernels, run the test suite on
 # the GPU, run compute-sanitizer over a short CUDA test, run the benchmark
 # suite. Logs and results go to $OUT (the device tool's folder), at most 8
-# files: env.txt build.log tests.log sanitizer.log racecheck.log and the benchmark's
-# <card>.csv/.md/.png. Commit those under benchmarks/results/.
+# files: env.txt build.log tests.log sanitizer.log racecheck.log, the conv_bn step
+# profile <card>-conv-bn-profile.md and the benchmark's <card>.csv/.md/.png.
+# Commit those under benchmarks/results/.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # Each step's time limit can be set to fit a short lease (seconds; 0 skips the
 # step): TESTS_TIMEOUT (900), MEMCHECK_TIMEOUT (420), RACECHECK_TIMEOUT (300),
-# BENCH_TIMEOUT (3600). TESTS_ARGS passes options to pytest (e.g. "-m cuda",
+# PROFILE_TIMEOUT (240), BENCH_TIMEOUT (3600). TESTS_ARGS passes options to pytest (e.g. "-m cuda",
 # the GPU cases only), BENCH_ARGS to the benchmark (e.g. "--suite conv_bn").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,12 @@ limited "${RACECHECK_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-e
   -k "cuda and test_op_ and f32 and not f64" \
   > "$OUT/racecheck.log" 2>&1 || status=1
 tail -5 "$OUT/racecheck.log"
+
+step profile
+# Where the fused ResNet-50 step's time goes against the plain one's:
+# device time per kernel, host time, launches (benchmarks/profile_conv_bn.py).
+limited "${PROFILE_TIMEOUT:-240}" $PY -m benchmarks.profile_conv_bn --device cuda \
+  --out "$OUT/$card-conv-bn-profile.md" 2>&1 | tail -3 || status=1
 
 step benchmarks
 limited "${BENCH_TIMEOUT:-3600}" $PY -m benchmarks --device cuda ${BENCH_ARGS:-} --out "$OUT/$card.csv" 2>&1 | tail -40 \

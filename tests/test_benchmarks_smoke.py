@@ -161,6 +161,27 @@ def test_quick_conv_bn(tmp_path):
         assert 0 < ratio < 1, r
 
 
+def test_profile_conv_bn(tmp_path):
+    """The step profile's report: wall, host and summed kernel (here:
+    operator) time of both models, and the kernels that differ."""
+    pytest.importorskip("torchnorm._C")
+    out = tmp_path / "profile.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_conv_bn", "--device", "cpu", "--batch", "2", "--size", "32",
+         "--steps", "1", "--top", "10", "--modes", "frozen BN", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    md = out.read_text()
+    assert "## frozen BN" in md and "## batch statistics" not in md
+    assert "| wall ms |" in md and "| host ms (no sync) |" in md
+    # Only the fused model runs torchnorm's op.
+    assert "| `torchnorm::conv_bn_frozen` | 0 | 0 | 53 |" in md
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.profile_conv_bn", "--device", "cpu", "--modes", "fast"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--modes: unknown ['fast']" in bad.stderr
+
+
 def test_warm_pages_env(monkeypatch):
     """A cpu run restarts under the glibc settings that reuse freed pages, unless told not to."""
     from benchmarks import __main__ as cli
