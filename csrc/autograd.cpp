@@ -16,6 +16,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
+
+#include "common/op_handles.h"
 
 namespace torchnorm {
 namespace {
@@ -25,19 +28,10 @@ using std::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using TrainSignature = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const optional<Tensor>&, double, double, c10::string_view, double, const optional<Tensor>&);
+using TrainSignature = BatchNormTrainSignature;
 using EvalSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
                              const optional<Tensor>&, double, c10::string_view, double, const optional<Tensor>&);
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-    const Tensor&, const Tensor&, bool, c10::string_view, double, std::array<bool, 4>);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+using BackwardSignature = BatchNormBackwardSignature;
 
 optional<Tensor> as_optional(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 Tensor or_undefined(const optional<Tensor>& t) { return t.value_or(Tensor()); }
@@ -430,6 +424,32 @@ using ConvBNFrozenBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor,
     const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::IntArrayRef,
     std::array<bool, 5>);
 
+// A convolution's arguments, kept in a node's saved_data.
+void save_conv_args(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    int64_t groups, bool transposed, at::IntArrayRef output_padding) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["transposed"] = transposed;
+  ctx->saved_data["output_padding"] = output_padding.vec();
+}
+
+// What save_conv_args kept.
+struct SavedConv {
+  std::vector<int64_t> stride, padding, dilation, output_padding;
+  int64_t groups;
+  bool transposed;
+
+  explicit SavedConv(AutogradContext* ctx)
+      : stride(ctx->saved_data["stride"].toIntVector()),
+        padding(ctx->saved_data["padding"].toIntVector()),
+        dilation(ctx->saved_data["dilation"].toIntVector()),
+        output_padding(ctx->saved_data["output_padding"].toIntVector()),
+        groups(ctx->saved_data["groups"].toInt()),
+        transposed(ctx->saved_data["transposed"].toBool()) {}
+};
+
 // conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
 //                running_var, eps, stride, padding, dilation, groups,
 //                transposed, output_padding) -> out
@@ -453,12 +473,7 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
     ctx->save_for_backward({input, weight, or_undefined(conv_bias), or_undefined(bn_weight), running_mean,
                             running_var});
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["transposed"] = transposed;
-    ctx->saved_data["output_padding"] = output_padding.vec();
+    save_conv_args(ctx, stride, padding, dilation, groups, transposed, output_padding);
     ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(weight.requires_grad()) << 1 |
                                      int64_t(requires_grad(conv_bias)) << 2 | int64_t(requires_grad(bn_weight)) << 3 |
                                      int64_t(requires_grad(bn_bias)) << 4;
@@ -471,12 +486,12 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
     variable_list result(14);
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return result;
     static const auto backward = find_op<ConvBNFrozenBackwardSignature>("torchnorm::conv_bn_frozen_backward");
-    auto [gi, gw, gcb, gbw, gbb] = backward.call(
-        grads[0], saved[0], saved[1], as_optional(saved[2]), as_optional(saved[3]), saved[4], saved[5],
-        ctx->saved_data["eps"].toDouble(), ctx->saved_data["stride"].toIntVector(),
-        ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-        ctx->saved_data["groups"].toInt(), ctx->saved_data["transposed"].toBool(),
-        ctx->saved_data["output_padding"].toIntVector(), mask);
+    const SavedConv conv(ctx);
+    auto [gi, gw, gcb, gbw, gbb] = backward.call(grads[0], saved[0], saved[1], as_optional(saved[2]),
+                                                 as_optional(saved[3]), saved[4], saved[5],
+                                                 ctx->saved_data["eps"].toDouble(), conv.stride, conv.padding,
+                                                 conv.dilation, conv.groups, conv.transposed, conv.output_padding,
+                                                 mask);
     const std::array<Tensor, 5> all{gi, gw, gcb, gbw, gbb};
     for (int i = 0; i < 5; ++i) {
       if (mask[i]) result[i] = all[i];
@@ -499,6 +514,106 @@ Tensor conv_bn_frozen_autograd(const Tensor& input, const Tensor& weight, const 
                              padding, dilation, groups, transposed, output_padding)[0];
 }
 
+
+// ------------------------------------------------------ conv + training BN --
+
+using ConvBNTrainSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+    const optional<Tensor>&, const optional<Tensor>&, double, double, c10::string_view, double,
+    const optional<Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::IntArrayRef);
+using ConvBNTrainBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+    const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&, c10::string_view, double,
+    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::IntArrayRef, std::array<bool, 6>);
+
+// conv_bn_train(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
+//               running_var, momentum, eps, activation, negative_slope,
+//               residual, stride, padding, dilation, groups, transposed,
+//               output_padding) -> (out, mean, rstd)
+// Saves the conv input, the parameters, the residual and the batch
+// statistics: not the conv output, which backward recomputes.
+struct ConvBNTrain : public torch::autograd::Function<ConvBNTrain> {
+  // Where each gradient of conv_bn_train_backward goes among the inputs.
+  static constexpr std::array<int, 6> kGradInputIndex{0, 1, 2, 3, 4, 11};
+
+  // The op below autograd, looked up once.
+  static const c10::TypedOperatorHandle<ConvBNTrainSignature>& op() {
+    static const auto handle = find_op<ConvBNTrainSignature>("torchnorm::conv_bn_train");
+    return handle;
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
+                               const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
+                               const optional<Tensor>& bn_bias, const optional<Tensor>& running_mean,
+                               const optional<Tensor>& running_var, double momentum, double eps,
+                               c10::string_view activation, double negative_slope, const optional<Tensor>& residual,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, bool transposed, at::IntArrayRef output_padding) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                       momentum, eps, activation, negative_slope, residual, stride, padding,
+                                       dilation, groups, transposed, output_padding);
+    ctx->save_for_backward({input, weight, or_undefined(conv_bias), or_undefined(bn_weight), or_undefined(bn_bias),
+                            or_undefined(residual), mean, rstd});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["negative_slope"] = negative_slope;
+    save_conv_args(ctx, stride, padding, dilation, groups, transposed, output_padding);
+    ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(weight.requires_grad()) << 1 |
+                                     int64_t(requires_grad(conv_bias)) << 2 | int64_t(requires_grad(bn_weight)) << 3 |
+                                     int64_t(requires_grad(bn_bias)) << 4 | int64_t(requires_grad(residual)) << 5;
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 6> wanted = grad_wanted<6>(ctx);
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    // Without an activation the residual's gradient is grad_output itself
+    // (as in batch_norm_grads).
+    const bool pass_residual_grad = wanted[5] && activation == "none";
+    std::array<bool, 6> mask = wanted;
+    mask[5] = wanted[5] && !pass_residual_grad;
+    variable_list result(18);
+    if (mask[0] || mask[1] || mask[2] || mask[3] || mask[4] || mask[5]) {
+      static const auto backward = find_op<ConvBNTrainBackwardSignature>("torchnorm::conv_bn_train_backward");
+      const SavedConv conv(ctx);
+      auto [gi, gw, gcb, gbw, gbb, gr] = backward.call(
+          grads[0], saved[0], saved[1], as_optional(saved[2]), as_optional(saved[3]), as_optional(saved[4]),
+          as_optional(saved[5]), saved[6], saved[7], activation, ctx->saved_data["negative_slope"].toDouble(),
+          conv.stride, conv.padding, conv.dilation, conv.groups, conv.transposed, conv.output_padding, mask);
+      const std::array<Tensor, 6> all{gi, gw, gcb, gbw, gbb, gr};
+      for (int i = 0; i < 6; ++i) {
+        if (mask[i]) result[kGradInputIndex[i]] = all[i];
+      }
+    }
+    if (pass_residual_grad) result[kGradInputIndex[5]] = grads[0];
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> conv_bn_train_autograd(
+    const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
+    const optional<Tensor>& bn_bias, const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    double momentum, double eps, c10::string_view activation, double negative_slope, const optional<Tensor>& residual,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
+    at::IntArrayRef output_padding) {
+  std::tuple<Tensor, Tensor, Tensor> r;
+  if (!needs_autograd(input, weight, conv_bias, bn_weight, bn_bias, residual)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = ConvBNTrain::op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, momentum,
+                               eps, activation, negative_slope, residual, stride, padding, dilation, groups,
+                               transposed, output_padding);
+  } else {
+    auto v = ConvBNTrain::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, momentum,
+                                eps, activation, negative_slope, residual, stride, padding, dilation, groups,
+                                transposed, output_padding);
+    r = {v[0], v[1], v[2]};
+  }
+  bump_versions(running_mean, running_var);
+  return r;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchnorm, Autograd, m) {
@@ -509,6 +624,7 @@ TORCH_LIBRARY_IMPL(torchnorm, Autograd, m) {
   m.impl("group_norm", &group_norm_autograd);
   m.impl("instance_norm", &instance_norm_autograd);
   m.impl("conv_bn_frozen", &conv_bn_frozen_autograd);
+  m.impl("conv_bn_train", &conv_bn_train_autograd);
 }
 
 }  // namespace torchnorm

@@ -13,6 +13,10 @@
 // This is C++ because the same arithmetic as a Python autograd.Function cost
 // about 0.4 ms of interpreter time per layer and step (profiled on ResNet-50
 // at batch 8, 112x112, CPU), which was most of its gap to torch.nn.
+//
+// Also here: conv_bn_train, conv + training-mode BatchNorm (+ residual) (+
+// activation) whose autograd keeps the conv input and recomputes the conv in
+// backward (the ResNet tail's block, see torchnorm/nn/conv_bn.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -30,6 +34,7 @@
 #include "common/batch_norm_host.h"
 #include "common/batch_norm_math.h"
 #include "common/conv_bn_kernels.h"
+#include "common/op_handles.h"
 #include "cpu/norm_kernels.h"
 
 namespace torchnorm {
@@ -213,36 +218,44 @@ bool output_is_smaller(const Tensor& input, const Tensor& weight, const Conv& co
   return input.is_cpu() && conv.output_numel(input, weight) < weight.numel();
 }
 
-// Checks the arguments and gathers the convolution's.
-Conv conv_args(const Tensor& input, const Tensor& weight, const Tensor& mean, const Tensor& var,
-               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-               bool transposed, at::IntArrayRef output_padding) {
+// Checks the convolution's arguments and gathers them; `op` names the op in
+// messages.
+Conv conv_args(const char* op, const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
+               at::IntArrayRef output_padding) {
   const int64_t spatial = input.dim() - 2;
-  TORCH_CHECK_VALUE(spatial >= 1 && spatial <= 3, "torchnorm.conv_bn_frozen: expected a 3d, 4d or 5d input, got ",
-                    input.dim(), "d");
-  TORCH_CHECK_VALUE(weight.dim() == input.dim(), "torchnorm.conv_bn_frozen: weight must have as many dimensions as "
-                    "the input (", input.dim(), "), got ", weight.dim());
+  TORCH_CHECK_VALUE(spatial >= 1 && spatial <= 3, op, ": expected a 3d, 4d or 5d input, got ", input.dim(), "d");
+  TORCH_CHECK_VALUE(weight.dim() == input.dim(), op, ": weight must have as many dimensions as the input (",
+                    input.dim(), "), got ", weight.dim());
   for (const auto* list : {&stride, &padding, &dilation}) {
-    TORCH_CHECK_VALUE(int64_t(list->size()) == spatial, "torchnorm.conv_bn_frozen: stride, padding and dilation "
-                      "need one entry per spatial dimension (", spatial, ")");
+    TORCH_CHECK_VALUE(int64_t(list->size()) == spatial, op, ": stride, padding and dilation need one entry per "
+                      "spatial dimension (", spatial, ")");
   }
-  TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, "torchnorm.conv_bn_frozen: groups (", groups,
+  TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, op, ": groups (", groups,
                     ") must be positive and divide the weight's first dimension (", weight.size(0), ")");
   Conv conv{stride, padding, dilation, groups, transposed, std::vector<int64_t>(spatial, 0)};
   if (!output_padding.empty()) {
-    TORCH_CHECK_VALUE(int64_t(output_padding.size()) == spatial, "torchnorm.conv_bn_frozen: output_padding needs "
-                      "one entry per spatial dimension (", spatial, ") or none");
+    TORCH_CHECK_VALUE(int64_t(output_padding.size()) == spatial, op, ": output_padding needs one entry per "
+                      "spatial dimension (", spatial, ") or none");
     conv.output_padding = output_padding.vec();
   }
   for (int64_t p : conv.output_padding) {
-    TORCH_CHECK_VALUE(transposed || p == 0, "torchnorm.conv_bn_frozen: output_padding applies to transposed "
-                      "convolutions only");
+    TORCH_CHECK_VALUE(transposed || p == 0, op, ": output_padding applies to transposed convolutions only");
   }
+  return conv;
+}
+
+// conv_args, and that the running statistics have one entry per output
+// channel.
+Conv frozen_conv_args(const Tensor& input, const Tensor& weight, const Tensor& mean, const Tensor& var,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      bool transposed, at::IntArrayRef output_padding) {
+  const char* op = "torchnorm.conv_bn_frozen";
+  Conv conv = conv_args(op, input, weight, stride, padding, dilation, groups, transposed, output_padding);
   const int64_t channels = conv.out_channels(weight);
   for (const auto* stats : {&mean, &var}) {
-    TORCH_CHECK_VALUE(stats->dim() == 1 && stats->size(0) == channels, "torchnorm.conv_bn_frozen: running "
-                      "statistics must have one entry per output channel (", channels, "), got shape ",
-                      stats->sizes());
+    TORCH_CHECK_VALUE(stats->dim() == 1 && stats->size(0) == channels, op, ": running statistics must have one "
+                      "entry per output channel (", channels, "), got shape ", stats->sizes());
   }
   return conv;
 }
@@ -324,8 +337,8 @@ Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<
                       const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias, const Tensor& running_mean,
                       const Tensor& running_var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups, bool transposed, at::IntArrayRef output_padding) {
-  const Conv conv = conv_args(input, weight, running_mean, running_var, stride, padding, dilation, groups, transposed,
-                              output_padding);
+  const Conv conv = frozen_conv_args(input, weight, running_mean, running_var, stride, padding, dilation, groups,
+                                     transposed, output_padding);
   const FrozenAffine affine = frozen_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, false);
   const auto dtype = weight.scalar_type();
   if (output_is_smaller(input, weight, conv)) {
@@ -378,6 +391,14 @@ std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tens
   return {grad_conv_bias, grad_bn_weight};
 }
 
+// Per channel (dimension 1), the sum of a gradient's entries: a per-channel
+// shift's or a conv bias's gradient.
+Tensor channel_sums(const Tensor& grad) {
+  std::vector<int64_t> all_but_channels{0};
+  for (int64_t d = 2; d < grad.dim(); ++d) all_but_channels.push_back(d);
+  return grad.sum(all_but_channels);
+}
+
 Tensor empty_unless(bool wanted, const Tensor& t, const Tensor& like) {
   return wanted ? t.to(like.scalar_type()) : empty_placeholder(like, like.scalar_type());
 }
@@ -395,8 +416,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
     const optional<Tensor>& bn_weight, const Tensor& running_mean, const Tensor& running_var, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
     at::IntArrayRef output_padding, std::array<bool, 5> output_mask) {
-  const Conv conv = conv_args(input, weight, running_mean, running_var, stride, padding, dilation, groups, transposed,
-                              output_padding);
+  const Conv conv = frozen_conv_args(input, weight, running_mean, running_var, stride, padding, dilation, groups,
+                                     transposed, output_padding);
   const bool smaller = output_is_smaller(input, weight, conv);
   const FrozenAffine affine =
       frozen_affine(conv_bias, bn_weight, std::nullopt, running_mean, running_var, eps, smaller);
@@ -408,9 +429,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
     // One sum for both paths, not the conv backward's bias output: on the
     // CPU, ResNet-50's conv backwards (batch 8, 112x112) took 0.4-4.4% longer
     // with oneDNN's bias gradient than without it plus this sum.
-    std::vector<int64_t> all_but_channels{0};
-    for (int64_t d = 2; d < grad_output.dim(); ++d) all_but_channels.push_back(d);
-    grad_shift = grad_output.sum(all_but_channels);
+    grad_shift = channel_sums(grad_output);
   }
   if (smaller && affine.divisible) {
     const Tensor grad_scaled = grad_output * per_channel(scale.to(grad_output.scalar_type()), grad_output.dim(), 1);
@@ -431,11 +450,63 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
           empty_unless(output_mask[3], grad_bn_weight, bn_like), empty_unless(output_mask[4], grad_shift, bn_like)};
 }
 
+// Training-mode conv -> BatchNorm (+ residual) (+ activation): the
+// convolution, then batch_norm_train over its output, which the op does not
+// return: its autograd keeps the conv input instead and backward recomputes
+// the convolution (see conv_bn_train_backward).
+std::tuple<Tensor, Tensor, Tensor> conv_bn_train(
+    const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
+    const optional<Tensor>& bn_bias, const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    double momentum, double eps, c10::string_view activation, double negative_slope, const optional<Tensor>& residual,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
+    at::IntArrayRef output_padding) {
+  const Conv conv = conv_args("torchnorm.conv_bn_train", input, weight, stride, padding, dilation, groups, transposed,
+                              output_padding);
+  static const auto train = find_op<BatchNormTrainSignature>("torchnorm::batch_norm_train");
+  return train.call(conv.run(input, weight, conv_bias), bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                    activation, negative_slope, residual);
+}
+
+// Gradients (input, weight, conv_bias, bn_weight, bn_bias, residual) of
+// conv_bn_train from its inputs and batch statistics: the convolution runs
+// again (its output is freed before the conv's backward), batch_norm_backward
+// gives its output's gradient, and the conv's backward the rest. The conv
+// bias's gradient is that gradient's per-channel sum.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
+    const optional<Tensor>& bn_weight, const optional<Tensor>& bn_bias, const optional<Tensor>& residual,
+    const Tensor& mean, const Tensor& rstd, c10::string_view activation, double negative_slope,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
+    at::IntArrayRef output_padding, std::array<bool, 6> output_mask) {
+  const Conv conv = conv_args("torchnorm.conv_bn_train_backward", input, weight, stride, padding, dilation, groups,
+                              transposed, output_padding);
+  const bool want_conv_output = output_mask[0] || output_mask[1] || output_mask[2];
+  static const auto bn_backward = find_op<BatchNormBackwardSignature>("torchnorm::batch_norm_backward");
+  Tensor grad_conv_output, grad_bn_weight, grad_bn_bias, grad_residual;
+  {
+    const Tensor conv_output = conv.run(input, weight, conv_bias);
+    std::tie(grad_conv_output, grad_bn_weight, grad_bn_bias, grad_residual) =
+        bn_backward.call(grad_output, conv_output, bn_weight, bn_bias, residual, mean, rstd, /*training=*/true,
+                         activation, negative_slope, {want_conv_output, output_mask[3], output_mask[4], output_mask[5]});
+  }
+  Tensor grad_input, grad_weight, grad_conv_bias;
+  if (output_mask[0] || output_mask[1]) {
+    std::tie(grad_input, grad_weight) =
+        conv.backward(grad_conv_output, input, weight, output_mask[0], output_mask[1]);
+  }
+  if (output_mask[2]) grad_conv_bias = channel_sums(grad_conv_output);
+  return {empty_unless(output_mask[0], grad_input, input), empty_unless(output_mask[1], grad_weight, weight),
+          empty_unless(output_mask[2], grad_conv_bias, conv_bias ? *conv_bias : weight), grad_bn_weight, grad_bn_bias,
+          grad_residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchnorm, CompositeExplicitAutograd, m) {
   m.impl("conv_bn_frozen", &conv_bn_frozen);
   m.impl("conv_bn_frozen_backward", &conv_bn_frozen_backward);
+  m.impl("conv_bn_train", &conv_bn_train);
+  m.impl("conv_bn_train_backward", &conv_bn_train_backward);
 }
 
 }  // namespace torchnorm

@@ -98,6 +98,24 @@ TORCH_LIBRARY(torchnorm, m) {
       "Tensor? bn_weight, Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool transposed, int[] output_padding, bool[5] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Convolution (as conv_bn_frozen's) followed by training-mode BatchNorm
+  // (+ residual) (+ activation): batch_norm_train over the conv output, with
+  // its outputs (output, batch mean, batch rstd) and its running-statistics
+  // update. Its autograd keeps the conv input, not the conv output: backward
+  // runs the convolution again.
+  m.def(
+      "conv_bn_train(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, str activation, "
+      "float negative_slope, Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, "
+      "bool transposed=False, int[] output_padding=[]) -> (Tensor, Tensor, Tensor)");
+  // Gradients of conv_bn_train from its inputs and the batch statistics it
+  // returned: (input, weight, conv_bias, bn_weight, bn_bias, residual); an
+  // output whose output_mask entry is false is an empty tensor of shape (0,).
+  m.def(
+      "conv_bn_train_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? conv_bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor mean, Tensor rstd, str activation, "
+      "float negative_slope, int[] stride, int[] padding, int[] dilation, int groups, bool transposed, "
+      "int[] output_padding, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the

@@ -141,22 +141,28 @@ def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps
     return _kernel_layout(input), _group_stats(input, input.shape[1]), _group_stats(input, input.shape[1])
 
 
-def _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding):
+def _check_conv(op, input, weight, groups, transposed, output_padding):
     """The checks of csrc/conv_bn.cpp (conv_args) that aten::convolution's own
     fake does not make, so that a compiled call fails as an eager one does.
     Returns the output channels and the output padding (zeros for none)."""
-    op = "torchnorm.conv_bn_frozen"
     spatial = input.dim() - 2
     if output_padding and len(output_padding) != spatial:
         raise ValueError(f"{op}: output_padding needs one entry per spatial dimension ({spatial}) or none")
     if not transposed and any(output_padding):
         raise ValueError(f"{op}: output_padding applies to transposed convolutions only")
     channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    return channels, list(output_padding) or [0] * spatial
+
+
+def _check_conv_bn_frozen(input, weight, running_mean, running_var, groups, transposed, output_padding):
+    """_check_conv, and the running statistics' shapes (frozen_conv_args)."""
+    op = "torchnorm.conv_bn_frozen"
+    channels, output_padding = _check_conv(op, input, weight, groups, transposed, output_padding)
     for stats in (running_mean, running_var):
         if stats.dim() != 1 or stats.shape[0] != channels:
             raise ValueError(f"{op}: running statistics must have one entry per output channel ({channels}), "
                              f"got shape {list(stats.shape)}")
-    return channels, list(output_padding) or [0] * spatial
+    return channels, output_padding
 
 
 @torch.library.register_fake("torchnorm::conv_bn_frozen")
@@ -191,3 +197,35 @@ def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, r
             grad_weight if output_mask[1] else weight.new_empty((0,)),
             per_channel(output_mask[2], bias_dtype), per_channel(output_mask[3], bn_dtype),
             per_channel(output_mask[4], bn_dtype))
+
+
+@torch.library.register_fake("torchnorm::conv_bn_train")
+def _conv_bn_train(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation,
+                   negative_slope, residual, stride, padding, dilation, groups, transposed=False, output_padding=()):
+    _check_devices("torchnorm.conv_bn_train", input, weight=weight, conv_bias=conv_bias)
+    _, output_padding = _check_conv("torchnorm.conv_bn_train", input, weight, groups, transposed, output_padding)
+    conv_output = torch.ops.aten.convolution.default(input, weight, conv_bias, stride, padding, dilation, transposed,
+                                                     output_padding, groups)
+    return _batch_norm_train(conv_output, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation,
+                             negative_slope, residual)
+
+
+@torch.library.register_fake("torchnorm::conv_bn_train_backward")
+def _conv_bn_train_backward(grad_output, input, weight, conv_bias, bn_weight, bn_bias, residual, mean, rstd,
+                            activation, negative_slope, stride, padding, dilation, groups, transposed, output_padding,
+                            output_mask):
+    op = "torchnorm.conv_bn_train_backward"
+    _check_devices(op, input, grad_output=grad_output, weight=weight, conv_bias=conv_bias)
+    _, output_padding = _check_conv(op, input, weight, groups, transposed, output_padding)
+    conv_output = torch.ops.aten.convolution.default(input, weight, conv_bias, stride, padding, dilation, transposed,
+                                                     output_padding, groups)
+    _, grad_bn_weight, grad_bn_bias, grad_residual = _batch_norm_backward(
+        grad_output, conv_output, bn_weight, bn_bias, residual, mean, rstd, True, activation, negative_slope,
+        [False, output_mask[3], output_mask[4], output_mask[5]])
+    grad_input, grad_weight, grad_conv_bias = torch.ops.aten.convolution_backward.default(
+        conv_output, input, weight, None if conv_bias is None else list(conv_bias.shape), stride, padding, dilation,
+        transposed, output_padding, groups, [output_mask[0], output_mask[1], output_mask[2]])
+    return (grad_input if output_mask[0] else input.new_empty((0,)),
+            grad_weight if output_mask[1] else weight.new_empty((0,)),
+            grad_conv_bias if output_mask[2] else (conv_bias if conv_bias is not None else weight).new_empty((0,)),
+            grad_bn_weight, grad_bn_bias, grad_residual)
