@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     if unknown or args.steps < 1:
         ap.error(f"--modes: unknown {unknown}" if unknown else "--steps must be at least 1")
     gpu = args.device == "cuda"
-    shape = (args.batch or (32 if gpu else 8), 3, args.size or (224 if gpu else 112), args.size or (224 if gpu else 112))
+    size = args.size or (224 if gpu else 112)
+    shape = (args.batch or (32 if gpu else 8), 3, size, size)
     torch.manual_seed(0)
     x = torch.randn(shape, device=args.device)
     results = {mode: profile_mode(mode, x, args.device, args.steps) for mode in modes}

@@ -367,6 +367,45 @@ def test_transposed_block_matches_unfused(config, training, with_residual, dtype
                    input_scale=0.5)
 
 
+@pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
+def test_transposed_block_output_size(training, with_residual):
+    """A ConvTranspose block called with output_size, as ConvTranspose2d is
+    (here one output padding per dimension: 1 and 0), in every path."""
+    dtype = torch.float64
+    block = _make_block(2, dtype, "relu", seed=90, transposed=True, stride=2).train(training)
+    ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
+    x = make_input((2, 5, 4, 3), dtype, seed=91).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    size = (8, 5)  # 7 or 8 rows, 5 or 6 columns are possible: output padding (1, 0)
+    res = make_input((2, 7) + size, dtype, seed=92, offset=False) if with_residual else None
+    with rebuild_outputs():
+        out = block(x, res, output_size=size)
+        loss = (out * out).sum()
+    expected = torch_act(ref_bn(ref_conv(x_ref, output_size=size)) + (0 if res is None else res), "relu")
+    assert out.shape == (2, 7) + size
+    assert_close(out, expected, dtype, "forward", "output")
+    params = [x, block.conv.weight, block.bn.weight, block.bn.bias]
+    params_ref = [x_ref, ref_conv.weight, ref_bn.weight, ref_bn.bias]
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad((expected * expected).sum(),
+                                                                                params_ref)):
+        assert_close(got, want, dtype, "grad", "grads")
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(block.bn, name), getattr(ref_bn, name), dtype, "stats", name)
+
+
+def test_output_size_errors():
+    """An impossible output_size fails as ConvTranspose2d's does; a plain
+    conv takes none."""
+    block = _make_block(2, torch.float32, "relu", seed=93, transposed=True, stride=2)
+    x = make_input((2, 5, 4, 3), torch.float32, seed=94)
+    with pytest.raises(ValueError, match="requested an output size of"):
+        block(x, output_size=(20, 5))
+    conv_block = _make_block(2, torch.float32, "relu", seed=95)
+    with pytest.raises(TypeError, match="output_size applies to ConvTranspose only"):
+        conv_bn_forward(conv_block.conv, conv_block.bn, x, "relu", output_size=(4, 3))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
 def test_block_followed_by_conv(training):
     """A following conv (not an element-wise op) saves the block output."""

@@ -844,7 +844,7 @@ def test_fuse_timm_batch_norm_act_trains_like_unfused():
 class Generator(nn.Module):
     """A DCGAN-style generator (ConvTranspose -> BatchNorm -> ReLU from a 1x1
     latent), with a residual block and a last layer given an output_size
-    (which fuse_conv_bn leaves alone), and a linear head for a class loss."""
+    that needs an output padding of 1, and a linear head for a class loss."""
 
     def __init__(self):
         super().__init__()
@@ -875,18 +875,62 @@ def _assert_same_outputs_in_both_modes(restored, fused, x):
 def test_fuse_transposed_generator_trains_like_unfused():
     """ConvTranspose chains fuse like conv ones: batch statistics, frozen BN
     (the 1x1-latent layer's output is smaller than its weight, so frozen BN
-    scales the output there and folds the weight elsewhere) and the residual
-    block; unfuse_conv_bn gives the plain graph back."""
+    scales the output there and folds the weight elsewhere), the residual
+    block and the call given an output_size; unfuse_conv_bn gives the plain
+    graph back."""
     torch.manual_seed(64)
     model = Generator()
-    fused = _check_fused_training(model, 3, (4, 8, 1, 1))
+    fused = _check_fused_training(model, 4, (4, 8, 1, 1))
     blocks = {b.steps[0][1]: b for b in fused_blocks(fused).values()}
-    assert sorted(blocks) == ["up1", "up2", "up3"]
+    assert sorted(blocks) == ["up1", "up2", "up3", "up4"]
+    up4 = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == "up4_fused")
+    assert up4.kwargs == {"output_size": [16, 16]}
     up3 = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == "up3_fused")
     assert len(up3.args) == 2, "the residual block takes its identity"
     restored = unfuse_conv_bn(fused)
     assert not fused_blocks(restored)
     x = make_input((4, 8, 1, 1), torch.float64, seed=65)
+    _assert_same_outputs_in_both_modes(restored, fused, x)
+
+
+class UNetUp(nn.Module):
+    """A U-Net decoder step: upsample to the skip connection's size (the
+    output padding depends on it: 0 for odd sizes, 1 for even ones),
+    BatchNorm, ReLU, then a conv block on the concatenation; the size comes
+    from a tensor's shape at run time, and one call gives it positionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.up, self.bn_up = nn.ConvTranspose2d(6, 3, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.up2, self.bn_up2 = nn.ConvTranspose2d(6, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv, self.bn = nn.Conv2d(12, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        skip = x
+        y = self.down(x)
+        up = F.relu(self.bn_up(self.up(y, output_size=skip.shape[-2:])))
+        up2 = F.relu(self.bn_up2(self.up2(y, skip.shape)))
+        out = F.relu(self.bn(self.conv(torch.cat([skip, up, up2], 1))))
+        return out.mean((2, 3))  # class scores
+
+
+@pytest.mark.parametrize("size", [(9, 7), (10, 8)], ids=["output-padding-0", "output-padding-1"])
+def test_fuse_transposed_with_run_time_output_size(size):
+    """A ConvTranspose given an output_size from a tensor's shape (keyword or
+    positional) fuses, trains like the unfused model at both output paddings,
+    and unfuses to calls with the same output_size."""
+    torch.manual_seed(66)
+    shape = (4, 3) + size
+    fused = _check_fused_training(UNetUp(), 3, shape)
+    nodes = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+    assert isinstance(nodes["up_fused"].kwargs["output_size"], torch.fx.Node)
+    assert isinstance(nodes["up2_fused"].kwargs["output_size"], torch.fx.Node)
+    restored = unfuse_conv_bn(fused)
+    assert not fused_blocks(restored)
+    calls = {n.target: n for n in restored.graph.nodes if n.op == "call_module"}
+    assert set(calls["up"].kwargs) == {"output_size"} and set(calls["up2"].kwargs) == {"output_size"}
+    x = make_input(shape, torch.float64, seed=67)
     _assert_same_outputs_in_both_modes(restored, fused, x)
 
 

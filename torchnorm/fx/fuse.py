@@ -11,8 +11,8 @@ from . import _graph
 __all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedConvBN"]
 
 # Placeholders in a recorded step's arguments: the chain's running value,
-# the block input and the residual.
-_PREV, _INPUT, _RESIDUAL = "<prev>", "<input>", "<residual>"
+# the block input, the residual and a ConvTranspose's output_size.
+_PREV, _INPUT, _RESIDUAL, _OUTPUT_SIZE = "<prev>", "<input>", "<residual>", "<output_size>"
 
 
 class FusedConvBN(torch.nn.Module):
@@ -30,9 +30,10 @@ class FusedConvBN(torch.nn.Module):
         self.__dict__["_shared"] = (conv, bn)  # plain attribute: not a submodule
         self.activation, self.negative_slope, self.steps = activation, negative_slope, steps
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                output_size=None) -> torch.Tensor:
         conv, bn = self._shared
-        return conv_bn_forward(conv, bn, input, self.activation, self.negative_slope, residual)
+        return conv_bn_forward(conv, bn, input, self.activation, self.negative_slope, residual, output_size)
 
     def extra_repr(self) -> str:
         conv_name, bn_name = self.steps[0][1], self.steps[1][1]
@@ -65,7 +66,7 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
     if (type(conv) not in _graph.CONV_TYPES + _graph.TRANSPOSED_TYPES or len(conv_node.users) != 1
             or bn.num_features != conv.out_channels):
         return None
-    if len(conv_node.args) != 1 or conv_node.kwargs:  # a ConvTranspose given its output_size
+    if _output_size_of(conv_node, conv) is _UNFUSABLE_CALL:
         return None
     if conv.weight.dim() - 2 != {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2,
                                  torch.nn.BatchNorm3d: 3}.get(_bn_base(bn), -1):
@@ -92,6 +93,24 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
     return chain, residual, epilogue
 
 
+_UNFUSABLE_CALL = object()
+
+
+def _output_size_of(conv_node: fx.Node, conv: torch.nn.Module):
+    """The output_size a ConvTranspose call gives (positionally or by
+    keyword), None for none, or _UNFUSABLE_CALL for a call with other
+    arguments."""
+    args, kwargs = conv_node.args, conv_node.kwargs
+    if type(conv) in _graph.TRANSPOSED_TYPES:
+        if len(args) == 2 and not kwargs:
+            return args[1]
+        if len(args) == 1 and set(kwargs) <= {"output_size"}:
+            return kwargs.get("output_size")
+    elif len(args) == 1 and not kwargs:
+        return None
+    return _UNFUSABLE_CALL
+
+
 def _bn_base(bn: torch.nn.Module) -> Optional[type]:
     for base in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
         if isinstance(bn, base):
@@ -111,8 +130,8 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
     keeps about half the activation memory for backward (see
     :mod:`torchnorm.nn.conv_bn`): with ``save_memory`` (default) its forward
     runs inside :func:`torchnorm.nn.rebuild_outputs`. Chains whose
-    intermediate values are used elsewhere, and ConvTranspose calls given an
-    ``output_size``, are left alone. The ResNet tail
+    intermediate values are used elsewhere are left alone. A ConvTranspose's
+    ``output_size`` goes to the block. The ResNet tail
     ``act(BN(conv(x)) + identity)`` becomes one block.
     :func:`unfuse_conv_bn` undoes it.
 
@@ -134,7 +153,10 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
         roles = {conv_node.args[0]: _INPUT}
         if residual is not None:
             roles[residual] = _RESIDUAL
-        steps = [_template(conv_node, None, roles)]
+        output_size = _output_size_of(conv_node, modules[conv_node.target])
+        kwargs = {} if output_size is None else {"output_size": output_size}
+        # The conv step as a call with the block's input (and output_size).
+        steps = [(conv_node.op, conv_node.target, (_INPUT,), {k: _OUTPUT_SIZE for k in kwargs})]
         steps += [_template(n, prev, roles) for prev, n in zip(chain, chain[1:])]
         block = FusedConvBN(modules[conv_node.target], modules[node.target], activation, negative_slope, steps)
         name = f"{conv_node.target}_fused"
@@ -144,14 +166,14 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
         modules[name] = block
         with graph.inserting_after(end):
             args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
-            new = graph.call_module(name, args)
+            new = graph.call_module(name, args, kwargs)
         end.replace_all_uses_with(new)
         for n in reversed(chain):
             graph.erase_node(n)
         fused += 1
     if not fused:
         raise ValueError("fuse_conv_bn: found no Conv1d/2d/3d or ConvTranspose1d/2d/3d followed by a BatchNorm of "
-                         "its output to fuse (a ConvTranspose called with output_size is not fused)")
+                         "its output to fuse")
     graph.lint()
     gm.recompile()
     return save_memory_in(gm) if save_memory else gm
@@ -176,6 +198,8 @@ def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
         roles = {_INPUT: env[node.args[0]]}
         if len(node.args) > 1:
             roles[_RESIDUAL] = env[node.args[1]]
+        if "output_size" in node.kwargs:
+            roles[_OUTPUT_SIZE] = fx.map_arg(node.kwargs["output_size"], lambda n: env[n])
         prev = None
         for op, step_target, args, kwargs in target.steps:
             def fill(a):

@@ -150,14 +150,20 @@ def _activate(z: Tensor, activation: str, negative_slope: float, inplace: bool =
     return z
 
 
-def _conv_op_args(conv: torch.nn.Module, input: Tensor) -> tuple:
+def _conv_op_args(conv: torch.nn.Module, input: Tensor, output_size=None) -> tuple:
     """``(input, stride, padding, dilation, groups, transposed,
     output_padding)`` for the torchnorm conv ops, which take explicit zero
     padding: padding that is not (a padding mode, or ``padding="same"`` that
     is uneven) is applied to the input first, as torch.nn's conv does; a
-    transposed conv has zero padding only."""
+    transposed conv has zero padding only, and its output padding comes
+    from ``output_size`` where one is given, as in its forward."""
     if _is_transposed(conv):
-        return input, conv.stride, conv.padding, conv.dilation, conv.groups, True, conv.output_padding
+        output_padding = conv.output_padding
+        if output_size is not None:
+            spatial = conv.weight.dim() - 2
+            output_padding = tuple(conv._output_padding(input, output_size, conv.stride, conv.padding,
+                                                         conv.kernel_size, spatial, conv.dilation))
+        return input, conv.stride, conv.padding, conv.dilation, conv.groups, True, output_padding
     padding = conv.padding
     if conv.padding_mode != "zeros" or isinstance(padding, str):
         pads = conv._reversed_padding_repeated_twice
@@ -170,11 +176,11 @@ def _conv_op_args(conv: torch.nn.Module, input: Tensor) -> tuple:
     return input, conv.stride, padding, conv.dilation, conv.groups, False, ()
 
 
-def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor) -> Tensor:
+def _frozen_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, output_size=None) -> Tensor:
     """``bn(conv(input))`` with ``bn``'s statistics frozen, by the
     ``torchnorm::conv_bn_frozen`` op (csrc/conv_bn.cpp), which keeps only the
     conv input for backward."""
-    input, *conv_args = _conv_op_args(conv, input)
+    input, *conv_args = _conv_op_args(conv, input, output_size)
     return torch.ops.torchnorm.conv_bn_frozen(input, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                                               bn.running_var, bn.eps, *conv_args)
 
@@ -184,25 +190,28 @@ def _is_transposed(conv: torch.nn.Module) -> bool:
 
 
 def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, activation: Optional[str] = None,
-                    negative_slope: float = 0.01, residual: Optional[Tensor] = None) -> Tensor:
+                    negative_slope: float = 0.01, residual: Optional[Tensor] = None, output_size=None) -> Tensor:
     """``act(bn(conv(input)) + residual)`` with the memory-saving strategy of
     ``bn``'s mode (see the module docstring). ``conv`` is a Conv1d/2d/3d or
-    ConvTranspose1d/2d/3d (called without ``output_size``) and ``bn`` a
-    BatchNorm of its output channels; both keep their parameters and
-    buffers, and ``bn``'s running statistics update as torch.nn's would."""
+    ConvTranspose1d/2d/3d and ``bn`` a BatchNorm of its output channels; both
+    keep their parameters and buffers, and ``bn``'s running statistics update
+    as torch.nn's would. ``output_size`` is a ConvTranspose's, as in its
+    forward (it sets the output padding)."""
+    if output_size is not None and not _is_transposed(conv):
+        raise TypeError(f"conv_bn_forward: output_size applies to ConvTranspose only, got a {type(conv).__name__}")
     activation = F._activation_name(activation)
     call = _BatchNormCall(bn)
     if call.use_batch_stats:
         if residual is not None and _may_bypass_conv_call(conv, input):
             # The torchnorm::conv_bn_train op keeps the conv input and
             # recomputes the conv in backward (see the module docstring).
-            input, *conv_args = _conv_op_args(conv, input)
+            input, *conv_args = _conv_op_args(conv, input, output_size)
             out, _, _ = torch.ops.torchnorm.conv_bn_train(
                 input, conv.weight, conv.bias, bn.weight, bn.bias, call.running_mean, call.running_var,
                 call.momentum, bn.eps, activation, negative_slope, residual, *conv_args)
             call.count_batch()
             return out
-        pre_norm = conv(input)
+        pre_norm = _call(conv, input, output_size)
         out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
             pre_norm, bn.weight, bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation,
             negative_slope, residual)
@@ -212,9 +221,9 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
                                                  activation, negative_slope, out._version))
         return out
     if not _may_bypass_conv_call(conv, input):
-        return F.batch_norm(conv(input), call.running_mean, call.running_var, bn.weight, bn.bias, False, 0.0,
-                            bn.eps, activation, negative_slope, residual)
-    z = _frozen_conv_bn(conv, bn, input)
+        return F.batch_norm(_call(conv, input, output_size), call.running_mean, call.running_var, bn.weight, bn.bias,
+                            False, 0.0, bn.eps, activation, negative_slope, residual)
+    z = _frozen_conv_bn(conv, bn, input, output_size)
     if residual is not None:
         # In place where that gives the same tensor as z + residual: z is a
         # fresh output that nothing keeps for backward.
@@ -225,6 +234,11 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
             residual.shape == z.shape or torch.broadcast_shapes(z.shape, residual.shape) == z.shape)
         z = z.add_(residual) if same else z + residual
     return _activate(z, activation, negative_slope, inplace=True)
+
+
+def _call(conv: torch.nn.Module, input: Tensor, output_size) -> Tensor:
+    """``conv(input)``, with the ConvTranspose's ``output_size`` where given."""
+    return conv(input) if output_size is None else conv(input, output_size)
 
 
 def _may_bypass_conv_call(conv: torch.nn.Module, input: Tensor) -> bool:
@@ -327,11 +341,15 @@ class _ConvTransposeBNNd(_ConvBNNd):
                          padding_mode=padding_mode),
                     eps, momentum, affine, track_running_stats, activation, negative_slope, device, dtype)
 
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, output_size=None) -> Tensor:
+        return conv_bn_forward(self.conv, self.bn, input, self.activation, self.negative_slope, residual,
+                               output_size)
+
 
 class ConvTransposeBN1d(_ConvTransposeBNNd):
     """ConvTranspose1d + BatchNorm1d (+ residual) (+ activation), as in a
-    generator's or decoder's upsampling path; see :class:`ConvBN1d`. The
-    block takes no ``output_size``: set ``output_padding`` instead."""
+    generator's or decoder's upsampling path; see :class:`ConvBN1d`. Its
+    forward takes ``output_size`` as ConvTranspose1d's does."""
 
     _conv_class = torch.nn.ConvTranspose1d
     _bn_class = torch.nn.BatchNorm1d
