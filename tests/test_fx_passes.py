@@ -473,6 +473,37 @@ def test_fold_convbn_blocks():
         assert_close(folded(x), model(x), torch.float64, "forward")
 
 
+class TransposedOutputSize(nn.Module):
+    """ConvTranspose calls given an output_size: a module call (size from a
+    tensor's shape at run time) and a torchnorm block (a constant size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)
+        self.block = tnn.ConvTransposeBN2d(4, 3, 3, stride=2, padding=1, activation="relu")
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.up(x, output_size=(2 * x.shape[2], 2 * x.shape[3]))))
+        return self.block(y, output_size=[4 * x.shape[2] - 1, 4 * x.shape[3]])
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_fold_transposed_with_output_size(checked):
+    """The folded ConvTranspose keeps the call's output_size (the output
+    padding it picks), and the fold check runs the layer with it."""
+    model = randomize(TransposedOutputSize(), seed=30).double().eval()
+    x = make_input((2, 3, 3, 4), torch.float64, seed=31)
+    folded = fold_conv_bn(model, (x,) if checked else None)
+    assert batch_norm_ops(folded) == 0
+    assert all(f.folded for f in folded.fold_report.folds) and len(folded.fold_report.folds) == 2
+    if checked:
+        assert all(f.error <= DEFAULT_TOLERANCE[torch.float64] for f in folded.fold_report.folds)
+    with torch.no_grad():
+        got = folded(x)
+        assert got.shape == (2, 3, 11, 16)
+        assert_close(got, model(x), torch.float64, "forward")
+
+
 class ChainedResidual(nn.Module):
     """The ResNet shape: the residual of a fold is the output of the fold before."""
 

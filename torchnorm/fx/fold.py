@@ -112,6 +112,7 @@ class _Candidate:
     act_module: Optional[torch.nn.Module] = None  # timm's act, kept as a module
     residual: Optional[fx.Node] = None
     block: Optional[str] = None               # a torchnorm ConvBN block replaced whole
+    output_size: Any = None                   # a ConvTranspose call's (value, node or list of them)
 
     @property
     def input_node(self) -> fx.Node:
@@ -244,10 +245,12 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
                 skipped.append(Fold(name + ".conv", name + ".bn", False, "in training mode: call model.eval() first"))
                 continue
             residual = node.args[1] if len(node.args) > 1 else node.kwargs.get("residual")
+            output_size = node.args[2] if len(node.args) > 2 else node.kwargs.get("output_size")
             bn = block.bn
             candidates.append(_Candidate(node, node, block.conv,
                                          (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias),
-                                         ((block.activation or "none"), block.negative_slope), None, residual, name))
+                                         ((block.activation or "none"), block.negative_slope), None, residual, name,
+                                         output_size))
             continue
         if node.op == "call_module" and isinstance(modules[node.target], torch.nn.modules.batchnorm._BatchNorm):
             bn = modules[node.target]
@@ -292,7 +295,11 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
             skipped.append(Fold(_node_label(input_node), name, False,
                                 f"{_out_channels(layer)} output channels but {stats[0].numel()} statistics"))
             continue
-        candidates.append(_Candidate(node, input_node, layer, stats, epilogue, act_module, residual))
+        output_size = None
+        if input_node.op == "call_module" and isinstance(layer, _graph.TRANSPOSED_TYPES):
+            output_size = input_node.args[1] if len(input_node.args) > 1 else input_node.kwargs.get("output_size")
+        candidates.append(_Candidate(node, input_node, layer, stats, epilogue, act_module, residual,
+                                     output_size=output_size))
     return candidates, skipped
 
 
@@ -369,7 +376,8 @@ def _rewrite(gm: fx.GraphModule, c: _Candidate, layer: torch.nn.Module, replaced
     if c.block:
         gm.add_submodule(c.block, layer)  # the folded conv takes the block's place
         layer_node = c.bn_node
-        layer_node.args, layer_node.kwargs = layer_node.args[:1], {}
+        layer_node.args = layer_node.args[:1]
+        layer_node.kwargs = {} if c.output_size is None else {"output_size": c.output_size}
     elif c.layer_node.op == "call_module":
         gm.add_submodule(c.layer_node.target, layer)
         layer_node = c.layer_node
@@ -483,6 +491,7 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
             wanted.update({c.input_node, c.bn_node})
             if c.residual is not None:
                 wanted.add(c.residual)
+            fx.node.map_arg(c.output_size, wanted.add)
         recorder = _Recorder(gm, wanted)
         with torch.no_grad(), _full_float32():
             reference_output = recorder.run(*example_inputs)
@@ -509,7 +518,9 @@ def fold_conv_bn(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]]
             limit = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(layer.weight.dtype, 1e-4)
             used_tolerance = limit if used_tolerance is None else max(used_tolerance, limit)
             with torch.no_grad(), _full_float32():
-                got = _epilogue(c, layer(values[inputs[id(c)]]), values.get(c.residual))
+                # (a ConvTranspose's output_size as the unfused run had it)
+                size = () if c.output_size is None else (fx.node.map_arg(c.output_size, values.__getitem__),)
+                got = _epilogue(c, layer(values[inputs[id(c)]], *size), values.get(c.residual))
             fold.error = _relative_error(got, values[c.bn_node])
             if not fold.error <= limit:
                 fold.folded, fold.reason = False, f"error {fold.error:.2e} over the tolerance {limit:g}"
