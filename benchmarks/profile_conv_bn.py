@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import harness
-from .conv_bn import RESULTS, resnet50, training_step
+from .conv_bn import RESULTS, _sync, resnet50, training_step
 
 MODES = ("batch statistics", "frozen BN")
 
@@ -36,11 +36,6 @@ def _set_mode(model: torch.nn.Module, mode: str) -> torch.nn.Module:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
     return model
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def step_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: str, steps: int) -> Tuple[float, float]:
@@ -59,18 +54,12 @@ def step_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: str
     return statistics.median(host), statistics.median(wall)
 
 
-def _short(name: str) -> str:
-    """A kernel's name without template arguments or parameters."""
-    name = re.sub(r"^void ", "", name)
-    depth, out = 0, []
-    for ch in name:
-        if ch in "<(":
-            depth += 1
-        elif ch in ">)":
-            depth -= 1
-        elif depth == 0:
-            out.append(ch)
-    return "".join(out)[:90] or name[:90]
+def _short(name: str, width: int = 110) -> str:
+    """A kernel's name for the table: its first `width` characters, template
+    arguments included (they name the functor of ATen's element-wise and
+    reduction kernels), without a leading "void " or table separators."""
+    name = re.sub(r"\s+", " ", re.sub(r"^void ", "", name)).replace("|", "/")
+    return name if len(name) <= width else name[:width - 3] + "..."
 
 
 def kernel_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: str,
@@ -125,7 +114,8 @@ def report(results: Dict[str, dict], device: str, shape: tuple, top: int) -> str
         lines += [f"## {mode}", "", "| | torch | torchnorm | ratio |", "|---|---|---|---|"]
         for key, label in (("wall_ms", "wall ms"), ("host_ms", "host ms (no sync)"),
                            ("device_ms", f"{unit} ms, summed"), ("launches", f"{unit} calls")):
-            lines.append(f"| {label} | {t[key]:.2f} | {o[key]:.2f} | {o[key] / t[key]:.2f}x |")
+            ratio = f"{o[key] / t[key]:.2f}x" if t[key] else "n/a"
+            lines.append(f"| {label} | {t[key]:.2f} | {o[key]:.2f} | {ratio} |")
         names = set(t["kernels"]) | set(o["kernels"])
         diff = sorted(names, key=lambda n: -abs(o["kernels"].get(n, (0, 0))[1] - t["kernels"].get(n, (0, 0))[1]))
         lines += ["", f"The {top} {unit}s whose time differs most (calls per step, microseconds per step):", "",

@@ -62,19 +62,28 @@ std::array<bool, N> grad_wanted(AutogradContext* ctx) {
   return wanted;
 }
 
+// Stores which inputs need gradients (bit i: input i), for grad_wanted.
+void save_grad_wanted(AutogradContext* ctx, std::initializer_list<bool> wanted) {
+  int64_t bits = 0, i = 0;
+  for (bool w : wanted) bits |= int64_t(w) << i++;
+  ctx->saved_data["grad_wanted"] = bits;
+}
+
+// Without an activation the residual's gradient is grad_output itself: the
+// backward hands it through instead of having the kernel copy it.
+bool hands_residual_grad_through(bool wanted, const std::string& activation) {
+  return wanted && activation == "none";
+}
+
 // Saves (input, weight, bias, residual, mean, rstd), the activation, and
 // which of input, weight, bias, residual need gradients.
 void save_for_grads(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
                     const optional<Tensor>& bias, const optional<Tensor>& residual, const Tensor& mean,
                     const Tensor& rstd, c10::string_view activation, double negative_slope) {
-  const std::array<bool, 4> grad_wanted{input.requires_grad(), requires_grad(weight), requires_grad(bias),
-                                        requires_grad(residual)};
   ctx->save_for_backward({input, or_undefined(weight), or_undefined(bias), or_undefined(residual), mean, rstd});
   ctx->saved_data["activation"] = std::string(activation);
   ctx->saved_data["negative_slope"] = negative_slope;
-  int64_t wanted_bits = 0;
-  for (int i = 0; i < 4; ++i) wanted_bits |= int64_t(grad_wanted[i]) << i;
-  ctx->saved_data["grad_wanted"] = wanted_bits;
+  save_grad_wanted(ctx, {input.requires_grad(), requires_grad(weight), requires_grad(bias), requires_grad(residual)});
 }
 
 // Gradients (input, weight, bias, residual) through one BatchNorm forward.
@@ -83,10 +92,8 @@ std::array<Tensor, 4> batch_norm_grads(AutogradContext* ctx, const Tensor& grad_
   const std::string activation = ctx->saved_data["activation"].toStringRef();
   const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
   const std::array<bool, 4> wanted = grad_wanted<4>(ctx);
-  // Without an activation the residual's gradient is grad_output itself:
-  // hand it through instead of having the kernel copy it.
-  const bool copy_residual_grad = wanted[3] && activation != "none";
-  const std::array<bool, 4> mask{wanted[0], wanted[1], wanted[2], copy_residual_grad};
+  const bool pass_residual_grad = hands_residual_grad_through(wanted[3], activation);
+  const std::array<bool, 4> mask{wanted[0], wanted[1], wanted[2], wanted[3] && !pass_residual_grad};
   std::array<Tensor, 4> grads;
   if (mask[0] || mask[1] || mask[2] || mask[3]) {
     static const auto backward = find_op<BackwardSignature>("torchnorm::batch_norm_backward");
@@ -95,7 +102,7 @@ std::array<Tensor, 4> batch_norm_grads(AutogradContext* ctx, const Tensor& grad_
                                           negative_slope, mask);
     grads = {mask[0] ? gi : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor(), mask[3] ? gr : Tensor()};
   }
-  if (wanted[3] && !copy_residual_grad) grads[3] = grad_output;
+  if (pass_residual_grad) grads[3] = grad_output;
   return grads;
 }
 
@@ -164,21 +171,32 @@ void bump_versions(const optional<Tensor>& running_mean, const optional<Tensor>&
   }
 }
 
+// A forward F (an autograd Function with op()) that returns (out, mean,
+// rstd) and updates the running statistics in place: the op below autograd
+// where no input is tracked, else the Function; the statistics' versions are
+// bumped either way.
+template <typename F, typename... Args>
+std::tuple<Tensor, Tensor, Tensor> updating_running_stats(bool tracked, const optional<Tensor>& running_mean,
+                                                          const optional<Tensor>& running_var, const Args&... args) {
+  std::tuple<Tensor, Tensor, Tensor> r;
+  if (tracked) {
+    const variable_list v = F::apply(args...);
+    r = {v[0], v[1], v[2]};
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = F::op().call(args...);
+  }
+  bump_versions(running_mean, running_var);
+  return r;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var, double momentum, double eps,
     c10::string_view activation, double negative_slope, const optional<Tensor>& residual) {
-  if (!needs_autograd(input, weight, bias, residual)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto r = BatchNormTrain::op().call(input, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                       negative_slope, residual);
-    bump_versions(running_mean, running_var);
-    return r;
-  }
-  auto r = BatchNormTrain::apply(input, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                 negative_slope, residual);
-  bump_versions(running_mean, running_var);
-  return {r[0], r[1], r[2]};
+  return updating_running_stats<BatchNormTrain>(needs_autograd(input, weight, bias, residual), running_mean,
+                                                running_var, input, weight, bias, running_mean, running_var,
+                                                momentum, eps, activation, negative_slope, residual);
 }
 
 Tensor batch_norm_eval_autograd(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
@@ -223,8 +241,7 @@ void save_row_norm(AutogradContext* ctx, const Tensor& input, at::IntArrayRef no
   ctx->save_for_backward({normalized, or_undefined(weight), mean, rstd});
   ctx->saved_data["normalized_shape"] = normalized_shape.vec();
   ctx->saved_data["has_residual"] = residual.has_value();
-  ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad() || requires_grad(residual)) |
-                                   int64_t(requires_grad(weight)) << 1 | int64_t(requires_grad(bias)) << 2;
+  save_grad_wanted(ctx, {input.requires_grad() || requires_grad(residual), requires_grad(weight), requires_grad(bias)});
 }
 
 std::array<Tensor, 3> row_norm_grads(AutogradContext* ctx, const variable_list& grads) {
@@ -299,8 +316,7 @@ void save_group_norm(AutogradContext* ctx, const Tensor& input, int64_t num_grou
   ctx->saved_data["num_groups"] = num_groups;
   ctx->saved_data["activation"] = std::string(activation);
   ctx->saved_data["negative_slope"] = negative_slope;
-  ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(requires_grad(weight)) << 1 |
-                                   int64_t(requires_grad(bias)) << 2;
+  save_grad_wanted(ctx, {input.requires_grad(), requires_grad(weight), requires_grad(bias)});
 }
 
 std::array<Tensor, 3> group_norm_grads(AutogradContext* ctx, const Tensor& grad_output) {
@@ -403,15 +419,8 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_autograd(const Tensor& input, c
                                                           const optional<Tensor>& running_mean,
                                                           const optional<Tensor>& running_var, double momentum,
                                                           double eps) {
-  if (!needs_autograd(input, weight, bias)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto r = InstanceNorm::op().call(input, weight, bias, running_mean, running_var, momentum, eps);
-    bump_versions(running_mean, running_var);
-    return r;
-  }
-  auto r = InstanceNorm::apply(input, weight, bias, running_mean, running_var, momentum, eps);
-  bump_versions(running_mean, running_var);
-  return {r[0], r[1], r[2]};
+  return updating_running_stats<InstanceNorm>(needs_autograd(input, weight, bias), running_mean, running_var, input,
+                                              weight, bias, running_mean, running_var, momentum, eps);
 }
 
 // ------------------------------------------------------ conv + frozen BN --
@@ -474,9 +483,8 @@ struct ConvBNFrozen : public torch::autograd::Function<ConvBNFrozen> {
                             running_var});
     ctx->saved_data["eps"] = eps;
     save_conv_args(ctx, stride, padding, dilation, groups, transposed, output_padding);
-    ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(weight.requires_grad()) << 1 |
-                                     int64_t(requires_grad(conv_bias)) << 2 | int64_t(requires_grad(bn_weight)) << 3 |
-                                     int64_t(requires_grad(bn_bias)) << 4;
+    save_grad_wanted(ctx, {input.requires_grad(), weight.requires_grad(), requires_grad(conv_bias),
+                           requires_grad(bn_weight), requires_grad(bn_bias)});
     return {out};
   }
 
@@ -558,9 +566,8 @@ struct ConvBNTrain : public torch::autograd::Function<ConvBNTrain> {
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
     save_conv_args(ctx, stride, padding, dilation, groups, transposed, output_padding);
-    ctx->saved_data["grad_wanted"] = int64_t(input.requires_grad()) | int64_t(weight.requires_grad()) << 1 |
-                                     int64_t(requires_grad(conv_bias)) << 2 | int64_t(requires_grad(bn_weight)) << 3 |
-                                     int64_t(requires_grad(bn_bias)) << 4 | int64_t(requires_grad(residual)) << 5;
+    save_grad_wanted(ctx, {input.requires_grad(), weight.requires_grad(), requires_grad(conv_bias),
+                           requires_grad(bn_weight), requires_grad(bn_bias), requires_grad(residual)});
     ctx->mark_non_differentiable({mean, rstd});
     return {out, mean, rstd};
   }
@@ -569,9 +576,7 @@ struct ConvBNTrain : public torch::autograd::Function<ConvBNTrain> {
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 6> wanted = grad_wanted<6>(ctx);
     const std::string activation = ctx->saved_data["activation"].toStringRef();
-    // Without an activation the residual's gradient is grad_output itself
-    // (as in batch_norm_grads).
-    const bool pass_residual_grad = wanted[5] && activation == "none";
+    const bool pass_residual_grad = hands_residual_grad_through(wanted[5], activation);
     std::array<bool, 6> mask = wanted;
     mask[5] = wanted[5] && !pass_residual_grad;
     variable_list result(18);
@@ -598,20 +603,11 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_train_autograd(
     double momentum, double eps, c10::string_view activation, double negative_slope, const optional<Tensor>& residual,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool transposed,
     at::IntArrayRef output_padding) {
-  std::tuple<Tensor, Tensor, Tensor> r;
-  if (!needs_autograd(input, weight, conv_bias, bn_weight, bn_bias, residual)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    r = ConvBNTrain::op().call(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, momentum,
-                               eps, activation, negative_slope, residual, stride, padding, dilation, groups,
-                               transposed, output_padding);
-  } else {
-    auto v = ConvBNTrain::apply(input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, momentum,
-                                eps, activation, negative_slope, residual, stride, padding, dilation, groups,
-                                transposed, output_padding);
-    r = {v[0], v[1], v[2]};
-  }
-  bump_versions(running_mean, running_var);
-  return r;
+  return updating_running_stats<ConvBNTrain>(needs_autograd(input, weight, conv_bias, bn_weight, bn_bias, residual),
+                                             running_mean, running_var, input, weight, conv_bias, bn_weight, bn_bias,
+                                             running_mean, running_var, momentum, eps, activation, negative_slope,
+                                             residual, stride, padding, dilation, groups, transposed,
+                                             output_padding);
 }
 
 }  // namespace

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build the CUDA kernels, run the test suite on
 # the GPU, run compute-sanitizer over a short CUDA test, run the benchmark
-# suite. Logs and results go to $OUT (the device tool's folder), at most 8
-# files: env.txt build.log tests.log sanitizer.log racecheck.log, the conv_bn step
-# profile <card>-conv-bn-profile.md and the benchmark's <card>.csv/.md/.png.
-# Commit those under benchmarks/results/.
+# suite. Results go to $OUT (the device tool's folder, which returns at most 8
+# files): the conv_bn step profile <card>-conv-bn-profile.md, the benchmark's
+# reports (<card>.csv/.md/.png, <card>-conv-bn-cuda.csv/.md) and logs.tar.gz,
+# which holds env.txt build.log tests.log sanitizer.log racecheck.log. Commit
+# those, logs unpacked, under benchmarks/results/gpu_check/.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # Each step's time limit can be set to fit a short lease (seconds; 0 skips the
 # step): TESTS_TIMEOUT (900), MEMCHECK_TIMEOUT (420), RACECHECK_TIMEOUT (300),
-# PROFILE_TIMEOUT (240), BENCH_TIMEOUT (3600). TESTS_ARGS passes options to pytest (e.g. "-m cuda",
-# the GPU cases only), BENCH_ARGS to the benchmark (e.g. "--suite conv_bn").
+# PROFILE_TIMEOUT (240), BENCH_TIMEOUT (3600). TESTS_ARGS passes options to
+# pytest (e.g. "-m cuda", the GPU cases only), BENCH_ARGS to the benchmark
+# (e.g. "--suite conv_bn").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/gpu_check}
@@ -72,4 +74,7 @@ limited "${BENCH_TIMEOUT:-3600}" $PY -m benchmarks --device cuda ${BENCH_ARGS:-}
   || status=1
 
 step done
+# The logs as one file, so that the reports fit the device tool's 8 files.
+logs=$(cd "$OUT" && ls env.txt build.log tests.log sanitizer.log racecheck.log 2>/dev/null)
+(cd "$OUT" && tar czf logs.tar.gz $logs && rm -f $logs)
 exit $status

@@ -141,6 +141,12 @@ def _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps
     return _kernel_layout(input), _group_stats(input, input.shape[1]), _group_stats(input, input.shape[1])
 
 
+def _wanted_or_empty(wanted, grad, like):
+    # A backward op's output: the gradient, or an empty (0,) placeholder
+    # (csrc/conv_bn.cpp's empty_unless).
+    return grad if wanted else like.new_empty((0,))
+
+
 def _check_conv(op, input, weight, groups, transposed, output_padding):
     """The checks of csrc/conv_bn.cpp (conv_args) that aten::convolution's own
     fake does not make, so that a compiled call fails as an eager one does.
@@ -193,8 +199,7 @@ def _conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight, r
     def per_channel(wanted, dtype):
         return weight.new_empty((channels,) if wanted else (0,), dtype=dtype)
 
-    return (grad_input if output_mask[0] else input.new_empty((0,)),
-            grad_weight if output_mask[1] else weight.new_empty((0,)),
+    return (_wanted_or_empty(output_mask[0], grad_input, input), _wanted_or_empty(output_mask[1], grad_weight, weight),
             per_channel(output_mask[2], bias_dtype), per_channel(output_mask[3], bn_dtype),
             per_channel(output_mask[4], bn_dtype))
 
@@ -225,7 +230,6 @@ def _conv_bn_train_backward(grad_output, input, weight, conv_bias, bn_weight, bn
     grad_input, grad_weight, grad_conv_bias = torch.ops.aten.convolution_backward.default(
         conv_output, input, weight, None if conv_bias is None else list(conv_bias.shape), stride, padding, dilation,
         transposed, output_padding, groups, [output_mask[0], output_mask[1], output_mask[2]])
-    return (grad_input if output_mask[0] else input.new_empty((0,)),
-            grad_weight if output_mask[1] else weight.new_empty((0,)),
-            grad_conv_bias if output_mask[2] else (conv_bias if conv_bias is not None else weight).new_empty((0,)),
+    return (_wanted_or_empty(output_mask[0], grad_input, input), _wanted_or_empty(output_mask[1], grad_weight, weight),
+            _wanted_or_empty(output_mask[2], grad_conv_bias, conv_bias if conv_bias is not None else weight),
             grad_bn_weight, grad_bn_bias, grad_residual)

@@ -96,6 +96,24 @@ def activation_of_node(node: fx.Node, modules: Dict[str, torch.nn.Module]) -> Op
     return None
 
 
+UNKNOWN_CALL = object()
+
+
+def output_size_of(layer_node: fx.Node, layer: torch.nn.Module):
+    """The ``output_size`` that a call of a layer module gives (a ConvTranspose
+    takes one, positionally or by keyword; a value, a node, or a list of
+    them), None for none, or UNKNOWN_CALL for a call with other arguments."""
+    args, kwargs = layer_node.args, layer_node.kwargs
+    if isinstance(layer, TRANSPOSED_TYPES):
+        if len(args) == 2 and not kwargs:
+            return args[1]
+        if len(args) == 1 and set(kwargs) <= {"output_size"}:
+            return kwargs.get("output_size")
+    elif len(args) == 1 and not kwargs:
+        return None
+    return UNKNOWN_CALL
+
+
 def only_user(node: fx.Node) -> Optional[fx.Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None

@@ -295,9 +295,11 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
             skipped.append(Fold(_node_label(input_node), name, False,
                                 f"{_out_channels(layer)} output channels but {stats[0].numel()} statistics"))
             continue
-        output_size = None
-        if input_node.op == "call_module" and isinstance(layer, _graph.TRANSPOSED_TYPES):
-            output_size = input_node.args[1] if len(input_node.args) > 1 else input_node.kwargs.get("output_size")
+        output_size = _graph.output_size_of(input_node, layer) if input_node.op == "call_module" else None
+        if output_size is _graph.UNKNOWN_CALL:
+            skipped.append(Fold(_node_label(input_node), name, False,
+                                "is called with arguments this pass does not know"))
+            continue
         candidates.append(_Candidate(node, input_node, layer, stats, epilogue, act_module, residual,
                                      output_size=output_size))
     return candidates, skipped

@@ -66,7 +66,7 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
     if (type(conv) not in _graph.CONV_TYPES + _graph.TRANSPOSED_TYPES or len(conv_node.users) != 1
             or bn.num_features != conv.out_channels):
         return None
-    if _output_size_of(conv_node, conv) is _UNFUSABLE_CALL:
+    if _graph.output_size_of(conv_node, conv) is _graph.UNKNOWN_CALL:
         return None
     if conv.weight.dim() - 2 != {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2,
                                  torch.nn.BatchNorm3d: 3}.get(_bn_base(bn), -1):
@@ -91,24 +91,6 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
             chain.append(user)
             return chain, residual, act
     return chain, residual, epilogue
-
-
-_UNFUSABLE_CALL = object()
-
-
-def _output_size_of(conv_node: fx.Node, conv: torch.nn.Module):
-    """The output_size a ConvTranspose call gives (positionally or by
-    keyword), None for none, or _UNFUSABLE_CALL for a call with other
-    arguments."""
-    args, kwargs = conv_node.args, conv_node.kwargs
-    if type(conv) in _graph.TRANSPOSED_TYPES:
-        if len(args) == 2 and not kwargs:
-            return args[1]
-        if len(args) == 1 and set(kwargs) <= {"output_size"}:
-            return kwargs.get("output_size")
-    elif len(args) == 1 and not kwargs:
-        return None
-    return _UNFUSABLE_CALL
 
 
 def _bn_base(bn: torch.nn.Module) -> Optional[type]:
@@ -153,7 +135,7 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
         roles = {conv_node.args[0]: _INPUT}
         if residual is not None:
             roles[residual] = _RESIDUAL
-        output_size = _output_size_of(conv_node, modules[conv_node.target])
+        output_size = _graph.output_size_of(conv_node, modules[conv_node.target])
         kwargs = {} if output_size is None else {"output_size": output_size}
         # The conv step as a call with the block's input (and output_size).
         steps = [(conv_node.op, conv_node.target, (_INPUT,), {k: _OUTPUT_SIZE for k in kwargs})]

@@ -153,10 +153,11 @@ def _activate(z: Tensor, activation: str, negative_slope: float, inplace: bool =
 def _conv_op_args(conv: torch.nn.Module, input: Tensor, output_size=None) -> tuple:
     """``(input, stride, padding, dilation, groups, transposed,
     output_padding)`` for the torchnorm conv ops, which take explicit zero
-    padding: padding that is not (a padding mode, or ``padding="same"`` that
-    is uneven) is applied to the input first, as torch.nn's conv does; a
-    transposed conv has zero padding only, and its output padding comes
-    from ``output_size`` where one is given, as in its forward."""
+    padding only. Other padding (a padding mode other than zeros, or
+    ``padding="same"`` that differs between the two sides) is applied to the
+    input first, as torch.nn's conv does. A transposed conv has zero padding
+    only; its output padding comes from ``output_size`` where one is given,
+    as in its forward."""
     if _is_transposed(conv):
         output_padding = conv.output_padding
         if output_size is not None:
