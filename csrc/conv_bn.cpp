@@ -31,11 +31,11 @@
 #include <utility>
 #include <vector>
 
-#include "common/batch_norm_host.h"
+#include "common/input_checks.h"
 #include "common/batch_norm_math.h"
 #include "common/conv_bn_kernels.h"
 #include "common/op_handles.h"
-#include "cpu/norm_kernels.h"
+#include "cpu/kernel_helpers.h"
 
 namespace torchnorm {
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchnorm.nn as tnn
-from torchnorm.fx import FusedConvBN, fold_conv_bn, fold_parameters, fuse_conv_bn, unfuse_conv_bn
+from torchnorm.fx import FusedChain, fold_conv_bn, fold_parameters, fuse_conv_bn, unfuse_conv_bn
 from torchnorm.fx.fold import DEFAULT_TOLERANCE
 from torchnorm.nn.conv_bn import _ConvBNNd
 
@@ -80,7 +80,7 @@ def assert_state_unchanged(model, before):
 
 
 def fused_blocks(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, FusedConvBN)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, FusedChain)}
 
 
 def relative_error(got, want):
@@ -1089,7 +1089,7 @@ def test_fuse_timm_batch_norm_act_with_dropout_in_training():
     both = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), model).double().train()
     reference = copy.deepcopy(both)
     fused = fuse_conv_bn(both)
-    assert sum(isinstance(m, FusedConvBN) for m in fused.modules()) == 1
+    assert sum(isinstance(m, FusedChain) for m in fused.modules()) == 1
     x = make_input((2, 3, 6, 6), torch.float64, seed=87)
     torch.manual_seed(0)
     want = reference(x)
@@ -1112,7 +1112,7 @@ def test_unfuse_restores_the_graph():
     restored = unfuse_conv_bn(fused)
     assert isinstance(restored, fx.GraphModule)
     assert not fused_blocks(restored)
-    assert not any(n.op == "call_module" and isinstance(restored.get_submodule(n.target), FusedConvBN)
+    assert not any(n.op == "call_module" and isinstance(restored.get_submodule(n.target), FusedChain)
                    for n in restored.graph.nodes)
     assert sorted(restored.state_dict()) == sorted(keys)  # (in graph order: c9 before c1d)
     for k, v in restored.state_dict().items():
@@ -1126,7 +1126,7 @@ def test_unfuse_restores_the_graph():
 def test_unfuse_and_fuse_errors():
     with pytest.raises(TypeError, match="GraphModule"):
         unfuse_conv_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    with pytest.raises(ValueError, match="no FusedConvBN"):
+    with pytest.raises(ValueError, match="no FusedChain"):
         unfuse_conv_bn(fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
     with pytest.raises(ValueError, match="no Conv"):
         fuse_conv_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))

@@ -28,10 +28,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/batch_norm_host.h"
+#include "common/batch_norm_plan.h"
 #include "common/batch_norm_math.h"
 #include "common/welford.h"
-#include "cpu/norm_kernels.h"
+#include "cpu/kernel_helpers.h"
 
 namespace torchnorm {
 namespace {

@@ -11,7 +11,7 @@
 // normalizes with per-channel coefficients.
 // The backward has the same two shapes: per (n, c), sum(dz) and
 // sum(dz * (x - mean)) with dz = dy * act'(z); per group they combine, with
-// the weights, into the coefficients of dx (csrc/common/norm_math.h).
+// the weights, into the coefficients of dx (csrc/common/sample_norm_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,9 +22,9 @@
 #include <numeric>
 #include <vector>
 
-#include "common/norm_host.h"
-#include "common/norm_math.h"
-#include "cpu/norm_kernels.h"
+#include "common/sample_norm_plan.h"
+#include "common/sample_norm_math.h"
+#include "cpu/kernel_helpers.h"
 
 namespace torchnorm {
 namespace {

@@ -20,9 +20,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/norm_host.h"
-#include "common/norm_math.h"
-#include "cpu/norm_kernels.h"
+#include "common/sample_norm_plan.h"
+#include "common/sample_norm_math.h"
+#include "cpu/kernel_helpers.h"
 
 namespace torchnorm {
 namespace {

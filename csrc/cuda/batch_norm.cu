@@ -1,6 +1,6 @@
 // CUDA kernels of torchnorm's BatchNorm ops (batch_norm_train, batch_norm_eval,
 // batch_norm_backward). Argument checks, layout classification and output
-// allocation are done by plan_forward / plan_backward (common/batch_norm_host.h);
+// allocation are done by plan_forward / plan_backward (common/batch_norm_plan.h);
 // the per-element math comes from common/ (welford.h, batch_norm_math.h,
 // activations.h), so the CPU and CUDA kernels compute the same functions.
 //
@@ -28,7 +28,7 @@
 //     sums (grad_weight, grad_bias, or grad_input in training), so an eval-mode
 //     grad_input costs a single pass.
 //
-// Layouts (BatchNormGeometry): Planar = (N, C, S) contiguous, Rowwise = (R, C)
+// Layouts (ChannelGeometry): Planar = (N, C, S) contiguous, Rowwise = (R, C)
 // with R = N*S rows (channels_last or 2-D input). The reductions have one
 // kernel per layout; the element-wise kernels treat both as a flat array whose
 // element e is in channel (e / S) % C (Rowwise is the case S = 1).
@@ -56,10 +56,10 @@
 #include <tuple>
 
 #include "common/activations.h"
-#include "common/batch_norm_host.h"
+#include "common/batch_norm_plan.h"
 #include "common/batch_norm_math.h"
 #include "common/welford.h"
-#include "norm_kernels.cuh"
+#include "kernel_helpers.cuh"
 
 namespace torchnorm {
 namespace {
@@ -70,7 +70,7 @@ constexpr int kUnroll = 4;  // independent loads each thread issues per iteratio
 
 // Vector packs, ChannelParam, the accumulators (MeanM2, SumPair), their
 // workspace layout and block_tree_reduce, and the occupancy helpers are in
-// norm_kernels.cuh, shared with the per-sample norms.
+// kernel_helpers.cuh, shared with the per-sample norms.
 
 // ---------------------------------------------------------------------------
 // What the reduction kernels accumulate
@@ -603,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, 3) backward_elementwise_kernel(
 // every chunk starts at a channel c with c % G == 0, as VEC % G == 0), and
 // every coefficient array aligned to G of them.
 template <int G, typename acc_t>
-bool packed_channels(const BatchNormGeometry& g, std::initializer_list<const acc_t*> arrays) {
+bool packed_channels(const ChannelGeometry& g, std::initializer_list<const acc_t*> arrays) {
   if (G == 1 || g.layout != Layout::Rowwise || g.C % G != 0) return false;
   for (const acc_t* a : arrays) {
     if (!is_aligned(a, G * sizeof(acc_t))) return false;
@@ -614,7 +614,7 @@ bool packed_channels(const BatchNormGeometry& g, std::initializer_list<const acc
 // Runs the reduction of `op` over the input's geometry and returns the
 // (Op::kFields, splits, C) workspace of partials.
 template <typename Op>
-at::Tensor launch_reduce(const Op& op, const BatchNormGeometry& g, const at::TensorOptions& acc_options,
+at::Tensor launch_reduce(const Op& op, const ChannelGeometry& g, const at::TensorOptions& acc_options,
                          cudaStream_t stream) {
   using acc_t = typename Op::acc_t;
   at::Tensor partials;
@@ -667,7 +667,7 @@ dim3 finalize_grid(const dim3& block, int64_t C) {
 }
 
 // Geometry of the flat element-wise view: element e is in channel (e / S) % C.
-int64_t flat_spatial(const BatchNormGeometry& g) {
+int64_t flat_spatial(const ChannelGeometry& g) {
   return g.layout == Layout::Planar ? g.S : 1;
 }
 
@@ -722,7 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   const ForwardPlan p = plan_forward("torchnorm.batch_norm_train", input, weight, bias, running_mean, running_var,
                                      residual, /*training=*/true, eps, std::string(activation));
-  const BatchNormGeometry& g = p.g;
+  const ChannelGeometry& g = p.g;
   const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
   const int64_t count = g.count_per_channel();
   if (count == 0) {
@@ -761,7 +761,7 @@ at::Tensor normalize_with_statistics(const ForwardPlan& p, const at::Tensor& mea
                                      bool stats_are_rstd, const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias, double eps, double negative_slope) {
   if (p.x.numel() == 0) return p.out;
-  const BatchNormGeometry& g = p.g;
+  const ChannelGeometry& g = p.g;
   const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
   at::Tensor coef = at::empty({3, g.C}, acc_options);  // mean, scale, shift
 
@@ -825,7 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   c10::cuda::CUDAGuard guard(input.device());
   BackwardPlan p = plan_backward(grad_output, input, weight, bias, residual, mean, rstd, std::string(activation),
                                  output_mask);
-  const BatchNormGeometry& g = p.g;
+  const ChannelGeometry& g = p.g;
   const bool want_input = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2],
              want_residual = output_mask[3];
   const auto result = [&] { return std::make_tuple(p.grad_input, p.grad_weight, p.grad_bias, p.grad_residual); };

@@ -13,7 +13,7 @@
 
 #include "common/batch_norm_math.h"
 #include "common/conv_bn_kernels.h"
-#include "norm_kernels.cuh"
+#include "kernel_helpers.cuh"
 
 namespace torchnorm {
 namespace {

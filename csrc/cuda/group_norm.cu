@@ -2,8 +2,8 @@
 // group_norm_backward and instance_norm (GroupNorm with one group per channel,
 // plus the running-statistics update). Argument checks, layouts and output
 // allocation are done by plan_group_norm / plan_instance_norm /
-// plan_group_norm_backward (common/norm_host.h); the per-element math comes
-// from common/ (welford.h, batch_norm_math.h, norm_math.h, activations.h).
+// plan_group_norm_backward (common/sample_norm_plan.h); the per-element math comes
+// from common/ (welford.h, batch_norm_math.h, sample_norm_math.h, activations.h).
 //
 // Geometry: (N, C, S) with C split into G groups of K = C / G channels; the
 // statistics of (n, g) cover K * S elements. Planar layout: (N, C, S)
@@ -61,10 +61,10 @@
 
 #include "common/activations.h"
 #include "common/batch_norm_math.h"
-#include "common/norm_host.h"
-#include "common/norm_math.h"
+#include "common/sample_norm_plan.h"
+#include "common/sample_norm_math.h"
 #include "common/welford.h"
-#include "norm_kernels.cuh"
+#include "kernel_helpers.cuh"
 
 namespace torchnorm {
 namespace {

@@ -1,7 +1,7 @@
 // CUDA kernels of torchnorm's row norms: layer_norm, rms_norm and
 // layer_norm_backward. Argument checks, shapes and output allocation are done
-// by plan_row_norm / plan_row_norm_backward (common/norm_host.h); the
-// per-element math comes from common/ (batch_norm_math.h, norm_math.h), so
+// by plan_row_norm / plan_row_norm_backward (common/sample_norm_plan.h); the
+// per-element math comes from common/ (batch_norm_math.h, sample_norm_math.h), so
 // the CPU and CUDA kernels compute the same functions.
 //
 // The input is M rows of D contiguous elements; each row is normalized on its
@@ -53,10 +53,10 @@
 #include <tuple>
 
 #include "common/batch_norm_math.h"
-#include "common/norm_host.h"
-#include "common/norm_math.h"
+#include "common/sample_norm_plan.h"
+#include "common/sample_norm_math.h"
 #include "common/welford.h"
-#include "norm_kernels.cuh"
+#include "kernel_helpers.cuh"
 
 namespace torchnorm {
 namespace {

@@ -8,14 +8,14 @@ import torch.fx as fx
 from ..nn.conv_bn import conv_bn_forward, save_memory_in
 from . import _graph
 
-__all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedConvBN"]
+__all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedChain"]
 
 # Placeholders in a recorded step's arguments: the chain's running value,
 # the block input, the residual and a ConvTranspose's output_size.
 _PREV, _INPUT, _RESIDUAL, _OUTPUT_SIZE = "<prev>", "<input>", "<residual>", "<output_size>"
 
 
-class FusedConvBN(torch.nn.Module):
+class FusedChain(torch.nn.Module):
     """One fused chain of a model returned by :func:`fuse_conv_bn`.
 
     It runs :func:`torchnorm.nn.conv_bn_forward` on the model's own conv and
@@ -103,7 +103,7 @@ def _bn_base(bn: torch.nn.Module) -> Optional[type]:
 def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphModule:
     """Replaces every Conv1d/2d/3d or ConvTranspose1d/2d/3d -> BatchNorm (->
     + residual) (-> ReLU / LeakyReLU / SiLU) chain of ``model`` with one
-    :class:`FusedConvBN` call and returns the result as a
+    :class:`FusedChain` call and returns the result as a
     ``torch.fx.GraphModule``.
 
     The fused model shares ``model``'s parameters and buffers (training one
@@ -140,7 +140,7 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
         # The conv step as a call with the block's input (and output_size).
         steps = [(conv_node.op, conv_node.target, (_INPUT,), {k: _OUTPUT_SIZE for k in kwargs})]
         steps += [_template(n, prev, roles) for prev, n in zip(chain, chain[1:])]
-        block = FusedConvBN(modules[conv_node.target], modules[node.target], activation, negative_slope, steps)
+        block = FusedChain(modules[conv_node.target], modules[node.target], activation, negative_slope, steps)
         name = f"{conv_node.target}_fused"
         while name in modules:  # a conv called more than once, into different BatchNorms
             name += "_"
@@ -162,7 +162,7 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
 
 
 def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
-    """The plain structure back: every :class:`FusedConvBN` call of a model from
+    """The plain structure back: every :class:`FusedChain` call of a model from
     :func:`fuse_conv_bn` becomes its original conv, BatchNorm, add and
     activation calls again. Shares the parameters and buffers; the state_dict
     keys are the original model's."""
@@ -174,7 +174,7 @@ def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
     restored = 0
     for node in model.graph.nodes:
         target = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(target, FusedConvBN):
+        if not isinstance(target, FusedChain):
             env[node] = graph.node_copy(node, lambda n: env[n])
             continue
         roles = {_INPUT: env[node.args[0]]}
@@ -193,7 +193,7 @@ def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
         env[node] = prev
         restored += 1
     if not restored:
-        raise ValueError("unfuse_conv_bn: the model has no FusedConvBN block (was it made by fuse_conv_bn?)")
+        raise ValueError("unfuse_conv_bn: the model has no FusedChain block (was it made by fuse_conv_bn?)")
     out = fx.GraphModule(model, graph, type(model).__name__)
     out.recompile()
     return out

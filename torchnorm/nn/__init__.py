@@ -1,9 +1,10 @@
 """Drop-in ``nn.Module`` replacements for torch.nn's normalization layers."""
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d
 from .conv_bn import (ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d,
                       conv_bn_forward, rebuild_outputs, save_memory_in)
 from .convert import convert
-from .norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
+from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .layer_norm import LayerNorm, RMSNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "LayerNorm", "RMSNorm", "GroupNorm",

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .batchnorm import _BatchNormCall
+from .batch_norm import _BatchNormCall
 
 __all__ = ["ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
            "conv_bn_forward", "rebuild_outputs", "save_memory_in"]

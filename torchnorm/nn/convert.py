@@ -1,23 +1,23 @@
 """Swapping torch.nn's normalization layers for torchnorm's, and back."""
 import torch
 
-from . import batchnorm, norms
+from . import batch_norm, group_norm, layer_norm
 
 _TO_TORCHNORM = {
-    torch.nn.BatchNorm1d: batchnorm.BatchNorm1d,
-    torch.nn.BatchNorm2d: batchnorm.BatchNorm2d,
-    torch.nn.BatchNorm3d: batchnorm.BatchNorm3d,
-    torch.nn.LayerNorm: norms.LayerNorm,
-    torch.nn.RMSNorm: norms.RMSNorm,
-    torch.nn.GroupNorm: norms.GroupNorm,
-    torch.nn.InstanceNorm1d: norms.InstanceNorm1d,
-    torch.nn.InstanceNorm2d: norms.InstanceNorm2d,
-    torch.nn.InstanceNorm3d: norms.InstanceNorm3d,
+    torch.nn.BatchNorm1d: batch_norm.BatchNorm1d,
+    torch.nn.BatchNorm2d: batch_norm.BatchNorm2d,
+    torch.nn.BatchNorm3d: batch_norm.BatchNorm3d,
+    torch.nn.LayerNorm: layer_norm.LayerNorm,
+    torch.nn.RMSNorm: layer_norm.RMSNorm,
+    torch.nn.GroupNorm: group_norm.GroupNorm,
+    torch.nn.InstanceNorm1d: group_norm.InstanceNorm1d,
+    torch.nn.InstanceNorm2d: group_norm.InstanceNorm2d,
+    torch.nn.InstanceNorm3d: group_norm.InstanceNorm3d,
 }
 _TO_TORCH = {v: k for k, v in _TO_TORCHNORM.items()}
 # Attributes torchnorm's modules add to torch.nn's, with the value that
 # means "the same as torch.nn".
-_EXTRA_ATTRIBUTES = {norms.GroupNorm: {"activation": None, "negative_slope": 0.01}}
+_EXTRA_ATTRIBUTES = {group_norm.GroupNorm: {"activation": None, "negative_slope": 0.01}}
 
 
 def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:

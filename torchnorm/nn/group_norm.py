@@ -1,9 +1,11 @@
-"""LayerNorm, RMSNorm, GroupNorm and InstanceNorm modules running torchnorm's kernels.
+"""GroupNorm and InstanceNorm modules running torchnorm's kernels.
 
+InstanceNorm lives here because it is GroupNorm with one group per channel:
+both run the same kernels (csrc/cpu/group_norm.cpp, csrc/cuda/group_norm.cu).
 Each class subclasses its torch.nn counterpart, so constructor arguments,
 parameters, buffers, state_dict keys, ``isinstance`` checks and repr are
-torch.nn's; only the forward runs torchnorm's operator, with the fused
-options as extra (optional) arguments.
+torch.nn's; only the forward runs torchnorm's operator. GroupNorm takes an
+optional fused activation.
 """
 from typing import Optional
 
@@ -11,28 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .batchnorm import _symbolic_tracing
-
-
-class LayerNorm(torch.nn.LayerNorm):
-    """Drop-in for :class:`torch.nn.LayerNorm`, with an optional fused residual.
-
-    ``forward(x)`` is torch.nn.LayerNorm's; ``forward(x, residual)`` returns
-    ``(layer_norm(x + residual), x + residual)`` from one pass over memory.
-    """
-
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, residual)
-
-
-class RMSNorm(torch.nn.RMSNorm):
-    """Drop-in for :class:`torch.nn.RMSNorm`, with an optional fused residual.
-
-    ``forward(x, residual)`` returns ``(rms_norm(x + residual), x + residual)``.
-    """
-
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual)
+from .batch_norm import _symbolic_tracing
 
 
 class GroupNorm(torch.nn.GroupNorm):

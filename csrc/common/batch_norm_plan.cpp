@@ -1,92 +1,6 @@
-#include "batch_norm_host.h"
-
-#include <vector>
+#include "batch_norm_plan.h"
 
 namespace torchnorm {
-
-Activation parse_activation(const std::string& name) {
-  if (name == "none" || name.empty()) return Activation::None;
-  if (name == "relu") return Activation::ReLU;
-  if (name == "leaky_relu") return Activation::LeakyReLU;
-  if (name == "silu") return Activation::SiLU;
-  TORCH_CHECK_VALUE(false, "torchnorm: activation must be one of 'none', 'relu', 'leaky_relu', 'silu'; got '", name, "'");
-}
-
-at::ScalarType accumulate_type(at::ScalarType input_type) {
-  return input_type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// True when a and b address the same elements at the same offsets (strides of
-// size-1 dimensions do not matter).
-static bool same_element_offsets(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-at::Tensor as_kernel_layout(const at::Tensor& input, BatchNormGeometry& g) {
-  g.N = input.size(0);
-  g.C = input.size(1);
-  g.S = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) g.S *= input.size(d);
-  if (input.is_contiguous()) {
-    // With one position per channel a contiguous input is already (rows, C).
-    g.layout = g.S == 1 ? Layout::Rowwise : Layout::Planar;
-    return input;
-  }
-  // Channels-last family: (N, *spatial, C) contiguous, at any rank.
-  std::vector<int64_t> channels_last_order{0};
-  for (int64_t d = 2; d < input.dim(); ++d) channels_last_order.push_back(d);
-  channels_last_order.push_back(1);
-  if (input.permute(channels_last_order).is_contiguous()) {
-    g.layout = Layout::Rowwise;
-    return input;
-  }
-  // Any other stride pattern: one copy into the planar layout.
-  g.layout = g.S == 1 ? Layout::Rowwise : Layout::Planar;
-  return input.contiguous();
-}
-
-at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
-  if (same_element_offsets(t, like)) return t;
-  return at::empty_like(like, t.options()).copy_(t);
-}
-
-at::Tensor empty_placeholder(const at::Tensor& like, at::ScalarType dtype) {
-  return at::empty({0}, like.options().dtype(dtype));
-}
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_supported_input(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(is_supported_float(input.scalar_type()), op,
-              ": expected a float32, float64, float16 or bfloat16 input, got ", input.scalar_type());
-}
-
-void check_parameter(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
-                     at::IntArrayRef shape, const char* shape_meaning) {
-  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, " to match ", shape_meaning,
-              ", got shape ", t.sizes());
-  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(),
-              " like the input, got it on ", t.device());
-  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(t.scalar_type() == input.scalar_type() || (reduced_input && t.scalar_type() == at::kFloat), op,
-              ": expected ", name, " of dtype ", input.scalar_type(),
-              reduced_input ? " or float32" : "", " to match the input, got ", t.scalar_type());
-}
-
-void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  TORCH_CHECK(t.sizes() == input.sizes(), op, ": expected ", name, " of the input's shape ", input.sizes(),
-              ", got ", t.sizes());
-  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(),
-              " like the input, got it on ", t.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name, " of dtype ",
-              input.scalar_type(), " like the input, got ", t.scalar_type());
-}
 
 // A per-channel tensor must be 1-D of length C, on input's device, in input's
 // dtype or (for float16/bfloat16 inputs) float32.
@@ -182,10 +96,6 @@ ForwardPlan plan_apply(
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "rstd", rstd, input);
   return plan_forward(op, input, weight, bias, mean, rstd, residual, /*training=*/false, 0.0, activation);
-}
-
-at::ScalarType parameter_type(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
-  return weight ? weight->scalar_type() : input.scalar_type();
 }
 
 BackwardPlan plan_backward(

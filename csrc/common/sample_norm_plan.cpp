@@ -1,4 +1,4 @@
-#include "norm_host.h"
+#include "sample_norm_plan.h"
 
 #include <limits>
 #include <vector>
@@ -109,7 +109,7 @@ void check_groups(const char* op, const at::Tensor& input, int64_t num_groups) {
 }
 
 GroupNormGeometry group_geometry(const at::Tensor& input, int64_t num_groups, at::Tensor& x) {
-  BatchNormGeometry bg;
+  ChannelGeometry bg;
   x = as_kernel_layout(input, bg);
   GroupNormGeometry g;
   g.N = bg.N;

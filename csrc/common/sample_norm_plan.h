@@ -14,7 +14,8 @@
 #include <optional>
 #include <string>
 
-#include "batch_norm_host.h"
+#include "input_checks.h"
+#include "layout.h"
 
 namespace torchnorm {
 
