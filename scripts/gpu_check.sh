@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build the CUDA kernels, run the test suite on
-# the GPU, run compute-sanitizer over a short CUDA test, run the benchmark
-# suite. Results go to $OUT (the device tool's folder, which returns at most 8
-# files): the conv_bn step profile <card>-conv-bn-profile.md, the benchmark's
-# reports (<card>.csv/.md/.png, <card>-conv-bn-cuda.csv/.md) and logs.tar.gz,
-# which holds env.txt build.log tests.log sanitizer.log racecheck.log. Commit
-# those, logs unpacked, under benchmarks/results/gpu_check/.
+# the GPU, run compute-sanitizer (memcheck, racecheck) over the norm ops' CUDA
+# tests, profile the fused ResNet-50 step and run the benchmark suite.
+# Results go to $OUT (default benchmarks/results/gpu_check): the step profile
+# <card>-conv-bn-profile.md, the benchmark reports (<card>.csv/.md/.png,
+# <card>-conv-bn-cuda.csv/.md) and logs.tar.gz (env.txt, build.log, tests.log,
+# sanitizer.log, racecheck.log, packed into one file so that the reports and
+# logs stay few). Commit them, logs unpacked, under
+# benchmarks/results/gpu_check/.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
@@ -74,7 +76,7 @@ limited "${BENCH_TIMEOUT:-3600}" $PY -m benchmarks --device cuda ${BENCH_ARGS:-}
   || status=1
 
 step done
-# The logs as one file, so that the reports fit the device tool's 8 files.
+# The logs as one file (see the header).
 logs=$(cd "$OUT" && ls env.txt build.log tests.log sanitizer.log racecheck.log 2>/dev/null)
 (cd "$OUT" && tar czf logs.tar.gz $logs && rm -f $logs)
 exit $status

@@ -1,7 +1,8 @@
-"""float64 reference implementations: the ground truth of tests and benchmarks.
+"""float64 reference implementations: the ground truth the tests compare
+torchnorm's kernels against (the benchmarks time torch.nn, not these).
 
 They follow the source article's algorithms with its errors corrected (see
-DESIGN.md, Numerics): variance by two passes (mean first, then centred
+docs/design.md, Numerics): variance by two passes (mean first, then centred
 squares), eps inside the square root in inference, running statistics exactly
 as torch.nn keeps them (unbiased running variance). Plain PyTorch, readable
 rather than fast; differentiable through autograd.
