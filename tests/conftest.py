@@ -206,3 +206,78 @@ def grads_of(outputs, inputs, grad_outputs):
 def accumulate_dtype(dtype):
     """The dtype of saved statistics: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# One test case's inputs per op family: the input, its parameters (and
+# running statistics, residual) and a gradient for the output, all seeded.
+# The op's own test file and tests/op_samples.py draw from these.
+# ---------------------------------------------------------------------------
+
+
+def batch_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, with_residual, seed=0):
+    """x, weight, bias, running_mean, running_var, residual, grad_output."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=affine, track=track)
+    res = make_input(shape, dtype, device, layout, seed=seed + 200, scale=1.0, offset=False) if with_residual else None
+    gy = make_input(shape, dtype, device, "contiguous", seed=seed + 300, scale=1.0, offset=False)
+    return x, w, b, rm, rv, res, gy
+
+
+def row_norm_inputs(shape, ns, layout, dtype, pdtype, device, op, affine, residual, seed=0):
+    """x, weight, bias (None for rms_norm), residual, grad_output and grad_sum
+    (the gradient of the x + residual output, with residual="res-gsum") of a
+    layer_norm / rms_norm over the trailing dimensions ns."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b = make_affine(ns, pdtype, device, seed + 100, affine)
+    if op == "rms_norm":
+        b = None
+    res = make_input(shape, dtype, device, layout, seed=seed + 200, scale=1.0, offset=False) if residual != "nores" else None
+    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
+    gsum = make_input(shape, dtype, device, seed=seed + 400, scale=1.0, offset=False) if residual == "res-gsum" else None
+    return x, w, b, res, gy, gsum
+
+
+def group_norm_inputs(shape, layout, dtype, pdtype, device, affine, seed=0):
+    """x, weight, bias, grad_output."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b = make_affine((shape[1],), pdtype, device, seed + 100, affine)
+    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
+    return x, w, b, gy
+
+
+def instance_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, seed=0):
+    """x, weight, bias, running_mean, running_var, grad_output."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b = make_affine((shape[1],), pdtype, device, seed + 100, affine)
+    _, _, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=False, track=track)
+    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
+    return x, w, b, rm, rv, gy
+
+
+# ---------------------------------------------------------------------------
+# Modules: a torch.nn module and its torchnorm.nn counterpart in one state.
+# ---------------------------------------------------------------------------
+
+
+def make_module_pair(ref_cls, our_cls, args, kwargs, randomize, device="cpu", dtype=torch.float32, seed=0):
+    """(ref_cls(*args, **kwargs), our_cls(*args, **kwargs)) on device in dtype,
+    each given the same random state by randomize(module, seed)."""
+    ref = ref_cls(*args, device=device, dtype=dtype, **kwargs)
+    ours = our_cls(*args, device=device, dtype=dtype, **kwargs)
+    randomize(ref, seed)
+    randomize(ours, seed)
+    return ref, ours
+
+
+def assert_same_state(ours, ref, dtype, msg=""):
+    """The two modules' state_dicts have the same keys, dtypes and values
+    (num_batches_tracked exactly, the rest within the "stats" tolerance)."""
+    sd_o, sd_r = ours.state_dict(), ref.state_dict()
+    assert list(sd_o.keys()) == list(sd_r.keys()), f"{msg}: state_dict keys {list(sd_o)} != {list(sd_r)}"
+    for k in sd_r:
+        assert sd_o[k].dtype == sd_r[k].dtype, f"{msg}: {k} dtype {sd_o[k].dtype} != {sd_r[k].dtype}"
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(sd_o[k].cpu(), sd_r[k].cpu()), f"{msg}: {k} {sd_o[k]} != {sd_r[k]}"
+        else:
+            assert_close(sd_o[k], sd_r[k], dtype, "stats", f"{msg}: {k}")

@@ -19,7 +19,9 @@ from conftest import (
     NEGATIVE_SLOPE,
     act_name,
     assert_close,
+    assert_same_state,
     make_input,
+    make_module_pair,
     memory_format_of,
     randn,
     to64,
@@ -56,22 +58,7 @@ def randomize_(module, seed):
 
 def make_pair(name, C, device, dtype=torch.float32, seed=0, **kwargs):
     """(torch.nn module, torchnorm.nn module) with identical state."""
-    ref = TORCH_BN[name](C, device=device, dtype=dtype, **kwargs)
-    ours = getattr(tnn, name)(C, device=device, dtype=dtype, **kwargs)
-    randomize_(ref, seed)
-    randomize_(ours, seed)
-    return ref, ours
-
-
-def assert_same_state(ours, ref, dtype, msg=""):
-    sd_o, sd_r = ours.state_dict(), ref.state_dict()
-    assert list(sd_o.keys()) == list(sd_r.keys()), f"{msg}: state_dict keys {list(sd_o)} != {list(sd_r)}"
-    for k in sd_r:
-        assert sd_o[k].dtype == sd_r[k].dtype, f"{msg}: {k} dtype {sd_o[k].dtype} != {sd_r[k].dtype}"
-        if k.endswith("num_batches_tracked"):
-            assert torch.equal(sd_o[k].cpu(), sd_r[k].cpu()), f"{msg}: {k} {sd_o[k]} != {sd_r[k]}"
-        else:
-            assert_close(sd_o[k], sd_r[k], dtype, "stats", f"{msg}: {k}")
+    return make_module_pair(TORCH_BN[name], getattr(tnn, name), (C,), kwargs, randomize_, device, dtype, seed)
 
 
 def step(module, x, gy, residual=None):
