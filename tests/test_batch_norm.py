@@ -130,6 +130,7 @@ GRAD_NAMES = ["grad_input", "grad_weight", "grad_bias", "grad_residual"]
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=act_name)

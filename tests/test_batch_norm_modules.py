@@ -69,6 +69,7 @@ def step(module, x, gy, residual=None):
     return out, gx
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "mNone"])
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
@@ -228,6 +229,7 @@ class TorchBNAct(nn.Module):
         return torch_act(y, self.activation)
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -505,6 +507,7 @@ def test_fx_symbolic_trace_shows_torchnorm_ops(training):
             assert_close(t, u, torch.float32, "stats", f"{n} after a traced step")
 
 
+@pytest.mark.slow  # torch.compile of a model: ~15 s
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     net = small_net().train()

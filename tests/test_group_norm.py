@@ -115,6 +115,7 @@ def run(impl, x, G, w, b, activation, gy, eps=EPS, negative_slope=NEGATIVE_SLOPE
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("activation,affine", ACT_AFFINE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,G,layout", CASES)

@@ -97,6 +97,7 @@ def run(impl, x, rm, rv, w, b, use_input_stats, gy, momentum=MOMENTUM, eps=EPS):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("mode,affine", MODE_AFFINE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,layout", CASES)
