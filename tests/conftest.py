@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torchnorm.nn import ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d
+
 from tolerances import tol
 
 HAS_CUDA = torch.cuda.is_available()
@@ -206,3 +208,161 @@ def grads_of(outputs, inputs, grad_outputs):
 def accumulate_dtype(dtype):
     """The dtype of saved statistics: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# One test case's inputs per op family: the input, its parameters (and
+# running statistics, residual) and a gradient for the output, all seeded.
+# The op's own test file and tests/op_samples.py draw from these.
+# ---------------------------------------------------------------------------
+
+
+def batch_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, with_residual, seed=0):
+    """x, weight, bias, running_mean, running_var, residual, grad_output."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=affine, track=track)
+    res = make_input(shape, dtype, device, layout, seed=seed + 200, scale=1.0, offset=False) if with_residual else None
+    gy = make_input(shape, dtype, device, "contiguous", seed=seed + 300, scale=1.0, offset=False)
+    return x, w, b, rm, rv, res, gy
+
+
+def row_norm_inputs(shape, ns, layout, dtype, pdtype, device, op, affine, residual, seed=0):
+    """x, weight, bias (None for rms_norm), residual, grad_output and grad_sum
+    (the gradient of the x + residual output, with residual="res-gsum") of a
+    layer_norm / rms_norm over the trailing dimensions ns."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b = make_affine(ns, pdtype, device, seed + 100, affine)
+    if op == "rms_norm":
+        b = None
+    res = make_input(shape, dtype, device, layout, seed=seed + 200, scale=1.0, offset=False) if residual != "nores" else None
+    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
+    gsum = make_input(shape, dtype, device, seed=seed + 400, scale=1.0, offset=False) if residual == "res-gsum" else None
+    return x, w, b, res, gy, gsum
+
+
+def group_norm_inputs(shape, layout, dtype, pdtype, device, affine, seed=0):
+    """x, weight, bias, grad_output."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b = make_affine((shape[1],), pdtype, device, seed + 100, affine)
+    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
+    return x, w, b, gy
+
+
+def instance_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, seed=0):
+    """x, weight, bias, running_mean, running_var, grad_output."""
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    w, b = make_affine((shape[1],), pdtype, device, seed + 100, affine)
+    _, _, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=False, track=track)
+    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
+    return x, w, b, rm, rv, gy
+
+
+# ---------------------------------------------------------------------------
+# Modules: a torch.nn module and its torchnorm.nn counterpart in one state.
+# ---------------------------------------------------------------------------
+
+
+def make_module_pair(ref_cls, our_cls, args, kwargs, randomize, device="cpu", dtype=torch.float32, seed=0):
+    """(ref_cls(*args, **kwargs), our_cls(*args, **kwargs)) on device in dtype,
+    each given the same random state by randomize(module, seed)."""
+    ref = ref_cls(*args, device=device, dtype=dtype, **kwargs)
+    ours = our_cls(*args, device=device, dtype=dtype, **kwargs)
+    randomize(ref, seed)
+    randomize(ours, seed)
+    return ref, ours
+
+
+def assert_same_state(ours, ref, dtype, msg=""):
+    """The two modules' state_dicts have the same keys, dtypes and values
+    (num_batches_tracked exactly, the rest within the "stats" tolerance)."""
+    sd_o, sd_r = ours.state_dict(), ref.state_dict()
+    assert list(sd_o.keys()) == list(sd_r.keys()), f"{msg}: state_dict keys {list(sd_o)} != {list(sd_r)}"
+    for k in sd_r:
+        assert sd_o[k].dtype == sd_r[k].dtype, f"{msg}: {k} dtype {sd_o[k].dtype} != {sd_r[k].dtype}"
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(sd_o[k].cpu(), sd_r[k].cpu()), f"{msg}: {k} {sd_o[k]} != {sd_r[k]}"
+        else:
+            assert_close(sd_o[k], sd_r[k], dtype, "stats", f"{msg}: {k}")
+
+
+# ---------------------------------------------------------------------------
+# Conv + BatchNorm blocks (tests/test_conv_bn_*.py, tests/test_rebuild_outputs.py)
+# ---------------------------------------------------------------------------
+
+CONV_BN_CLASSES = {1: ConvBN1d, 2: ConvBN2d, 3: ConvBN3d}
+CONV_TRANSPOSE_BN_CLASSES = {1: ConvTransposeBN1d, 2: ConvTransposeBN2d, 3: ConvTransposeBN3d}
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """The block tests run hundreds of tiny convolutions, each a parallel region;
+    on a small, shared machine every region's OpenMP hand-off can cost
+    milliseconds (a file takes minutes with 2 threads, seconds with 1). The
+    kernels' multi-threaded paths are what tests/test_batch_norm_apply.py
+    (kept at the default thread count) and tests/test_batch_norm.py exercise.
+    Used by the Conv + BN block files: pytestmark = pytest.mark.usefixtures(...)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def randomize_conv_bn(block, seed):
+    """Random, nonzero conv weight / bias, BN parameters and running statistics."""
+    conv, bn = block.conv, block.bn
+    dtype = conv.weight.dtype
+    with torch.no_grad():
+        fan_in = conv.weight[0].numel()
+        conv.weight.copy_(randn(conv.weight.shape, seed, dtype, scale=fan_in ** -0.5))
+        if conv.bias is not None:
+            conv.bias.copy_(randn(conv.bias.shape, seed + 1, dtype, scale=0.5, offset=0.2))
+        w, b, rm, rv = make_params(bn.num_features, dtype, seed=seed + 2)
+        if bn.weight is not None:
+            bn.weight.copy_(w)
+            bn.bias.copy_(b)
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+    return block
+
+
+def make_conv_bn_block(dim, dtype, activation, seed=0, in_channels=5, out_channels=7, kernel_size=3, padding=1,
+                transposed=False, **kwargs):
+    classes = CONV_TRANSPOSE_BN_CLASSES if transposed else CONV_BN_CLASSES
+    block = classes[dim](in_channels, out_channels, kernel_size, padding=padding, activation=activation,
+                         negative_slope=NEGATIVE_SLOPE, dtype=dtype, **kwargs)
+    return randomize_conv_bn(block, seed)
+
+
+def unfused_conv_bn(conv, bn, x, residual, activation):
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return torch_act(y, activation)
+
+
+class SavedTensors:
+    """Records every tensor saved for backward (only usable where no inner
+    saved_tensors_hooks, e.g. rebuild_outputs, is active: the innermost wins)."""
+
+    def __init__(self):
+        self.saved = []
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, t):
+        self.saved.append((tuple(t.shape), t.untyped_storage().data_ptr()))
+        return t
+
+    def activation_sized(self, shape, known):
+        """Saved tensors of `shape` whose memory is none of the `known` tensors'."""
+        ptrs = {t.untyped_storage().data_ptr() for t in known if t is not None}
+        return [s for s, p in self.saved if s == tuple(shape) and p not in ptrs]

@@ -1,8 +1,8 @@
 """BatchNorm ops and torchnorm.functional.batch_norm: forward, gradients and running
 statistics against torch.nn.functional.batch_norm (+ torch's activation) and the
 float64 torchnorm.reference, across ranks, dtypes, layouts and options; the ops
-directly (saved statistics, output masks); gradcheck; opcheck; empty, odd,
-large and numerically hard inputs.
+directly (saved statistics, output masks); gradcheck; empty, odd,
+large and numerically hard inputs. (opcheck: tests/test_opcheck.py.)
 """
 import itertools
 
@@ -22,7 +22,10 @@ from conftest import (
     act_name,
     apply_layout,
     assert_close,
+    batch_norm_inputs,
     clone_opt,
+    grads_of,
+    leaf,
     make_input,
     make_params,
     memory_format_of,
@@ -72,19 +75,8 @@ REF_CASES = [
 # ---------------------------------------------------------------------------
 
 
-def _leaf(t, requires_grad=True):
-    return None if t is None else t.detach().requires_grad_(requires_grad)
-
-
-def _grads(out, inputs, grad_out):
-    present = [t for t in inputs if t is not None]
-    got = torch.autograd.grad(out, present, grad_out, allow_unused=True)
-    it = iter(got)
-    return [None if t is None else next(it) for t in inputs]
-
-
 def run_torchnorm(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOMENTUM, eps=EPS):
-    x, w, b, res = (_leaf(t) for t in (x, w, b, res))
+    x, w, b, res = (leaf(t) for t in (x, w, b, res))
     out = tnf.batch_norm(
         x,
         rm,
@@ -98,21 +90,21 @@ def run_torchnorm(x, w, b, rm, rv, res, training, activation, grad_out, momentum
         negative_slope=NEGATIVE_SLOPE,
         residual=res,
     )
-    return out, _grads(out, [x, w, b, res], grad_out)
+    return out, grads_of([out], [x, w, b, res], [grad_out])
 
 
 def run_torch(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOMENTUM, eps=EPS):
-    x, w, b, res = (_leaf(t) for t in (x, w, b, res))
+    x, w, b, res = (leaf(t) for t in (x, w, b, res))
     y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     if res is not None:
         y = y + res
     out = torch_act(y, activation)
-    return out, _grads(out, [x, w, b, res], grad_out)
+    return out, grads_of([out], [x, w, b, res], [grad_out])
 
 
 def run_reference(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOMENTUM, eps=EPS):
     """float64 on the CPU; rm / rv are float64 CPU tensors updated in place."""
-    x, w, b, res = (_leaf(to64(t)) for t in (x, w, b, res))
+    x, w, b, res = (leaf(to64(t)) for t in (x, w, b, res))
     out = tnref.batch_norm(
         x,
         rm,
@@ -127,18 +119,10 @@ def run_reference(x, w, b, rm, rv, res, training, activation, grad_out, momentum
         residual=res,
     )
     assert out.dtype == torch.float64
-    return out, _grads(out, [x, w, b, res], to64(grad_out))
+    return out, grads_of([out], [x, w, b, res], [to64(grad_out)])
 
 
 GRAD_NAMES = ["grad_input", "grad_weight", "grad_bias", "grad_residual"]
-
-
-def _setup(shape, layout, dtype, pdtype, device, affine, track, with_residual, seed=0):
-    x = make_input(shape, dtype, device, layout, seed=seed)
-    w, b, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=affine, track=track)
-    res = make_input(shape, dtype, device, layout, seed=seed + 200, scale=1.0, offset=False) if with_residual else None
-    gy = make_input(shape, dtype, device, "contiguous", seed=seed + 300, scale=1.0, offset=False)
-    return x, w, b, rm, rv, res, gy
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +130,7 @@ def _setup(shape, layout, dtype, pdtype, device, affine, track, with_residual, s
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=act_name)
@@ -155,7 +140,7 @@ def _setup(shape, layout, dtype, pdtype, device, affine, track, with_residual, s
 @pytest.mark.parametrize("device", DEVICES)
 def test_functional_matches_torch(device, shape, layout, dtype, mode, activation, with_residual, affine):
     training, track = mode
-    x, w, b, rm, rv, res, gy = _setup(shape, layout, dtype, dtype, device, affine, track, with_residual)
+    x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, layout, dtype, dtype, device, affine, track, with_residual)
     x_before, res_before = x.clone(), clone_opt(res)
     rm_t, rv_t = clone_opt(rm), clone_opt(rv)
 
@@ -196,7 +181,7 @@ def test_functional_matches_torch(device, shape, layout, dtype, mode, activation
 def test_functional_matches_reference(device, shape, layout, dtypes, mode, activation, with_residual, affine):
     dtype, pdtype = dtypes
     training, track = mode
-    x, w, b, rm, rv, res, gy = _setup(shape, layout, dtype, pdtype, device, affine, track, with_residual, seed=1)
+    x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, with_residual, seed=1)
     rm64, rv64 = to64(rm), to64(rv)
 
     poison(device)
@@ -306,7 +291,7 @@ def test_output_and_grad_layout_follow_input(device, dtype, shape, layout, train
 @pytest.mark.parametrize("device", DEVICES)
 def test_residual_in_another_layout(device, x_layout, res_layout, training):
     shape = (3, 6, 5, 4)
-    x, w, b, rm, rv, _, gy = _setup(shape, x_layout, torch.float32, torch.float32, device, True, True, False)
+    x, w, b, rm, rv, _, gy = batch_norm_inputs(shape, x_layout, torch.float32, torch.float32, device, True, True, False)
     res = make_input(shape, torch.float32, device, res_layout, seed=77)
     gy = apply_layout(gy, "channels_last")
     rm_t, rv_t = rm.clone(), rv.clone()
@@ -351,7 +336,7 @@ def test_default_negative_slope_is_torchs(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_train(device, shape, layout, dtypes, activation, with_residual):
     dtype, pdtype = dtypes
-    x, w, b, rm, rv, res, _ = _setup(shape, layout, dtype, pdtype, device, True, True, with_residual, seed=11)
+    x, w, b, rm, rv, res, _ = batch_norm_inputs(shape, layout, dtype, pdtype, device, True, True, with_residual, seed=11)
     rm64, rv64 = to64(rm), to64(rv)
     poison(device)
     out, mean, rstd = OPS.batch_norm_train(x, w, b, rm, rv, 0.25, 1e-3, act_name(activation), NEGATIVE_SLOPE, res)
@@ -391,7 +376,7 @@ def test_op_train_without_running_stats_or_affine(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_eval(device, shape, layout, dtypes, activation, with_residual):
     dtype, pdtype = dtypes
-    x, w, b, rm, rv, res, _ = _setup(shape, layout, dtype, pdtype, device, True, True, with_residual, seed=12)
+    x, w, b, rm, rv, res, _ = batch_norm_inputs(shape, layout, dtype, pdtype, device, True, True, with_residual, seed=12)
     rm_before, rv_before = rm.clone(), rv.clone()
     poison(device)
     out = OPS.batch_norm_eval(x, rm, rv, w, b, 1e-2, act_name(activation), NEGATIVE_SLOPE, res)
@@ -410,7 +395,7 @@ def test_op_eval(device, shape, layout, dtypes, activation, with_residual):
 def test_op_backward_output_mask(device, training, mask):
     shape = (4, 3, 5)
     dtype = torch.float32
-    x, w, b, rm, rv, res, gy = _setup(shape, "contiguous", dtype, dtype, device, True, True, True, seed=13)
+    x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, "contiguous", dtype, dtype, device, True, True, True, seed=13)
     activation = "silu"
     if training:
         _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, activation, 0.0, res)
@@ -434,7 +419,7 @@ def test_op_backward_output_mask(device, training, mask):
 def test_op_backward_dtypes(device, training, dtypes, activation):
     dtype, pdtype = dtypes
     shape = (3, 4, 3, 5)
-    x, w, b, rm, rv, res, gy = _setup(shape, "channels_last", dtype, pdtype, device, True, True, True, seed=14)
+    x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, "channels_last", dtype, pdtype, device, True, True, True, seed=14)
     act = act_name(activation)
     if training:
         _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, act, NEGATIVE_SLOPE, res)
@@ -462,7 +447,7 @@ def test_op_backward_dtypes(device, training, dtypes, activation):
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device, shape, layout, mode):
     training, track = mode
-    x, w, b, rm, rv, res, gy = _setup(shape, layout, torch.float32, torch.float32, device, True, track, True)
+    x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, layout, torch.float32, torch.float32, device, True, track, True)
     rm_before, rv_before = clone_opt(rm), clone_opt(rv)
     out, (gx, gw, gb, gres) = run_torchnorm(x, w, b, rm, rv, res, training, "relu", gy)
     assert tuple(out.shape) == shape and out.dtype == x.dtype
@@ -488,7 +473,7 @@ def test_large_case(device, layout):
     C=67 and H*W=61*59 are not multiples of any vector width."""
     shape = (4, 67, 61, 59)
     dtype = torch.float32
-    x, w, b, rm, rv, res, gy = _setup(shape, layout, dtype, dtype, device, True, True, True, seed=21)
+    x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, layout, dtype, dtype, device, True, True, True, seed=21)
     rm_t, rv_t = rm.clone(), rv.clone()
     rm64, rv64 = to64(rm), to64(rv)
     poison(device, x.numel() * 4)
@@ -539,7 +524,7 @@ def test_large_mean_variance(device, dtype, mean, std):
 
 
 # ---------------------------------------------------------------------------
-# gradcheck (float64) and opcheck.
+# gradcheck (float64) (opcheck: tests/test_opcheck.py).
 # ---------------------------------------------------------------------------
 
 
@@ -607,84 +592,6 @@ def test_gradcheck_ops(training, layout):
 
     args = [t.detach().requires_grad_() for t in (x, w, b, res)]
     assert torch.autograd.gradcheck(fn, args, **GRADCHECK)
-
-
-def _opcheck_samples():
-    """(id, op, args) for every op: training with and without running stats,
-    eval, every activation, residual, dtypes and layouts, requires_grad or not."""
-    samples = []
-
-    def inputs(shape, dtype, pdtype, layout, seed, affine=True, track=True, residual=False, grad=True):
-        x, w, b, rm, rv, res, gy = _setup(shape, layout, dtype, pdtype, "cpu", affine, track, residual, seed=seed)
-        x, w, b, res = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b, res))
-        return x, w, b, rm, rv, res, gy
-
-    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
-    # batch_norm_train
-    x, w, b, rm, rv, res, _ = inputs((4, 3, 5, 5), f32, f32, "contiguous", 1)
-    samples.append(("train-4d-relu-stats", OPS.batch_norm_train.default, (x, w, b, rm, rv, 0.1, EPS, "relu", 0.0, None)))
-    x, w, b, rm, rv, res, _ = inputs((2, 4, 3, 3), f32, f32, "channels_last", 2, track=False, residual=True)
-    samples.append(("train-cl-silu-res-nostats", OPS.batch_norm_train.default, (x, w, b, None, None, 0.1, EPS, "silu", 0.0, res)))
-    x, w, b, rm, rv, res, _ = inputs((5, 3), f64, f64, "contiguous", 3, affine=False)
-    samples.append(("train-2d-f64-leaky-noaffine", OPS.batch_norm_train.default, (x, None, None, rm, rv, 0.3, 1e-3, "leaky_relu", 0.2, None)))
-    x, w, b, rm, rv, res, _ = inputs((3, 2, 4), f16, f32, "contiguous", 4, residual=True)
-    samples.append(("train-3d-f16-f32params", OPS.batch_norm_train.default, (x, w, b, rm, rv, 0.1, EPS, "none", 0.0, res)))
-    x, w, b, rm, rv, res, _ = inputs((2, 3, 2, 2, 3), bf16, bf16, "channels_last_3d", 5, residual=True, grad=False)
-    samples.append(("train-5d-bf16-nograd", OPS.batch_norm_train.default, (x, w, b, rm, rv, 0.1, EPS, "relu", 0.0, res)))
-    # batch_norm_eval
-    x, w, b, rm, rv, res, _ = inputs((4, 3, 5, 5), f32, f32, "contiguous", 6)
-    samples.append(("eval-4d-none", OPS.batch_norm_eval.default, (x, rm, rv, w, b, EPS, "none", 0.0, None)))
-    x, w, b, rm, rv, res, _ = inputs((2, 4, 3, 3), f32, f32, "channels_last", 7, residual=True)
-    samples.append(("eval-cl-relu-res", OPS.batch_norm_eval.default, (x, rm, rv, w, b, EPS, "relu", 0.0, res)))
-    x, w, b, rm, rv, res, _ = inputs((6, 2), f64, f64, "contiguous", 8, affine=False, residual=True)
-    samples.append(("eval-2d-f64-silu-noaffine", OPS.batch_norm_eval.default, (x, rm, rv, None, None, 1e-3, "silu", 0.0, res)))
-    x, w, b, rm, rv, res, _ = inputs((3, 2, 4), f16, f32, "contiguous", 9)
-    samples.append(("eval-3d-f16-leaky", OPS.batch_norm_eval.default, (x, rm, rv, w, b, EPS, "leaky_relu", 0.2, None)))
-    # batch_norm_backward
-    x, w, b, rm, rv, res, gy = inputs((4, 3, 5), f32, f32, "contiguous", 10, residual=True, grad=False)
-    _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, "silu", 0.0, res)
-    samples.append(("backward-train-all", OPS.batch_norm_backward.default, (gy, x, w, b, res, mean, rstd, True, "silu", 0.0, [True] * 4)))
-    samples.append(("backward-train-input-only", OPS.batch_norm_backward.default, (gy, x, w, b, res, mean, rstd, True, "silu", 0.0, [True, False, False, False])))
-    x, w, b, rm, rv, res, gy = inputs((2, 4, 3, 3), f32, f32, "channels_last", 11, grad=False)
-    samples.append(("backward-eval-cl-params", OPS.batch_norm_backward.default, (gy, x, w, b, None, rm, (rv + EPS).rsqrt(), False, "relu", 0.0, [False, True, True, False])))
-    x, w, b, rm, rv, res, gy = inputs((5, 3), f64, f64, "contiguous", 12, affine=False, grad=False)
-    _, mean, rstd = OPS.batch_norm_train(x, None, None, None, None, 0.1, EPS, "leaky_relu", 0.2, None)
-    samples.append(("backward-train-f64-noaffine", OPS.batch_norm_backward.default, (gy, x, None, None, None, mean, rstd, True, "leaky_relu", 0.2, [True, False, False, False])))
-    x, w, b, rm, rv, res, gy = inputs((3, 2, 4), f16, f32, "contiguous", 13, residual=True, grad=False)
-    _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, "relu", 0.0, res)
-    samples.append(("backward-train-f16", OPS.batch_norm_backward.default, (gy, x, w, b, res, mean, rstd, True, "relu", 0.0, [True] * 4)))
-    return samples
-
-
-OPCHECK_IDS = [
-    "train-4d-relu-stats",
-    "train-cl-silu-res-nostats",
-    "train-2d-f64-leaky-noaffine",
-    "train-3d-f16-f32params",
-    "train-5d-bf16-nograd",
-    "eval-4d-none",
-    "eval-cl-relu-res",
-    "eval-2d-f64-silu-noaffine",
-    "eval-3d-f16-leaky",
-    "backward-train-all",
-    "backward-train-input-only",
-    "backward-eval-cl-params",
-    "backward-train-f64-noaffine",
-    "backward-train-f16",
-]
-
-
-@pytest.mark.parametrize("sample_id", OPCHECK_IDS)
-def test_opcheck(sample_id):
-    samples = {s[0]: s for s in _opcheck_samples()}
-    _, op, args = samples[sample_id]
-    torch.library.opcheck(op, args)
-
-
-def test_opcheck_covers_every_op():
-    samples = _opcheck_samples()
-    assert [s[0] for s in samples] == OPCHECK_IDS
-    assert {s[1] for s in samples} == {OPS.batch_norm_train.default, OPS.batch_norm_eval.default, OPS.batch_norm_backward.default}
 
 
 def test_ops_are_registered_by_import():

@@ -19,7 +19,9 @@ from conftest import (
     NEGATIVE_SLOPE,
     act_name,
     assert_close,
+    assert_same_state,
     make_input,
+    make_module_pair,
     memory_format_of,
     randn,
     to64,
@@ -56,22 +58,7 @@ def randomize_(module, seed):
 
 def make_pair(name, C, device, dtype=torch.float32, seed=0, **kwargs):
     """(torch.nn module, torchnorm.nn module) with identical state."""
-    ref = TORCH_BN[name](C, device=device, dtype=dtype, **kwargs)
-    ours = getattr(tnn, name)(C, device=device, dtype=dtype, **kwargs)
-    randomize_(ref, seed)
-    randomize_(ours, seed)
-    return ref, ours
-
-
-def assert_same_state(ours, ref, dtype, msg=""):
-    sd_o, sd_r = ours.state_dict(), ref.state_dict()
-    assert list(sd_o.keys()) == list(sd_r.keys()), f"{msg}: state_dict keys {list(sd_o)} != {list(sd_r)}"
-    for k in sd_r:
-        assert sd_o[k].dtype == sd_r[k].dtype, f"{msg}: {k} dtype {sd_o[k].dtype} != {sd_r[k].dtype}"
-        if k.endswith("num_batches_tracked"):
-            assert torch.equal(sd_o[k].cpu(), sd_r[k].cpu()), f"{msg}: {k} {sd_o[k]} != {sd_r[k]}"
-        else:
-            assert_close(sd_o[k], sd_r[k], dtype, "stats", f"{msg}: {k}")
+    return make_module_pair(TORCH_BN[name], getattr(tnn, name), (C,), kwargs, randomize_, device, dtype, seed)
 
 
 def step(module, x, gy, residual=None):
@@ -82,6 +69,7 @@ def step(module, x, gy, residual=None):
     return out, gx
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "mNone"])
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
@@ -241,6 +229,7 @@ class TorchBNAct(nn.Module):
         return torch_act(y, self.activation)
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -518,6 +507,7 @@ def test_fx_symbolic_trace_shows_torchnorm_ops(training):
             assert_close(t, u, torch.float32, "stats", f"{n} after a traced step")
 
 
+@pytest.mark.slow  # torch.compile of a model: ~15 s
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     net = small_net().train()

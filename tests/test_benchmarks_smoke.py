@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+# Each test runs the harness in a subprocess (a minute in all): slow.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

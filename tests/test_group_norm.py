@@ -4,8 +4,8 @@ forward and gradients (input, weight, bias) against act(torch.nn.functional.grou
 channels-last and non-contiguous inputs (the output keeps the memory format),
 num_groups 1 / C / in between, odd sizes, long groups, dtypes and affine
 variants; the ops directly (saved statistics, group_norm_backward's output
-mask); empty batches; float16 groups with mean 1e4; gradcheck, opcheck and
-torch.compile.
+mask); empty batches; float16 groups with mean 1e4; gradcheck and
+torch.compile. (opcheck: tests/test_opcheck.py.)
 """
 import itertools
 
@@ -26,6 +26,7 @@ from conftest import (
     apply_layout,
     assert_close,
     grads_of,
+    group_norm_inputs,
     leaf,
     make_affine,
     make_input,
@@ -109,24 +110,18 @@ def run(impl, x, G, w, b, activation, gy, eps=EPS, negative_slope=NEGATIVE_SLOPE
     return out, grads_of([out], [x, w, b], [gy])
 
 
-def setup(shape, layout, dtype, pdtype, device, affine, seed=0):
-    x = make_input(shape, dtype, device, layout, seed=seed)
-    w, b = make_affine((shape[1],), pdtype, device, seed + 100, affine)
-    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
-    return x, w, b, gy
-
-
 # ---------------------------------------------------------------------------
 # Against torch.nn.functional (float32 / float64).
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("activation,affine", ACT_AFFINE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,G,layout", CASES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_functional_matches_torch(device, shape, G, layout, dtype, activation, affine):
-    x, w, b, gy = setup(shape, layout, dtype, dtype, device, affine)
+    x, w, b, gy = group_norm_inputs(shape, layout, dtype, dtype, device, affine)
     x_before = x.clone()
     poison(device)
     out, grads = run("torchnorm", x, G, w, b, activation, gy)
@@ -155,7 +150,7 @@ def test_functional_matches_torch(device, shape, G, layout, dtype, activation, a
 @pytest.mark.parametrize("device", DEVICES)
 def test_functional_matches_reference(device, shape, G, layout, dtypes, activation, affine):
     dtype, pdtype = dtypes
-    x, w, b, gy = setup(shape, layout, dtype, pdtype, device, affine, seed=1)
+    x, w, b, gy = group_norm_inputs(shape, layout, dtype, pdtype, device, affine, seed=1)
     poison(device)
     out, grads = run("torchnorm", x, G, w, b, activation, gy)
     exp, exp_grads = run("reference", x, G, w, b, activation, gy)
@@ -189,7 +184,7 @@ def test_long_group(device, layout, activation, affine, dtypes):
     """A group of 72000 elements: many times the kernel's 2048-element segment."""
     dtype, pdtype = dtypes
     shape, G = (1, 2, 200, 180), 1
-    x, w, b, gy = setup(shape, layout, dtype, pdtype, device, affine, seed=2)
+    x, w, b, gy = group_norm_inputs(shape, layout, dtype, pdtype, device, affine, seed=2)
     poison(device, x.numel() * 4)
     out, grads = run("torchnorm", x, G, w, b, activation, gy)
     expected = [("reference", run("reference", x, G, w, b, activation, gy))]
@@ -211,7 +206,7 @@ def test_many_groups(device, layout):
     """Enough samples and groups for every parallel path, and the weight / bias
     gradients reduced across all of them."""
     shape, G = (24, 32, 9, 7), 8
-    x, w, b, gy = setup(shape, layout, torch.float32, torch.float32, device, "wb", seed=4)
+    x, w, b, gy = group_norm_inputs(shape, layout, torch.float32, torch.float32, device, "wb", seed=4)
     poison(device, x.numel() * 4)
     out, grads = run("torchnorm", x, G, w, b, "silu", gy)
     assert memory_format_of(out) == memory_format_of(x)
@@ -235,7 +230,7 @@ def test_single_element_groups(device, shape, G, dtypes, activation):
     vanishing grad_input is amplified to ~1e-4 by any float32 formula (torch's
     too)."""
     dtype, pdtype = dtypes
-    x, w, b, gy = setup(shape, "contiguous", dtype, pdtype, device, "wb", seed=3)
+    x, w, b, gy = group_norm_inputs(shape, "contiguous", dtype, pdtype, device, "wb", seed=3)
     out, grads = run("torchnorm", x, G, w, b, activation, gy, eps=1e-2)
     exp, exp_grads = run("reference", x, G, w, b, activation, gy, eps=1e-2)
     assert_close(out, exp, dtype, "forward", "output")
@@ -265,7 +260,7 @@ def test_default_negative_slope_is_torchs(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_with_expanded_grad_output(device, layout):
     """out.sum().backward() hands the backward a stride-0 grad_output."""
-    x, w, b, _ = setup((3, 6, 5, 3), layout, torch.float32, torch.float32, device, "wb")
+    x, w, b, _ = group_norm_inputs((3, 6, 5, 3), layout, torch.float32, torch.float32, device, "wb")
     tx, tw, tb = (leaf(t) for t in (x, w, b))
     ex, ew, eb = (leaf(t.clone()) for t in (x, w, b))
     tnf.group_norm(tx, 3, tw, tb, activation="silu").sum().backward()
@@ -289,7 +284,7 @@ def test_backward_with_expanded_grad_output(device, layout):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_group_norm(device, shape, G, layout, dtypes, activation):
     dtype, pdtype = dtypes
-    x, w, b, _ = setup(shape, layout, dtype, pdtype, device, "wb", seed=11)
+    x, w, b, _ = group_norm_inputs(shape, layout, dtype, pdtype, device, "wb", seed=11)
     poison(device)
     out, mean, rstd = OPS.group_norm(x, G, w, b, 1e-3, act_name(activation), NEGATIVE_SLOPE)
     acc = accumulate_dtype(dtype)
@@ -313,7 +308,7 @@ def test_op_group_norm(device, shape, G, layout, dtypes, activation):
 def test_op_backward_output_mask(device, layout, activation, mask):
     shape, G = (3, 6, 4, 5), 3
     dtype = torch.float32
-    x, w, b, gy = setup(shape, layout, dtype, dtype, device, "wb", seed=13)
+    x, w, b, gy = group_norm_inputs(shape, layout, dtype, dtype, device, "wb", seed=13)
     _, mean, rstd = OPS.group_norm(x, G, w, b, EPS, activation, 0.0)
     poison(device)
     got = OPS.group_norm_backward(gy, x, G, mean, rstd, w, b, activation, 0.0, list(mask))
@@ -332,7 +327,7 @@ def test_op_backward_output_mask(device, layout, activation, mask):
 def test_op_backward_dtypes(device, dtypes, activation):
     dtype, pdtype = dtypes
     shape, G = (3, 6, 3, 5), 2
-    x, w, b, gy = setup(shape, "channels_last", dtype, pdtype, device, "wb", seed=14)
+    x, w, b, gy = group_norm_inputs(shape, "channels_last", dtype, pdtype, device, "wb", seed=14)
     act = act_name(activation)
     _, mean, rstd = OPS.group_norm(x, G, w, b, EPS, act, NEGATIVE_SLOPE)
     got = OPS.group_norm_backward(gy, x, G, mean, rstd, w, b, act, NEGATIVE_SLOPE, [True] * 3)
@@ -346,7 +341,7 @@ def test_op_backward_dtypes(device, dtypes, activation):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_backward_without_affine(device, activation):
     shape, G = (4, 6, 7), 3
-    x, _, _, gy = setup(shape, "contiguous", torch.float32, torch.float32, device, "none", seed=15)
+    x, _, _, gy = group_norm_inputs(shape, "contiguous", torch.float32, torch.float32, device, "none", seed=15)
     _, mean, rstd = OPS.group_norm(x, G, None, None, EPS, activation, NEGATIVE_SLOPE)
     gx, gw, gb = OPS.group_norm_backward(gy, x, G, mean, rstd, None, None, activation, NEGATIVE_SLOPE, [True, False, False])
     _, exp = run("reference", x, G, None, None, activation, gy)
@@ -366,7 +361,7 @@ def test_op_backward_without_affine(device, activation):
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device, shape, layout):
-    x, w, b, gy = setup(shape, layout, torch.float32, torch.float32, device, "wb")
+    x, w, b, gy = group_norm_inputs(shape, layout, torch.float32, torch.float32, device, "wb")
     out, (gx, gw, gb) = run("torchnorm", x, 3, w, b, "relu", gy)
     assert tuple(out.shape) == shape and out.dtype == x.dtype
     assert tuple(gx.shape) == shape
@@ -399,7 +394,7 @@ def test_large_mean_variance(device, dtype, mean, std, layout):
 
 
 # ---------------------------------------------------------------------------
-# gradcheck (float64), opcheck, torch.compile.
+# gradcheck (float64), torch.compile (opcheck: tests/test_opcheck.py).
 # ---------------------------------------------------------------------------
 
 
@@ -445,71 +440,9 @@ def test_gradcheck_op():
     assert torch.autograd.gradcheck(fn, [t.detach().requires_grad_() for t in (x, w, b)], **GRADCHECK)
 
 
-def _opcheck_samples():
-    samples = []
-    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
-
-    def inputs(shape, dtype, pdtype, layout, seed, affine="wb", grad=True):
-        x, w, b, gy = setup(shape, layout, dtype, pdtype, "cpu", affine, seed=seed)
-        x, w, b = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b))
-        return x, w, b, gy
-
-    x, w, b, _ = inputs((4, 6, 5, 5), f32, f32, "contiguous", 1)
-    samples.append(("gn-4d-relu", OPS.group_norm.default, (x, 3, w, b, EPS, "relu", 0.0)))
-    x, w, b, _ = inputs((2, 4, 3, 3), f32, f32, "channels_last", 2)
-    samples.append(("gn-cl-silu", OPS.group_norm.default, (x, 2, w, b, EPS, "silu", 0.0)))
-    x, w, b, _ = inputs((5, 6), f64, f64, "contiguous", 3, affine="none")
-    samples.append(("gn-2d-f64-leaky-noaffine", OPS.group_norm.default, (x, 6, None, None, 1e-3, "leaky_relu", 0.2)))
-    x, w, b, _ = inputs((3, 4, 7), f16, f32, "transposed", 4)
-    samples.append(("gn-3d-f16-f32params-transposed", OPS.group_norm.default, (x, 1, w, b, EPS, "none", 0.0)))
-    x, w, b, _ = inputs((2, 4, 2, 2, 3), bf16, bf16, "channels_last_3d", 5, grad=False)
-    samples.append(("gn-5d-bf16-nograd", OPS.group_norm.default, (x, 2, w, b, EPS, "relu", 0.0)))
-    x, w, b, gy = inputs((4, 6, 5), f32, f32, "contiguous", 6, grad=False)
-    _, mean, rstd = OPS.group_norm(x, 3, w, b, EPS, "silu", 0.0)
-    samples.append(("gn-backward-all", OPS.group_norm_backward.default, (gy, x, 3, mean, rstd, w, b, "silu", 0.0, [True] * 3)))
-    samples.append(("gn-backward-input-only", OPS.group_norm_backward.default, (gy, x, 3, mean, rstd, w, b, "silu", 0.0, [True, False, False])))
-    x, w, b, gy = inputs((2, 4, 3, 3), f32, f32, "channels_last", 7, grad=False)
-    _, mean, rstd = OPS.group_norm(x, 4, w, b, EPS, "relu", 0.0)
-    samples.append(("gn-backward-cl-params", OPS.group_norm_backward.default, (gy, x, 4, mean, rstd, w, b, "relu", 0.0, [False, True, True])))
-    x, w, b, gy = inputs((3, 4, 5), f16, f32, "contiguous", 8, grad=False)
-    _, mean, rstd = OPS.group_norm(x, 2, w, b, EPS, "leaky_relu", 0.2)
-    samples.append(("gn-backward-f16", OPS.group_norm_backward.default, (gy, x, 2, mean, rstd, w, b, "leaky_relu", 0.2, [True] * 3)))
-    x, w, b, gy = inputs((5, 6), f64, f64, "contiguous", 9, affine="none", grad=False)
-    _, mean, rstd = OPS.group_norm(x, 3, None, None, EPS, "none", 0.0)
-    samples.append(("gn-backward-f64-noaffine", OPS.group_norm_backward.default, (gy, x, 3, mean, rstd, None, None, "none", 0.0, [True, False, False])))
-    return samples
-
-
-OPCHECK_IDS = [
-    "gn-4d-relu",
-    "gn-cl-silu",
-    "gn-2d-f64-leaky-noaffine",
-    "gn-3d-f16-f32params-transposed",
-    "gn-5d-bf16-nograd",
-    "gn-backward-all",
-    "gn-backward-input-only",
-    "gn-backward-cl-params",
-    "gn-backward-f16",
-    "gn-backward-f64-noaffine",
-]
-
-
-@pytest.mark.parametrize("sample_id", OPCHECK_IDS)
-def test_opcheck(sample_id):
-    samples = {s[0]: s for s in _opcheck_samples()}
-    _, op, args = samples[sample_id]
-    torch.library.opcheck(op, args)
-
-
-def test_opcheck_covers_every_op():
-    samples = _opcheck_samples()
-    assert [s[0] for s in samples] == OPCHECK_IDS
-    assert {s[1] for s in samples} == {OPS.group_norm.default, OPS.group_norm_backward.default}
-
-
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
-    x, w, b, gy = setup((2, 6, 4, 5), "channels_last", torch.float32, torch.float32, "cpu", "wb", seed=16)
+    x, w, b, gy = group_norm_inputs((2, 6, 4, 5), "channels_last", torch.float32, torch.float32, "cpu", "wb", seed=16)
 
     def fn(x, w, b):
         return tnf.group_norm(x, 3, w, b, EPS, activation="silu") * 2.0

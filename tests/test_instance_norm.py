@@ -5,7 +5,8 @@ forward and gradients (input, weight, bias) against torch.nn.functional.instance
 odd and long instances, dtypes, affine variants, with and without running
 statistics and with use_input_stats=False; running statistics over several
 steps; the op's saved statistics; empty batches; float16 instances with mean
-1e4; gradcheck, opcheck and torch.compile.
+1e4; gradcheck and torch.compile.
+(opcheck: tests/test_opcheck.py.)
 """
 import pytest
 import torch
@@ -17,13 +18,14 @@ import torchnorm.reference as tnref
 from conftest import (
     DEVICES,
     DTYPES_ALL,
+    MODES,
     accumulate_dtype,
     apply_layout,
     assert_close,
     clone_opt,
     grads_of,
+    instance_norm_inputs,
     leaf,
-    make_affine,
     make_input,
     make_params,
     poison,
@@ -35,13 +37,6 @@ from tolerances import GRADCHECK, LARGE_MEAN_VARIANCE
 OPS = torch.ops.torchnorm
 EPS = 1e-5
 MOMENTUM = 0.1
-
-# (use_input_stats, running statistics given)
-MODES = [
-    pytest.param((True, True), id="train-track"),
-    pytest.param((True, False), id="train-notrack"),
-    pytest.param((False, True), id="eval"),
-]
 
 CASES = [
     pytest.param((4, 3, 7), "contiguous", id="3d"),
@@ -97,26 +92,19 @@ def run(impl, x, rm, rv, w, b, use_input_stats, gy, momentum=MOMENTUM, eps=EPS):
     return out, grads_of([out], [x, w, b], [gy])
 
 
-def setup(shape, layout, dtype, pdtype, device, affine, track, seed=0):
-    x = make_input(shape, dtype, device, layout, seed=seed)
-    w, b = make_affine((shape[1],), pdtype, device, seed + 100, affine)
-    _, _, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=False, track=track)
-    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
-    return x, w, b, rm, rv, gy
-
-
 # ---------------------------------------------------------------------------
 # Against torch.nn.functional (float32 / float64).
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole matrix: `pytest -m "not slow"` leaves it out
 @pytest.mark.parametrize("mode,affine", MODE_AFFINE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_functional_matches_torch(device, shape, layout, dtype, mode, affine):
     use_input_stats, track = mode
-    x, w, b, rm, rv, gy = setup(shape, layout, dtype, dtype, device, affine, track)
+    x, w, b, rm, rv, gy = instance_norm_inputs(shape, layout, dtype, dtype, device, affine, track)
     x_before = x.clone()
     rm_t, rv_t = clone_opt(rm), clone_opt(rv)
     poison(device)
@@ -148,7 +136,7 @@ def test_functional_matches_torch(device, shape, layout, dtype, mode, affine):
 def test_functional_matches_reference(device, shape, layout, dtypes, mode, affine):
     dtype, pdtype = dtypes
     use_input_stats, track = mode
-    x, w, b, rm, rv, gy = setup(shape, layout, dtype, pdtype, device, affine, track, seed=1)
+    x, w, b, rm, rv, gy = instance_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, seed=1)
     rm64, rv64 = to64(rm), to64(rv)
     poison(device)
     out, grads = run("torchnorm", x, rm, rv, w, b, use_input_stats, gy)
@@ -174,7 +162,7 @@ def test_long_instance(device, shape, layout, mode, dtypes):
     """Instances of 70000 elements: many times the kernel's 2048-element segment."""
     dtype, pdtype = dtypes
     use_input_stats, track = mode
-    x, w, b, rm, rv, gy = setup(shape, layout, dtype, pdtype, device, "wb", track, seed=2)
+    x, w, b, rm, rv, gy = instance_norm_inputs(shape, layout, dtype, pdtype, device, "wb", track, seed=2)
     rm64, rv64 = to64(rm), to64(rv)
     rm_t, rv_t = clone_opt(rm), clone_opt(rv)
     poison(device, x.numel() * 4)
@@ -196,7 +184,7 @@ def test_many_instances(device, layout):
     """Enough instances for every parallel path; weight / bias gradients and the
     running statistics reduced across all of them."""
     shape = (24, 32, 9, 7)
-    x, w, b, rm, rv, gy = setup(shape, layout, torch.float32, torch.float32, device, "wb", True, seed=4)
+    x, w, b, rm, rv, gy = instance_norm_inputs(shape, layout, torch.float32, torch.float32, device, "wb", True, seed=4)
     rm_t, rv_t = rm.clone(), rv.clone()
     poison(device, x.numel() * 4)
     out, grads = run("torchnorm", x, rm, rv, w, b, True, gy)
@@ -289,7 +277,7 @@ def test_functional_defaults(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_instance_norm(device, shape, layout, dtypes, track):
     dtype, pdtype = dtypes
-    x, w, b, rm, rv, _ = setup(shape, layout, dtype, pdtype, device, "wb", track, seed=11)
+    x, w, b, rm, rv, _ = instance_norm_inputs(shape, layout, dtype, pdtype, device, "wb", track, seed=11)
     rm64, rv64 = to64(rm), to64(rv)
     poison(device)
     out, mean, rstd = OPS.instance_norm(x, w, b, rm, rv, 0.25, 1e-3)
@@ -327,7 +315,7 @@ def test_empty_batch(device, shape, layout, mode):
     alone (torch.nn.functional.instance_norm turns them into NaN: the mean of no
     instances)."""
     use_input_stats, track = mode
-    x, w, b, rm, rv, gy = setup(shape, layout, torch.float32, torch.float32, device, "wb", track)
+    x, w, b, rm, rv, gy = instance_norm_inputs(shape, layout, torch.float32, torch.float32, device, "wb", track)
     rm_before, rv_before = clone_opt(rm), clone_opt(rv)
     out, (gx, gw, gb) = run("torchnorm", x, rm, rv, w, b, use_input_stats, gy)
     assert tuple(out.shape) == shape and out.dtype == x.dtype
@@ -373,7 +361,7 @@ def test_large_mean_variance(device, dtype, mean, std, layout):
 
 
 # ---------------------------------------------------------------------------
-# gradcheck (float64), opcheck, torch.compile.
+# gradcheck (float64), torch.compile (opcheck: tests/test_opcheck.py).
 # ---------------------------------------------------------------------------
 
 
@@ -382,7 +370,7 @@ def test_large_mean_variance(device, dtype, mean, std, layout):
 @pytest.mark.parametrize("shape,layout", [((2, 3, 4), "contiguous"), ((2, 2, 2, 3), "channels_last")], ids=["3d", "4d-cl"])
 def test_gradcheck_functional(shape, layout, mode, affine):
     use_input_stats, track = mode
-    x, w, b, rm, rv, _ = setup(shape, layout, torch.float64, torch.float64, "cpu", affine, track, seed=5)
+    x, w, b, rm, rv, _ = instance_norm_inputs(shape, layout, torch.float64, torch.float64, "cpu", affine, track, seed=5)
     present = [(n, t) for n, t in zip(["x", "w", "b"], (x, w, b)) if t is not None]
 
     def fn(*args):
@@ -396,50 +384,12 @@ def test_gradcheck_functional(shape, layout, mode, affine):
 
 def test_gradcheck_op():
     """The registered autograd of the op itself (output 0), channels-last."""
-    x, w, b, rm, rv, _ = setup((2, 3, 2, 3), "channels_last", torch.float64, torch.float64, "cpu", "wb", True, seed=6)
+    x, w, b, rm, rv, _ = instance_norm_inputs((2, 3, 2, 3), "channels_last", torch.float64, torch.float64, "cpu", "wb", True, seed=6)
 
     def fn(x, w, b):
         return OPS.instance_norm(x, w, b, rm.clone(), rv.clone(), 0.1, 1e-3)[0]
 
     assert torch.autograd.gradcheck(fn, [t.detach().requires_grad_() for t in (x, w, b)], **GRADCHECK)
-
-
-def _opcheck_samples():
-    samples = []
-    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
-
-    def inputs(shape, dtype, pdtype, layout, seed, affine="wb", track=True, grad=True):
-        x, w, b, rm, rv, _ = setup(shape, layout, dtype, pdtype, "cpu", affine, track, seed=seed)
-        x, w, b = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b))
-        return x, w, b, rm, rv
-
-    x, w, b, rm, rv = inputs((4, 3, 5, 5), f32, f32, "contiguous", 1)
-    samples.append(("in-4d-stats", OPS.instance_norm.default, (x, w, b, rm, rv, 0.1, EPS)))
-    x, w, b, rm, rv = inputs((2, 4, 3, 3), f32, f32, "channels_last", 2, track=False)
-    samples.append(("in-cl-nostats", OPS.instance_norm.default, (x, w, b, None, None, 0.1, EPS)))
-    x, w, b, rm, rv = inputs((3, 2, 7), f64, f64, "transposed", 3, affine="none")
-    samples.append(("in-3d-f64-noaffine-transposed", OPS.instance_norm.default, (x, None, None, rm, rv, 0.3, 1e-3)))
-    x, w, b, rm, rv = inputs((3, 2, 4), f16, f32, "contiguous", 4)
-    samples.append(("in-3d-f16-f32params", OPS.instance_norm.default, (x, w, b, rm, rv, 0.1, EPS)))
-    x, w, b, rm, rv = inputs((2, 3, 2, 2, 3), bf16, bf16, "channels_last_3d", 5, grad=False)
-    samples.append(("in-5d-bf16-nograd", OPS.instance_norm.default, (x, w, b, rm, rv, 0.1, EPS)))
-    return samples
-
-
-OPCHECK_IDS = ["in-4d-stats", "in-cl-nostats", "in-3d-f64-noaffine-transposed", "in-3d-f16-f32params", "in-5d-bf16-nograd"]
-
-
-@pytest.mark.parametrize("sample_id", OPCHECK_IDS)
-def test_opcheck(sample_id):
-    samples = {s[0]: s for s in _opcheck_samples()}
-    _, op, args = samples[sample_id]
-    torch.library.opcheck(op, args)
-
-
-def test_opcheck_covers_every_op():
-    samples = _opcheck_samples()
-    assert [s[0] for s in samples] == OPCHECK_IDS
-    assert {s[1] for s in samples} == {OPS.instance_norm.default}
 
 
 def test_op_schema_declares_running_stats_mutable():
@@ -449,7 +399,7 @@ def test_op_schema_declares_running_stats_mutable():
 
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
-    x, w, b, rm, rv, gy = setup((2, 3, 4, 5), "contiguous", torch.float32, torch.float32, "cpu", "wb", True, seed=16)
+    x, w, b, rm, rv, gy = instance_norm_inputs((2, 3, 4, 5), "contiguous", torch.float32, torch.float32, "cpu", "wb", True, seed=16)
     rm_e, rv_e = rm.clone(), rv.clone()
 
     def fn(x, w, b, rm, rv):

@@ -5,8 +5,8 @@ arriving through the sum) against torch.nn.functional (same dtype) and the
 float64 torchnorm.reference, over dtypes, odd and long rows, one- and
 two-dimensional normalized shapes, non-contiguous inputs and the affine
 variants; the ops directly (saved statistics, layer_norm_backward's output
-mask); empty batches; a float16 row with mean 1e4; gradcheck, opcheck and
-torch.compile.
+mask); empty batches; a float16 row with mean 1e4; gradcheck and
+torch.compile. (opcheck: tests/test_opcheck.py.)
 """
 import itertools
 
@@ -28,6 +28,7 @@ from conftest import (
     make_input,
     poison,
     randn,
+    row_norm_inputs,
     to64,
 )
 from tolerances import GRADCHECK, LARGE_MEAN_VARIANCE
@@ -119,17 +120,6 @@ def run(impl, op, x, ns, w, b, res, gy, gsum, eps):
     return out, s, grads
 
 
-def setup(shape, ns, layout, dtype, pdtype, device, op, affine, residual, seed=0):
-    x = make_input(shape, dtype, device, layout, seed=seed)
-    w, b = make_affine(ns, pdtype, device, seed + 100, affine)
-    if op == "rms_norm":
-        b = None
-    res = make_input(shape, dtype, device, layout, seed=seed + 200, scale=1.0, offset=False) if residual != "nores" else None
-    gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
-    gsum = make_input(shape, dtype, device, seed=seed + 400, scale=1.0, offset=False) if residual == "res-gsum" else None
-    return x, w, b, res, gy, gsum
-
-
 # ---------------------------------------------------------------------------
 # Against torch.nn.functional (float32 / float64).
 # ---------------------------------------------------------------------------
@@ -141,7 +131,7 @@ def setup(shape, ns, layout, dtype, pdtype, device, op, affine, residual, seed=0
 @pytest.mark.parametrize("shape,ns,layout", CASES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_functional_matches_torch(device, shape, ns, layout, dtype, op, affine, residual):
-    x, w, b, res, gy, gsum = setup(shape, ns, layout, dtype, dtype, device, op, affine, residual)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, layout, dtype, dtype, device, op, affine, residual)
     x_before = x.clone()
     res_before = None if res is None else res.clone()
     eps = default_eps(op)
@@ -177,7 +167,7 @@ def test_functional_matches_torch(device, shape, ns, layout, dtype, op, affine, 
 @pytest.mark.parametrize("device", DEVICES)
 def test_functional_matches_reference(device, shape, ns, layout, dtypes, op, affine, residual):
     dtype, pdtype = dtypes
-    x, w, b, res, gy, gsum = setup(shape, ns, layout, dtype, pdtype, device, op, affine, residual, seed=1)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, layout, dtype, pdtype, device, op, affine, residual, seed=1)
     eps = default_eps(op)
 
     poison(device)
@@ -216,7 +206,7 @@ def test_long_row(device, op, affine, residual, dtypes):
     """D = 70000: many times the kernel's 2048-element segment (and not a multiple of it)."""
     dtype, pdtype = dtypes
     shape, ns = (2, 70000), (70000,)
-    x, w, b, res, gy, gsum = setup(shape, ns, "contiguous", dtype, pdtype, device, op, affine, residual, seed=2)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, "contiguous", dtype, pdtype, device, op, affine, residual, seed=2)
     eps = default_eps(op)
     poison(device, x.numel() * 4)
     out, s, grads = run("torchnorm", op, x, ns, w, b, res, gy, gsum, eps)
@@ -242,7 +232,7 @@ def test_many_rows(device, op, shape, ns):
     """Enough rows for every parallel path, and the weight / bias gradients
     reduced across all of them."""
     affine = "wb" if op == "layer_norm" else "w"
-    x, w, b, res, gy, gsum = setup(shape, ns, "contiguous", torch.float32, torch.float32, device, op, affine, "res-gsum", seed=19)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, "contiguous", torch.float32, torch.float32, device, op, affine, "res-gsum", seed=19)
     poison(device, x.numel() * 4)
     out, s, grads = run("torchnorm", op, x, ns, w, b, res, gy, gsum, EPS)
     for who in ("torch", "reference"):
@@ -310,7 +300,7 @@ def test_functional_default_eps(device):
 def test_residual_in_another_layout(device, op, x_layout, res_layout):
     shape, ns = (3, 6, 10), (6, 10)
     affine = "wb" if op == "layer_norm" else "w"
-    x, w, b, _, gy, gsum = setup(shape, ns, x_layout, torch.float32, torch.float32, device, op, affine, "res-gsum", seed=17)
+    x, w, b, _, gy, gsum = row_norm_inputs(shape, ns, x_layout, torch.float32, torch.float32, device, op, affine, "res-gsum", seed=17)
     res = make_input(shape, torch.float32, device, res_layout, seed=18, scale=1.0, offset=False)
     out, s, grads = run("torchnorm", op, x, ns, w, b, res, gy, gsum, EPS)
     exp, exp_s, exp_grads = run("torch", op, x, ns, w, b, res, gy, gsum, EPS)
@@ -326,7 +316,7 @@ def test_residual_in_another_layout(device, op, x_layout, res_layout):
 def test_backward_with_expanded_grad_output(device, op):
     """out.sum().backward() hands the backward a stride-0 grad_output (and grad_sum)."""
     shape, ns = (3, 4, 37), (37,)
-    x, w, b, res, _, _ = setup(shape, ns, "contiguous", torch.float32, torch.float32, device, op, "wb", "res")
+    x, w, b, res, _, _ = row_norm_inputs(shape, ns, "contiguous", torch.float32, torch.float32, device, op, "wb", "res")
     tx, tw, tb, tres = (leaf(t) for t in (x, w, b, res))
     ex, ew, eb, eres = (leaf(t.clone()) if t is not None else None for t in (x, w, b, res))
     if op == "layer_norm":
@@ -363,7 +353,7 @@ def stats_shape(shape, ns):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_layer_norm(device, shape, ns, layout, dtypes, with_residual):
     dtype, pdtype = dtypes
-    x, w, b, res, _, _ = setup(shape, ns, layout, dtype, pdtype, device, "layer_norm", "wb", "res" if with_residual else "nores", seed=11)
+    x, w, b, res, _, _ = row_norm_inputs(shape, ns, layout, dtype, pdtype, device, "layer_norm", "wb", "res" if with_residual else "nores", seed=11)
     poison(device)
     out, s, mean, rstd = OPS.layer_norm(x, ns, w, b, 1e-3, res)
     acc = accumulate_dtype(dtype)
@@ -395,7 +385,7 @@ def test_op_layer_norm(device, shape, ns, layout, dtypes, with_residual):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_rms_norm(device, shape, ns, layout, dtypes, with_residual):
     dtype, pdtype = dtypes
-    x, w, _, res, _, _ = setup(shape, ns, layout, dtype, pdtype, device, "rms_norm", "w", "res" if with_residual else "nores", seed=12)
+    x, w, _, res, _, _ = row_norm_inputs(shape, ns, layout, dtype, pdtype, device, "rms_norm", "w", "res" if with_residual else "nores", seed=12)
     poison(device)
     out, s, rstd = OPS.rms_norm(x, ns, w, 1e-3, res)
     acc = accumulate_dtype(dtype)
@@ -425,7 +415,7 @@ def test_op_backward_output_mask(device, op, mask, with_grad_sum):
     shape, ns = (4, 3, 21), (3, 21)
     dtype = torch.float32
     affine = "wb" if op == "layer_norm" else "w"
-    x, w, b, res, gy, gsum = setup(shape, ns, "contiguous", dtype, dtype, device, op, affine, "res-gsum", seed=13)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, "contiguous", dtype, dtype, device, op, affine, "res-gsum", seed=13)
     if op == "layer_norm":
         _, s, mean, rstd = OPS.layer_norm(x, ns, w, b, EPS, res)
     else:
@@ -452,7 +442,7 @@ def test_op_backward_dtypes(device, dtypes, op):
     dtype, pdtype = dtypes
     shape, ns = (5, 3, 77), (77,)
     affine = "wb" if op == "layer_norm" else "w"
-    x, w, b, _, gy, gsum = setup(shape, ns, "contiguous", dtype, pdtype, device, op, affine, "res-gsum", seed=14)
+    x, w, b, _, gy, gsum = row_norm_inputs(shape, ns, "contiguous", dtype, pdtype, device, op, affine, "res-gsum", seed=14)
     if op == "layer_norm":
         _, _, mean, rstd = OPS.layer_norm(x, ns, w, b, EPS, None)
         mask = [True] * 3
@@ -480,7 +470,7 @@ def test_op_backward_dtypes(device, dtypes, op):
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device, shape, ns, op, affine, residual):
     dtype = torch.float32
-    x, w, b, res, gy, gsum = setup(shape, ns, "contiguous", dtype, dtype, device, op, affine, residual)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, "contiguous", dtype, dtype, device, op, affine, residual)
     out, s, (gx, gw, gb, gres) = run("torchnorm", op, x, ns, w, b, res, gy, gsum, default_eps(op))
     assert tuple(out.shape) == shape and out.dtype == dtype
     assert tuple(gx.shape) == shape
@@ -521,7 +511,7 @@ def test_large_mean_variance(device, dtype, D, mean, std, with_residual):
 
 
 # ---------------------------------------------------------------------------
-# gradcheck (float64), opcheck, torch.compile.
+# gradcheck (float64), torch.compile (opcheck: tests/test_opcheck.py).
 # ---------------------------------------------------------------------------
 
 
@@ -530,7 +520,7 @@ def test_large_mean_variance(device, dtype, D, mean, std, with_residual):
 @pytest.mark.parametrize("shape,ns", [((3, 5), (5,)), ((2, 3, 4), (3, 4)), ((4, 1), (1,))], ids=["D5", "D3x4", "D1"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_functional(device, shape, ns, op, affine, residual):
-    x, w, b, res, _, _ = setup(shape, ns, "contiguous", torch.float64, torch.float64, device, op, affine, residual, seed=3)
+    x, w, b, res, _, _ = row_norm_inputs(shape, ns, "contiguous", torch.float64, torch.float64, device, op, affine, residual, seed=3)
     names = ["x", "w", "b", "res"]
     present = [(n, t) for n, t in zip(names, (x, w, b, res)) if t is not None]
 
@@ -548,7 +538,7 @@ def test_gradcheck_functional(device, shape, ns, op, affine, residual):
 def test_gradcheck_ops(op):
     """The registered autograd of the ops themselves (out and sum), on a transposed input."""
     shape, ns = (3, 4, 5), (4, 5)
-    x, w, b, res, _, _ = setup(shape, ns, "transposed", torch.float64, torch.float64, "cpu", op, "wb", "res", seed=4)
+    x, w, b, res, _, _ = row_norm_inputs(shape, ns, "transposed", torch.float64, torch.float64, "cpu", op, "wb", "res", seed=4)
     if op == "layer_norm":
         def fn(x, w, b, res):
             return OPS.layer_norm(x, ns, w, b, 1e-3, res)[:2]
@@ -560,82 +550,11 @@ def test_gradcheck_ops(op):
     assert torch.autograd.gradcheck(fn, [t.detach().requires_grad_() for t in args], **GRADCHECK)
 
 
-def _opcheck_samples():
-    """(id, op, args) for layer_norm, rms_norm and layer_norm_backward."""
-    samples = []
-    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
-
-    def inputs(shape, ns, dtype, pdtype, layout, seed, op="layer_norm", affine="wb", residual="nores", grad=True):
-        x, w, b, res, gy, gsum = setup(shape, ns, layout, dtype, pdtype, "cpu", op, affine, residual, seed=seed)
-        x, w, b, res = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b, res))
-        return x, w, b, res, gy, gsum
-
-    x, w, b, res, _, _ = inputs((4, 7), (7,), f32, f32, "contiguous", 1)
-    samples.append(("ln-f32", OPS.layer_norm.default, (x, [7], w, b, EPS, None)))
-    x, w, b, res, _, _ = inputs((2, 3, 4, 5), (4, 5), f32, f32, "transposed", 2, affine="none", residual="res")
-    samples.append(("ln-2dims-res-noaffine", OPS.layer_norm.default, (x, [4, 5], None, None, 1e-3, res)))
-    x, w, b, res, _, _ = inputs((3, 2, 9), (9,), f16, f32, "contiguous", 3, residual="res")
-    samples.append(("ln-f16-f32params-res", OPS.layer_norm.default, (x, [9], w, b, EPS, res)))
-    x, w, b, res, _, _ = inputs((3, 10), (10,), bf16, bf16, "contiguous", 4, affine="w", grad=False)
-    samples.append(("ln-bf16-weight-nograd", OPS.layer_norm.default, (x, [10], w, None, EPS, None)))
-    x, w, b, res, _, _ = inputs((5, 6), (6,), f64, f64, "sliced", 5, residual="res")
-    samples.append(("ln-f64-sliced-res", OPS.layer_norm.default, (x, [6], w, b, EPS, res)))
-    x, w, b, res, _, _ = inputs((4, 7), (7,), f32, f32, "contiguous", 6, op="rms_norm", affine="w", residual="res")
-    samples.append(("rms-f32-res", OPS.rms_norm.default, (x, [7], w, 1e-6, res)))
-    x, w, b, res, _, _ = inputs((3, 2, 9), (2, 9), f16, f16, "contiguous", 7, op="rms_norm", affine="none")
-    samples.append(("rms-f16-2dims-noweight", OPS.rms_norm.default, (x, [2, 9], None, 1e-3, None)))
-    x, w, b, res, _, _ = inputs((5, 6), (6,), f64, f64, "transposed", 8, op="rms_norm", affine="w", grad=False)
-    samples.append(("rms-f64-transposed-nograd", OPS.rms_norm.default, (x, [6], w, 1e-3, None)))
-    # layer_norm_backward
-    x, w, b, res, gy, gsum = inputs((4, 3, 7), (7,), f32, f32, "contiguous", 9, residual="res-gsum", grad=False)
-    _, s, mean, rstd = OPS.layer_norm(x, [7], w, b, EPS, res)
-    samples.append(("ln-backward-all-gsum", OPS.layer_norm_backward.default, (gy, gsum, s, [7], mean, rstd, w, [True] * 3)))
-    samples.append(("ln-backward-input-only", OPS.layer_norm_backward.default, (gy, None, s, [7], mean, rstd, w, [True, False, False])))
-    samples.append(("ln-backward-params-only", OPS.layer_norm_backward.default, (gy, None, s, [7], mean, rstd, w, [False, True, True])))
-    x, w, b, res, gy, gsum = inputs((3, 2, 5), (2, 5), f16, f32, "contiguous", 10, op="rms_norm", affine="w", grad=False)
-    _, _, rstd = OPS.rms_norm(x, [2, 5], w, EPS, None)
-    samples.append(("rms-backward-f16", OPS.layer_norm_backward.default, (gy, None, x, [2, 5], None, rstd, w, [True, True, False])))
-    x, w, b, res, gy, gsum = inputs((6, 4), (4,), f64, f64, "contiguous", 11, affine="none", residual="res-gsum", grad=False)
-    _, _, mean, rstd = OPS.layer_norm(x, [4], None, None, EPS, None)
-    samples.append(("ln-backward-f64-noaffine", OPS.layer_norm_backward.default, (gy, gsum, x, [4], mean, rstd, None, [True, False, False])))
-    return samples
-
-
-OPCHECK_IDS = [
-    "ln-f32",
-    "ln-2dims-res-noaffine",
-    "ln-f16-f32params-res",
-    "ln-bf16-weight-nograd",
-    "ln-f64-sliced-res",
-    "rms-f32-res",
-    "rms-f16-2dims-noweight",
-    "rms-f64-transposed-nograd",
-    "ln-backward-all-gsum",
-    "ln-backward-input-only",
-    "ln-backward-params-only",
-    "rms-backward-f16",
-    "ln-backward-f64-noaffine",
-]
-
-
-@pytest.mark.parametrize("sample_id", OPCHECK_IDS)
-def test_opcheck(sample_id):
-    samples = {s[0]: s for s in _opcheck_samples()}
-    _, op, args = samples[sample_id]
-    torch.library.opcheck(op, args)
-
-
-def test_opcheck_covers_every_op():
-    samples = _opcheck_samples()
-    assert [s[0] for s in samples] == OPCHECK_IDS
-    assert {s[1] for s in samples} == {OPS.layer_norm.default, OPS.rms_norm.default, OPS.layer_norm_backward.default}
-
-
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_torch_compile_fullgraph(op):
     torch._dynamo.reset()
     shape, ns = (3, 5, 24), (24,)
-    x, w, b, res, gy, gsum = setup(shape, ns, "contiguous", torch.float32, torch.float32, "cpu", op, "wb", "res-gsum", seed=15)
+    x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, "contiguous", torch.float32, torch.float32, "cpu", op, "wb", "res-gsum", seed=15)
 
     def fn(x, w, b, res):
         if op == "layer_norm":

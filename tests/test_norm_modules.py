@@ -22,7 +22,9 @@ from conftest import (
     accumulate_dtype,
     act_name,
     assert_close,
+    assert_same_state,
     make_input,
+    make_module_pair,
     memory_format_of,
     randn,
     to64,
@@ -53,22 +55,7 @@ def randomize_(module, seed):
 
 def make_pair(name, args, kwargs, device="cpu", dtype=torch.float32, seed=0):
     """(torch.nn module, torchnorm.nn module) with identical state."""
-    ref = getattr(nn, name)(*args, device=device, dtype=dtype, **kwargs)
-    ours = getattr(tnn, name)(*args, device=device, dtype=dtype, **kwargs)
-    randomize_(ref, seed)
-    randomize_(ours, seed)
-    return ref, ours
-
-
-def assert_same_state(ours, ref, dtype, msg=""):
-    sd_o, sd_r = ours.state_dict(), ref.state_dict()
-    assert list(sd_o.keys()) == list(sd_r.keys()), f"{msg}: state_dict keys {list(sd_o)} != {list(sd_r)}"
-    for k in sd_r:
-        assert sd_o[k].dtype == sd_r[k].dtype, f"{msg}: {k} dtype {sd_o[k].dtype} != {sd_r[k].dtype}"
-        if k.endswith("num_batches_tracked"):
-            assert torch.equal(sd_o[k].cpu(), sd_r[k].cpu()), f"{msg}: {k} {sd_o[k]} != {sd_r[k]}"
-        else:
-            assert_close(sd_o[k], sd_r[k], dtype, "stats", f"{msg}: {k}")
+    return make_module_pair(getattr(nn, name), getattr(tnn, name), args, kwargs, randomize_, device, dtype, seed)
 
 
 def step(module, x, gy, residual=None, gsum=None):

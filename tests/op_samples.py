@@ -1,0 +1,396 @@
+"""Every torchnorm op's samples for torch.library.opcheck, in one registry.
+
+tests/test_opcheck.py runs opcheck on each sample and fails when an operator
+the library registers (every `torchnorm::` schema, backward and internal ops
+included) has none. A sample is (op name, sample id, args): the op name as
+registered, without the namespace; the args as the op takes them, tensors
+requiring grad where autograd should be checked too.
+
+SOURCES lists where the samples come from: functions returning a list of
+samples, built fresh for each test (opcheck calls the ops several times, and
+some ops update running statistics in place). A source built for one device
+runs on the CPU only; `on_every_device` ones take the device and run on every
+device in DEVICES. To add the samples of new ops, append a SampleSource:
+    SOURCES.append(SampleSource(my_op_samples))
+"""
+import dataclasses
+from typing import Callable
+
+import torch
+
+import torchnorm  # noqa: F401  (registers the ops)
+from conftest import (
+    ACTIVATIONS,
+    DEVICES,
+    NEGATIVE_SLOPE,
+    batch_norm_inputs,
+    group_norm_inputs,
+    instance_norm_inputs,
+    make_input,
+    make_params,
+    randn,
+    row_norm_inputs,
+)
+
+OPS = torch.ops.torchnorm
+EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSource:
+    """A function returning [(op name, sample id, args), ...]: build() on the
+    CPU, or build(device) for each device when on_every_device."""
+
+    build: Callable[..., list]
+    on_every_device: bool = False
+
+    @property
+    def devices(self):
+        """The DEVICES params its samples run on."""
+        return DEVICES if self.on_every_device else [d for d in DEVICES if d.values == ("cpu",)]
+
+    def samples(self, device="cpu"):
+        return self.build(device) if self.on_every_device else self.build()
+
+
+def op_overload(op_name):
+    """The OpOverload of a registered op name ("batch_norm_train",
+    "torchnorm::batch_norm_train" or "name.overload")."""
+    name = op_name.split("::", 1)[-1]
+    name, _, overload = name.partition(".")
+    return getattr(getattr(OPS, name), overload or "default")
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm
+# ---------------------------------------------------------------------------
+
+
+def batch_norm_samples():
+    """batch_norm_train, batch_norm_eval and batch_norm_backward: training with and without running stats,
+    eval, every activation, residual, dtypes and layouts, requires_grad or not."""
+    samples = []
+
+    def inputs(shape, dtype, pdtype, layout, seed, affine=True, track=True, residual=False, grad=True):
+        x, w, b, rm, rv, res, gy = batch_norm_inputs(shape, layout, dtype, pdtype, "cpu", affine, track, residual, seed=seed)
+        x, w, b, res = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b, res))
+        return x, w, b, rm, rv, res, gy
+
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    # batch_norm_train
+    x, w, b, rm, rv, res, _ = inputs((4, 3, 5, 5), f32, f32, "contiguous", 1)
+    samples.append(("batch_norm_train", "train-4d-relu-stats", (x, w, b, rm, rv, 0.1, EPS, "relu", 0.0, None)))
+    x, w, b, rm, rv, res, _ = inputs((2, 4, 3, 3), f32, f32, "channels_last", 2, track=False, residual=True)
+    samples.append(("batch_norm_train", "train-cl-silu-res-nostats", (x, w, b, None, None, 0.1, EPS, "silu", 0.0, res)))
+    x, w, b, rm, rv, res, _ = inputs((5, 3), f64, f64, "contiguous", 3, affine=False)
+    samples.append(("batch_norm_train", "train-2d-f64-leaky-noaffine", (x, None, None, rm, rv, 0.3, 1e-3, "leaky_relu", 0.2, None)))
+    x, w, b, rm, rv, res, _ = inputs((3, 2, 4), f16, f32, "contiguous", 4, residual=True)
+    samples.append(("batch_norm_train", "train-3d-f16-f32params", (x, w, b, rm, rv, 0.1, EPS, "none", 0.0, res)))
+    x, w, b, rm, rv, res, _ = inputs((2, 3, 2, 2, 3), bf16, bf16, "channels_last_3d", 5, residual=True, grad=False)
+    samples.append(("batch_norm_train", "train-5d-bf16-nograd", (x, w, b, rm, rv, 0.1, EPS, "relu", 0.0, res)))
+    # batch_norm_eval
+    x, w, b, rm, rv, res, _ = inputs((4, 3, 5, 5), f32, f32, "contiguous", 6)
+    samples.append(("batch_norm_eval", "eval-4d-none", (x, rm, rv, w, b, EPS, "none", 0.0, None)))
+    x, w, b, rm, rv, res, _ = inputs((2, 4, 3, 3), f32, f32, "channels_last", 7, residual=True)
+    samples.append(("batch_norm_eval", "eval-cl-relu-res", (x, rm, rv, w, b, EPS, "relu", 0.0, res)))
+    x, w, b, rm, rv, res, _ = inputs((6, 2), f64, f64, "contiguous", 8, affine=False, residual=True)
+    samples.append(("batch_norm_eval", "eval-2d-f64-silu-noaffine", (x, rm, rv, None, None, 1e-3, "silu", 0.0, res)))
+    x, w, b, rm, rv, res, _ = inputs((3, 2, 4), f16, f32, "contiguous", 9)
+    samples.append(("batch_norm_eval", "eval-3d-f16-leaky", (x, rm, rv, w, b, EPS, "leaky_relu", 0.2, None)))
+    # batch_norm_backward
+    x, w, b, rm, rv, res, gy = inputs((4, 3, 5), f32, f32, "contiguous", 10, residual=True, grad=False)
+    _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, "silu", 0.0, res)
+    samples.append(("batch_norm_backward", "backward-train-all", (gy, x, w, b, res, mean, rstd, True, "silu", 0.0, [True] * 4)))
+    samples.append(("batch_norm_backward", "backward-train-input-only", (gy, x, w, b, res, mean, rstd, True, "silu", 0.0, [True, False, False, False])))
+    x, w, b, rm, rv, res, gy = inputs((2, 4, 3, 3), f32, f32, "channels_last", 11, grad=False)
+    samples.append(("batch_norm_backward", "backward-eval-cl-params", (gy, x, w, b, None, rm, (rv + EPS).rsqrt(), False, "relu", 0.0, [False, True, True, False])))
+    x, w, b, rm, rv, res, gy = inputs((5, 3), f64, f64, "contiguous", 12, affine=False, grad=False)
+    _, mean, rstd = OPS.batch_norm_train(x, None, None, None, None, 0.1, EPS, "leaky_relu", 0.2, None)
+    samples.append(("batch_norm_backward", "backward-train-f64-noaffine", (gy, x, None, None, None, mean, rstd, True, "leaky_relu", 0.2, [True, False, False, False])))
+    x, w, b, rm, rv, res, gy = inputs((3, 2, 4), f16, f32, "contiguous", 13, residual=True, grad=False)
+    _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, "relu", 0.0, res)
+    samples.append(("batch_norm_backward", "backward-train-f16", (gy, x, w, b, res, mean, rstd, True, "relu", 0.0, [True] * 4)))
+    return samples
+
+
+def batch_norm_apply_samples():
+    """batch_norm_apply with batch_norm_train's own mean / rstd."""
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    samples = []
+    for sid, shape, layout, dtype, pdtype, activation, affine, residual in [
+        ("4d-relu", (4, 3, 5, 5), "contiguous", f32, f32, "relu", True, False),
+        ("cl-silu-res", (2, 4, 3, 3), "channels_last", f32, f32, "silu", True, True),
+        ("2d-f64-leaky-noaffine", (5, 3), "contiguous", f64, f64, "leaky_relu", False, False),
+        ("3d-f16-f32params-res", (3, 2, 4), "contiguous", f16, f32, "none", True, True),
+        ("5d-bf16-cl3d", (2, 3, 2, 2, 3), "channels_last_3d", bf16, bf16, "relu", True, True),
+    ]:
+        x = make_input(shape, dtype, layout=layout, seed=len(samples))
+        w, b, _, _ = make_params(shape[1], pdtype, seed=10 + len(samples), affine=affine)
+        res = make_input(shape, dtype, layout=layout, seed=20 + len(samples), offset=False) if residual else None
+        _, mean, rstd = OPS.batch_norm_train.default(x, w, b, None, None, 0.1, EPS, activation, 0.2, res)
+        samples.append(("batch_norm_apply", sid, (x, mean, rstd, w, b, activation, 0.2, res)))
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm and RMSNorm
+# ---------------------------------------------------------------------------
+
+
+def row_norm_samples():
+    """layer_norm, rms_norm and layer_norm_backward (which serves both)."""
+    samples = []
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+
+    def inputs(shape, ns, dtype, pdtype, layout, seed, op="layer_norm", affine="wb", residual="nores", grad=True):
+        x, w, b, res, gy, gsum = row_norm_inputs(shape, ns, layout, dtype, pdtype, "cpu", op, affine, residual, seed=seed)
+        x, w, b, res = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b, res))
+        return x, w, b, res, gy, gsum
+
+    x, w, b, res, _, _ = inputs((4, 7), (7,), f32, f32, "contiguous", 1)
+    samples.append(("layer_norm", "ln-f32", (x, [7], w, b, EPS, None)))
+    x, w, b, res, _, _ = inputs((2, 3, 4, 5), (4, 5), f32, f32, "transposed", 2, affine="none", residual="res")
+    samples.append(("layer_norm", "ln-2dims-res-noaffine", (x, [4, 5], None, None, 1e-3, res)))
+    x, w, b, res, _, _ = inputs((3, 2, 9), (9,), f16, f32, "contiguous", 3, residual="res")
+    samples.append(("layer_norm", "ln-f16-f32params-res", (x, [9], w, b, EPS, res)))
+    x, w, b, res, _, _ = inputs((3, 10), (10,), bf16, bf16, "contiguous", 4, affine="w", grad=False)
+    samples.append(("layer_norm", "ln-bf16-weight-nograd", (x, [10], w, None, EPS, None)))
+    x, w, b, res, _, _ = inputs((5, 6), (6,), f64, f64, "sliced", 5, residual="res")
+    samples.append(("layer_norm", "ln-f64-sliced-res", (x, [6], w, b, EPS, res)))
+    x, w, b, res, _, _ = inputs((4, 7), (7,), f32, f32, "contiguous", 6, op="rms_norm", affine="w", residual="res")
+    samples.append(("rms_norm", "rms-f32-res", (x, [7], w, 1e-6, res)))
+    x, w, b, res, _, _ = inputs((3, 2, 9), (2, 9), f16, f16, "contiguous", 7, op="rms_norm", affine="none")
+    samples.append(("rms_norm", "rms-f16-2dims-noweight", (x, [2, 9], None, 1e-3, None)))
+    x, w, b, res, _, _ = inputs((5, 6), (6,), f64, f64, "transposed", 8, op="rms_norm", affine="w", grad=False)
+    samples.append(("rms_norm", "rms-f64-transposed-nograd", (x, [6], w, 1e-3, None)))
+    # layer_norm_backward
+    x, w, b, res, gy, gsum = inputs((4, 3, 7), (7,), f32, f32, "contiguous", 9, residual="res-gsum", grad=False)
+    _, s, mean, rstd = OPS.layer_norm(x, [7], w, b, EPS, res)
+    samples.append(("layer_norm_backward", "ln-backward-all-gsum", (gy, gsum, s, [7], mean, rstd, w, [True] * 3)))
+    samples.append(("layer_norm_backward", "ln-backward-input-only", (gy, None, s, [7], mean, rstd, w, [True, False, False])))
+    samples.append(("layer_norm_backward", "ln-backward-params-only", (gy, None, s, [7], mean, rstd, w, [False, True, True])))
+    x, w, b, res, gy, gsum = inputs((3, 2, 5), (2, 5), f16, f32, "contiguous", 10, op="rms_norm", affine="w", grad=False)
+    _, _, rstd = OPS.rms_norm(x, [2, 5], w, EPS, None)
+    samples.append(("layer_norm_backward", "rms-backward-f16", (gy, None, x, [2, 5], None, rstd, w, [True, True, False])))
+    x, w, b, res, gy, gsum = inputs((6, 4), (4,), f64, f64, "contiguous", 11, affine="none", residual="res-gsum", grad=False)
+    _, _, mean, rstd = OPS.layer_norm(x, [4], None, None, EPS, None)
+    samples.append(("layer_norm_backward", "ln-backward-f64-noaffine", (gy, gsum, x, [4], mean, rstd, None, [True, False, False])))
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm
+# ---------------------------------------------------------------------------
+
+
+def group_norm_samples():
+    """group_norm and group_norm_backward."""
+    samples = []
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+
+    def inputs(shape, dtype, pdtype, layout, seed, affine="wb", grad=True):
+        x, w, b, gy = group_norm_inputs(shape, layout, dtype, pdtype, "cpu", affine, seed=seed)
+        x, w, b = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b))
+        return x, w, b, gy
+
+    x, w, b, _ = inputs((4, 6, 5, 5), f32, f32, "contiguous", 1)
+    samples.append(("group_norm", "gn-4d-relu", (x, 3, w, b, EPS, "relu", 0.0)))
+    x, w, b, _ = inputs((2, 4, 3, 3), f32, f32, "channels_last", 2)
+    samples.append(("group_norm", "gn-cl-silu", (x, 2, w, b, EPS, "silu", 0.0)))
+    x, w, b, _ = inputs((5, 6), f64, f64, "contiguous", 3, affine="none")
+    samples.append(("group_norm", "gn-2d-f64-leaky-noaffine", (x, 6, None, None, 1e-3, "leaky_relu", 0.2)))
+    x, w, b, _ = inputs((3, 4, 7), f16, f32, "transposed", 4)
+    samples.append(("group_norm", "gn-3d-f16-f32params-transposed", (x, 1, w, b, EPS, "none", 0.0)))
+    x, w, b, _ = inputs((2, 4, 2, 2, 3), bf16, bf16, "channels_last_3d", 5, grad=False)
+    samples.append(("group_norm", "gn-5d-bf16-nograd", (x, 2, w, b, EPS, "relu", 0.0)))
+    x, w, b, gy = inputs((4, 6, 5), f32, f32, "contiguous", 6, grad=False)
+    _, mean, rstd = OPS.group_norm(x, 3, w, b, EPS, "silu", 0.0)
+    samples.append(("group_norm_backward", "gn-backward-all", (gy, x, 3, mean, rstd, w, b, "silu", 0.0, [True] * 3)))
+    samples.append(("group_norm_backward", "gn-backward-input-only", (gy, x, 3, mean, rstd, w, b, "silu", 0.0, [True, False, False])))
+    x, w, b, gy = inputs((2, 4, 3, 3), f32, f32, "channels_last", 7, grad=False)
+    _, mean, rstd = OPS.group_norm(x, 4, w, b, EPS, "relu", 0.0)
+    samples.append(("group_norm_backward", "gn-backward-cl-params", (gy, x, 4, mean, rstd, w, b, "relu", 0.0, [False, True, True])))
+    x, w, b, gy = inputs((3, 4, 5), f16, f32, "contiguous", 8, grad=False)
+    _, mean, rstd = OPS.group_norm(x, 2, w, b, EPS, "leaky_relu", 0.2)
+    samples.append(("group_norm_backward", "gn-backward-f16", (gy, x, 2, mean, rstd, w, b, "leaky_relu", 0.2, [True] * 3)))
+    x, w, b, gy = inputs((5, 6), f64, f64, "contiguous", 9, affine="none", grad=False)
+    _, mean, rstd = OPS.group_norm(x, 3, None, None, EPS, "none", 0.0)
+    samples.append(("group_norm_backward", "gn-backward-f64-noaffine", (gy, x, 3, mean, rstd, None, None, "none", 0.0, [True, False, False])))
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# InstanceNorm
+# ---------------------------------------------------------------------------
+
+
+def instance_norm_samples():
+    """instance_norm (its backward is composite: no op of its own)."""
+    samples = []
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+
+    def inputs(shape, dtype, pdtype, layout, seed, affine="wb", track=True, grad=True):
+        x, w, b, rm, rv, _ = instance_norm_inputs(shape, layout, dtype, pdtype, "cpu", affine, track, seed=seed)
+        x, w, b = (None if t is None else t.detach().requires_grad_(grad) for t in (x, w, b))
+        return x, w, b, rm, rv
+
+    x, w, b, rm, rv = inputs((4, 3, 5, 5), f32, f32, "contiguous", 1)
+    samples.append(("instance_norm", "in-4d-stats", (x, w, b, rm, rv, 0.1, EPS)))
+    x, w, b, rm, rv = inputs((2, 4, 3, 3), f32, f32, "channels_last", 2, track=False)
+    samples.append(("instance_norm", "in-cl-nostats", (x, w, b, None, None, 0.1, EPS)))
+    x, w, b, rm, rv = inputs((3, 2, 7), f64, f64, "transposed", 3, affine="none")
+    samples.append(("instance_norm", "in-3d-f64-noaffine-transposed", (x, None, None, rm, rv, 0.3, 1e-3)))
+    x, w, b, rm, rv = inputs((3, 2, 4), f16, f32, "contiguous", 4)
+    samples.append(("instance_norm", "in-3d-f16-f32params", (x, w, b, rm, rv, 0.1, EPS)))
+    x, w, b, rm, rv = inputs((2, 3, 2, 2, 3), bf16, bf16, "channels_last_3d", 5, grad=False)
+    samples.append(("instance_norm", "in-5d-bf16-nograd", (x, w, b, rm, rv, 0.1, EPS)))
+    return samples
+
+
+# ---------------------------------------------------------------------------
+# Conv + BatchNorm (the CPU cases, moved to each device with the tensors that
+# autograd should see requiring grad)
+# ---------------------------------------------------------------------------
+
+
+def _conv_bn_frozen_cases():
+    """(id, conv_bn_frozen args) on the CPU, no tensor requiring grad: the
+    convolutions that conv_bn_frozen, conv_bn_train and their backward ops
+    are checked on."""
+    f32, f64 = torch.float32, torch.float64
+    samples = []
+    # (id, input shape, weight shape, stride, padding, dilation, groups, layout, dtype, conv bias, bn affine,
+    # output padding: None for a conv, else a transposed conv's)
+    for sid, shape, wshape, stride, padding, dilation, groups, layout, dtype, bias, affine, output_padding in [
+        ("2d-fold", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", f64, True, True, None),
+        ("2d-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous", f64, False, True,
+         None),
+        ("2d-cl-f32", (2, 4, 6, 5), (6, 4, 3, 3), (2, 1), (0, 1), (1, 2), 1, "channels_last", f32, True, True, None),
+        ("1d-groups", (3, 6, 11), (4, 3, 3), (4,), (1,), (1,), 2, "contiguous", f32, True, False, None),
+        ("3d", (2, 3, 3, 4, 4), (5, 3, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), 1, "contiguous", f64, False, True,
+         None),
+        ("2d-bf16", (2, 4, 6, 5), (6, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1, "contiguous", torch.bfloat16, True, True,
+         None),
+        ("2d-bf16-scaled-output", (2, 4, 5, 5), (6, 4, 3, 3), (4, 4), (1, 1), (1, 1), 1, "contiguous",
+         torch.bfloat16, True, True, None),
+        ("2d-transposed", (2, 4, 4, 3), (4, 3, 3, 3), (2, 1), (1, 0), (1, 1), 1, "contiguous", f64, True, True,
+         (1, 0)),
+        ("2d-transposed-groups-cl", (2, 4, 4, 3), (4, 3, 3, 3), (2, 2), (1, 1), (1, 2), 2, "channels_last", f32,
+         False, True, (1, 1)),
+        ("1d-transposed-scaled-output", (1, 6, 1), (6, 2, 4), (1,), (0,), (1,), 3, "contiguous", f64, True, False,
+         (0,)),
+        ("3d-transposed-scaled-output-bf16", (1, 4, 1, 1, 1), (4, 3, 2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1,
+         "contiguous", torch.bfloat16, True, True, (0, 0, 0)),
+    ]:
+        n = len(samples)
+        x = make_input(shape, dtype, layout=layout, seed=n)
+        w = randn(wshape, n + 1, dtype, scale=0.3)
+        if layout == "channels_last":
+            w = w.contiguous(memory_format=torch.channels_last)
+        channels = wshape[0] if output_padding is None else wshape[1] * groups
+        b = randn((channels,), n + 2, dtype) if bias else None
+        bn_w, bn_b, mean, var = make_params(channels, dtype, seed=n + 3)
+        if not affine:
+            bn_w = bn_b = None
+        args = (x, w, b, bn_w, bn_b, mean, var, EPS, stride, padding, dilation, groups)
+        samples.append((sid, args if output_padding is None else args + (True, output_padding)))
+    return samples
+
+
+# conv_bn_frozen's arguments that can require grad (input, weight, conv bias,
+# BN weight and bias); conv_bn_train's also its residual, not the running
+# statistics (5, 6) it updates in place.
+FROZEN_GRAD_ARGS = (0, 1, 2, 3, 4)
+TRAIN_GRAD_ARGS = (0, 1, 2, 3, 4, 11)
+TRAIN_RUNNING_STATS = (5, 6)
+
+
+def conv_bn_frozen_samples(device):
+    samples = []
+    for sid, args in _conv_bn_frozen_cases():
+        args = tuple(a.to(device).requires_grad_(i in FROZEN_GRAD_ARGS) if isinstance(a, torch.Tensor) else a
+                     for i, a in enumerate(args))
+        samples.append(("conv_bn_frozen", sid, args))
+    return samples
+
+
+def conv_bn_train_call(frozen_args, activation, with_residual, seed=0):
+    """conv_bn_train's arguments for the conv and BatchNorm of a conv_bn_frozen
+    call (a residual shaped and laid out like the conv output, when asked)."""
+    x, w, b, bn_w, bn_b, mean, var, eps, stride, padding, dilation, groups, *rest = frozen_args
+    transposed, output_padding = rest if rest else (False, [])
+    res = None
+    if with_residual:
+        with torch.no_grad():
+            out = torch.convolution(x, w, None, stride, padding, dilation, transposed,
+                                    list(output_padding) or [0] * len(stride), groups)
+        res = out.clone().normal_(generator=torch.Generator(device=out.device).manual_seed(seed))
+    return (x, w, b, bn_w, bn_b, mean, var, 0.1, eps, activation, NEGATIVE_SLOPE, res, stride, padding, dilation,
+            groups, transposed, output_padding)
+
+
+def conv_bn_train_samples(device):
+    """The training op (conv input kept, conv recomputed in backward): schema
+    (it mutates the running statistics), fake kernel, autograd, with and
+    without a residual and with each activation."""
+    samples = []
+    for n, (sid, frozen_args) in enumerate(_conv_bn_frozen_cases()):
+        activation = ACTIVATIONS[n % len(ACTIVATIONS)] or "none"
+        args = conv_bn_train_call(frozen_args, activation, with_residual=n % 2 == 0, seed=n)
+        args = tuple(a.to(device).requires_grad_(i in TRAIN_GRAD_ARGS)
+                     if isinstance(a, torch.Tensor) and i not in TRAIN_RUNNING_STATS
+                     else a.to(device) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+        samples.append(("conv_bn_train", sid, args))
+    return samples
+
+
+# The conv_bn_*_backward samples: (case id, output mask) over a fold, a
+# scaled-output, a transposed, a grouped and a bfloat16 case, every gradient
+# or some. The mask (input, weight, conv bias, BN weight, BN bias, residual)
+# asks only for gradients of arguments that are given, as autograd does; a
+# residual is given in the even-numbered cases. The forward runs first, so
+# the statistics are real ones.
+BACKWARD_CASES = [
+    ("2d-fold", [True] * 6),
+    ("2d-scaled-output", [True, False, False, True, True, False]),
+    ("1d-groups", [False, True, True, False, False, True]),
+    ("2d-transposed-groups-cl", [True, True, False, True, True, False]),
+    ("2d-bf16", [True, True, False, False, False, False]),
+]
+
+
+def conv_bn_backward_samples(device):
+    """conv_bn_frozen_backward and conv_bn_train_backward, from their forward
+    ops' outputs on the same arguments."""
+    samples = []
+    cases = dict(_conv_bn_frozen_cases())
+    for n, (sid, mask) in enumerate(BACKWARD_CASES):
+        frozen = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in cases[sid])
+        x, w, b, bn_w, bn_b, mean, var, eps, stride, padding, dilation, groups, *rest = frozen
+        transposed, output_padding = rest if rest else (False, [])
+        conv = (stride, padding, dilation, groups, transposed, output_padding)
+        with torch.no_grad():
+            out = OPS.conv_bn_frozen(*frozen)
+        gy = make_input(tuple(out.shape), out.dtype, device, seed=500 + n, scale=1.0, offset=False)
+        samples.append(("conv_bn_frozen_backward", sid, (gy, x, w, b, bn_w, mean, var, eps) + conv + (mask[:5],)))
+        activation = ACTIVATIONS[n % len(ACTIVATIONS)] or "none"
+        train = conv_bn_train_call(frozen, activation, with_residual=n % 2 == 0, seed=n)
+        res = train[11]
+        with torch.no_grad():
+            # fresh running statistics: conv_bn_train updates them in place
+            out, bmean, brstd = OPS.conv_bn_train(*train[:5], mean.clone(), var.clone(), *train[7:])
+        samples.append(("conv_bn_train_backward", sid,
+                        (gy, x, w, b, bn_w, bn_b, res, bmean, brstd, activation, NEGATIVE_SLOPE) + conv + (mask,)))
+    return samples
+
+
+SOURCES = [
+    SampleSource(batch_norm_samples),
+    SampleSource(batch_norm_apply_samples),
+    SampleSource(row_norm_samples),
+    SampleSource(group_norm_samples),
+    SampleSource(instance_norm_samples),
+    SampleSource(conv_bn_frozen_samples, on_every_device=True),
+    SampleSource(conv_bn_train_samples, on_every_device=True),
+    SampleSource(conv_bn_backward_samples, on_every_device=True),
+]
