@@ -2,7 +2,7 @@
 
 Importing the package loads ``torchnorm._C``, which registers the
 ``torch.ops.torchnorm.*`` operators with their CPU kernels, CUDA kernels (when
-built with CUDA) and autograd (csrc/autograd.cpp), then their fake (meta)
+built with CUDA) and autograd (csrc/autograd/), then their fake (meta)
 kernels from Python (_fake.py).
 """
 import torch  # noqa: F401  (the extension needs torch's symbols loaded)
