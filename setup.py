@@ -55,7 +55,12 @@ def _cuda_wheel_includes():
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(
+        glob.glob("csrc/*.cpp")
+        + glob.glob("csrc/autograd/*.cpp")
+        + glob.glob("csrc/common/*.cpp")
+        + glob.glob("csrc/cpu/*.cpp")
+    )
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need
     # (C++17 up to torch 2.13, C++20 from 2.14).
     # -fopenmp: at::parallel_for is an OpenMP template in torch's headers;

@@ -34,7 +34,7 @@
 #include "common/input_checks.h"
 #include "common/batch_norm_math.h"
 #include "common/conv_bn_kernels.h"
-#include "common/op_handles.h"
+#include "ops/batch_norm.h"
 #include "cpu/kernel_helpers.h"
 
 namespace torchnorm {
@@ -462,7 +462,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_train(
     at::IntArrayRef output_padding) {
   const Conv conv = conv_args("torchnorm.conv_bn_train", input, weight, stride, padding, dilation, groups, transposed,
                               output_padding);
-  static const auto train = find_op<BatchNormTrainSignature>("torchnorm::batch_norm_train");
+  const auto& train = ops::handle<ops::BatchNormTrain>();
   return train.call(conv.run(input, weight, conv_bias), bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                     activation, negative_slope, residual);
 }
@@ -481,7 +481,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backwar
   const Conv conv = conv_args("torchnorm.conv_bn_train_backward", input, weight, stride, padding, dilation, groups,
                               transposed, output_padding);
   const bool want_conv_output = output_mask[0] || output_mask[1] || output_mask[2];
-  static const auto bn_backward = find_op<BatchNormBackwardSignature>("torchnorm::batch_norm_backward");
+  const auto& bn_backward = ops::handle<ops::BatchNormBackward>();
   Tensor grad_conv_output, grad_bn_weight, grad_bn_bias, grad_residual;
   {
     const Tensor conv_output = conv.run(input, weight, conv_bias);

@@ -1,4 +1,4 @@
-"""The autograd wrappers (csrc/autograd.cpp) call an op directly when autograd
+"""The autograd wrappers (csrc/autograd/) call an op directly when autograd
 has nothing to record: no input requires grad under grad mode, and no input
 carries a forward-mode tangent. That path must give the very outputs of the
 recorded path, build no graph, and still update the running statistics and

@@ -1,0 +1,72 @@
+// The C++ signatures of the fused convolution + BatchNorm ops (conv_bn_frozen,
+// conv_bn_train and their backward ops), for C++ that calls them through
+// ops::handle<>() (csrc/ops/handle.h). Their schemas, and what each op
+// computes, are in csrc/registration.cpp; their implementation in
+// csrc/conv_bn.cpp; their autograd in csrc/autograd/conv_bn.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "ops/handle.h"
+
+namespace torchnorm::ops {
+
+// conv_bn_frozen(input, weight, conv_bias, bn_weight, bn_bias, running_mean,
+//                running_var, eps, stride, padding, dilation, groups,
+//                transposed, output_padding) -> out
+struct ConvBNFrozen {
+  static constexpr const char* kName = "torchnorm::conv_bn_frozen";
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                               const at::Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                               bool, at::IntArrayRef);
+};
+
+// conv_bn_frozen_backward(grad_output, input, weight, conv_bias, bn_weight,
+//                         running_mean, running_var, eps, stride, padding,
+//                         dilation, groups, transposed, output_padding, output_mask)
+//   -> (grad_input, grad_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias)
+struct ConvBNFrozenBackward {
+  static constexpr const char* kName = "torchnorm::conv_bn_frozen_backward";
+  // The gradients it returns, which are also the entries of its output_mask.
+  enum Grad { kInput, kWeight, kConvBias, kBNWeight, kBNBias, kNumGrads };
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, at::IntArrayRef,
+      at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::IntArrayRef, std::array<bool, kNumGrads>);
+};
+
+// conv_bn_train(input, weight, conv_bias, bn_weight, bn_bias, running_mean!,
+//               running_var!, momentum, eps, activation, negative_slope,
+//               residual, stride, padding, dilation, groups, transposed,
+//               output_padding) -> (out, mean, rstd)
+struct ConvBNTrain {
+  static constexpr const char* kName = "torchnorm::conv_bn_train";
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+      double, c10::string_view, double, const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+      at::IntArrayRef, int64_t, bool, at::IntArrayRef);
+};
+
+// conv_bn_train_backward(grad_output, input, weight, conv_bias, bn_weight,
+//                        bn_bias, residual, mean, rstd, activation,
+//                        negative_slope, stride, padding, dilation, groups,
+//                        transposed, output_padding, output_mask)
+//   -> (grad_input, grad_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias, grad_residual)
+struct ConvBNTrainBackward {
+  static constexpr const char* kName = "torchnorm::conv_bn_train_backward";
+  // The gradients it returns, which are also the entries of its output_mask.
+  enum Grad { kInput, kWeight, kConvBias, kBNWeight, kBNBias, kResidual, kNumGrads };
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const at::Tensor&, const at::Tensor&, c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
+      at::IntArrayRef, int64_t, bool, at::IntArrayRef, std::array<bool, kNumGrads>);
+};
+
+}  // namespace torchnorm::ops
