@@ -1,10 +1,14 @@
 #pragma once
-// Per-channel coefficients of BatchNorm, shared by the CPU and CUDA kernels.
-// Element-wise the kernels then only evaluate
+// Per-channel coefficients of BatchNorm and the pre-activation z with its
+// gradient, shared by the CPU and CUDA kernels (the GroupNorm / InstanceNorm
+// kernels use them per (sample, channel)). Element-wise the kernels then only
+// evaluate
 //   forward:  z = (x - mean) * scale + shift [+ residual];   y = act(z)
 //   backward: dz = dy * act'(z);
 //             dx = dz * dz_coef + (x - mean) * xc_coef + const_coef
 // Subtracting the mean before scaling keeps precision when |mean| >> std.
+// Also BatchNorm's running-statistics update and the frozen-BatchNorm
+// formulas of conv_bn_frozen.
 #include "activations.h"
 #include "macros.h"
 
@@ -25,6 +29,37 @@ TN_HOST_DEVICE ForwardCoefficients<acc_t> forward_coefficients(acc_t rstd, acc_t
 template <typename acc_t>
 TN_HOST_DEVICE acc_t rstd_from_var(acc_t var, acc_t eps) {
   return acc_t(1) / sqrt(var + eps);
+}
+
+// The pre-activation z from xc = x - mean and the coefficients; with a
+// residual, z = (xc * scale + shift) + residual. The forward and the backward
+// (which recomputes z for act'(z) instead of saving it) both take z from
+// here, so they round alike and agree on which side of a kink z is. The
+// CUDA BatchNorm kernels add a residual of 0 when there is none; the
+// GroupNorm kernels and the CPU scalar loops add none.
+template <typename acc_t>
+TN_HOST_DEVICE acc_t pre_activation(acc_t xc, acc_t scale, acc_t shift) {
+  return xc * scale + shift;
+}
+
+template <typename acc_t>
+TN_HOST_DEVICE acc_t pre_activation(acc_t xc, acc_t scale, acc_t shift, acc_t residual) {
+  return pre_activation(xc, scale, shift) + residual;
+}
+
+// dL/dz from dL/dy: the activation's derivative at the recomputed z (not
+// computed at all without an activation).
+template <typename acc_t>
+TN_HOST_DEVICE acc_t pre_activation_grad(Activation act, acc_t slope, acc_t dy, acc_t xc, acc_t scale, acc_t shift) {
+  if (act == Activation::None) return dy;
+  return dy * activation_derivative(act, pre_activation(xc, scale, shift), slope);
+}
+
+template <typename acc_t>
+TN_HOST_DEVICE acc_t pre_activation_grad(Activation act, acc_t slope, acc_t dy, acc_t xc, acc_t scale, acc_t shift,
+                                         acc_t residual) {
+  if (act == Activation::None) return dy;
+  return dy * activation_derivative(act, pre_activation(xc, scale, shift, residual), slope);
 }
 
 template <typename acc_t>

@@ -1,5 +1,7 @@
-// GroupNorm and InstanceNorm CPU kernels on (N, C, S) data, C split into G
-// groups of K channels; InstanceNorm is G = C.
+// CPU kernels of GroupNorm and of InstanceNorm, which lives here too: the ops
+// group_norm, group_norm_backward and instance_norm (GroupNorm with one group
+// per channel, G = C, plus the running-statistics update). The data is
+// (N, C, S), C split into G groups of K channels.
 //
 // Memory traffic. NCHW ("planar"): a group of one sample is one contiguous
 // run of K * S elements, so a task owns a group, computes its statistics

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/activations.h"
+#include "common/batch_norm_math.h"
 #include "common/welford.h"
 
 namespace torchnorm {
@@ -167,7 +168,7 @@ void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t 
     vector_activation(act, z, slope).store(y + i);
   }
   for (; i < n; ++i) {
-    acc_t z = (x[i] - c.mean.at(i)) * c.scale.at(i) + c.shift.at(i);
+    acc_t z = pre_activation(x[i] - c.mean.at(i), c.scale.at(i), c.shift.at(i));
     if (residual) z += residual[i];
     y[i] = activation_forward(act, z, slope);
   }
@@ -187,7 +188,7 @@ template <bool kPerElement, typename acc_t>
 acc_t grad_z(acc_t xc, acc_t dy, const acc_t* residual, int64_t i, const ForwardCoefs<kPerElement, acc_t>& c,
              Activation act, acc_t slope) {
   if (act == Activation::None) return dy;
-  acc_t z = xc * c.scale.at(i) + c.shift.at(i);
+  acc_t z = pre_activation(xc, c.scale.at(i), c.shift.at(i));
   if (residual) z += residual[i];
   return dy * activation_derivative(act, z, slope);
 }

@@ -1,8 +1,11 @@
-// CUDA kernels of torchnorm's BatchNorm ops (batch_norm_train, batch_norm_eval,
-// batch_norm_backward). Argument checks, layout classification and output
-// allocation are done by plan_forward / plan_backward (common/batch_norm_plan.h);
-// the per-element math comes from common/ (welford.h, batch_norm_math.h,
-// activations.h), so the CPU and CUDA kernels compute the same functions.
+// CUDA kernels of torchnorm's BatchNorm ops: batch_norm_train, batch_norm_eval,
+// batch_norm_apply (normalize with given mean and rstd) and
+// batch_norm_backward. Argument checks, layout classification and output
+// allocation are done by plan_forward / plan_apply / plan_backward
+// (common/batch_norm_plan.h); the per-element math comes from common/
+// (welford.h, batch_norm_math.h, activations.h), so the CPU and CUDA kernels
+// compute the same functions; the element-wise walks, coefficient gathers and
+// launch helpers from kernel_helpers.cuh, shared with group_norm.cu.
 //
 // Memory traffic (n = N*C*S elements; per-channel data is O(C) and ignored):
 //
@@ -17,8 +20,9 @@
 //     Reading x once would need it kept on chip between 1 and 3 (a persistent
 //     cooperative kernel); x is re-read instead (from L2 when it fits there).
 //
-//   batch_norm_eval: 1 read of x (+ residual), 1 write of out, after a tiny
-//     per-channel kernel that turns the running statistics into coefficients.
+//   batch_norm_eval, batch_norm_apply: 1 read of x (+ residual), 1 write of
+//     out, after a tiny per-channel kernel that turns the running statistics
+//     (or the given mean and rstd) into coefficients.
 //
 //   batch_norm_backward: reduce pass reads x and dy (+ residual when an
 //     activation needs the pre-activation z) for sum(dz) and sum(dz*(x-mean));
@@ -50,7 +54,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <initializer_list>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -69,23 +72,14 @@ constexpr int kWarp = 32;
 constexpr int kUnroll = 4;  // independent loads each thread issues per iteration of a reduction loop
 
 // Vector packs, ChannelParam, the accumulators (MeanM2, SumPair), their
-// workspace layout and block_tree_reduce, and the occupancy helpers are in
-// kernel_helpers.cuh, shared with the per-sample norms.
+// workspace layout and block_tree_reduce, the occupancy and launch helpers,
+// and the element-wise walk (ChannelWalker, gather_channels) are in
+// kernel_helpers.cuh, shared with the per-sample norms; pre_activation and
+// pre_activation_grad are in common/batch_norm_math.h.
 
 // ---------------------------------------------------------------------------
 // What the reduction kernels accumulate
 // ---------------------------------------------------------------------------
-
-// dL/dz from dL/dy: the activation's derivative at the recomputed
-// pre-activation z = (x - mean) * scale + shift + residual, written exactly as
-// the forward computes it so the two agree on which side of a kink z is.
-template <typename acc_t>
-__device__ __forceinline__ acc_t pre_activation_grad(
-    Activation act, acc_t slope, acc_t dy, acc_t xc, acc_t scale, acc_t shift, acc_t r) {
-  if (act == Activation::None) return dy;
-  const acc_t z = xc * scale + shift + r;
-  return dy * activation_derivative(act, z, slope);
-}
 
 // Forward statistics: Welford over x.
 template <typename scalar_t>
@@ -358,80 +352,12 @@ __global__ void __launch_bounds__(kThreads) grad_finalize_kernel(
 // Element-wise kernels
 // ---------------------------------------------------------------------------
 
-// Element e of the flat array is at position s = e % S of channel
-// c = (e / S) % C. A grid-stride loop advances e by a fixed stride, so the
-// (s, c) pair is carried along with additions instead of two 64-bit divisions
-// per element: only the constructor divides.
-struct ChannelWalker {
-  int64_t S, C;
-  int64_t s, c;            // position of the current element
-  int64_t step_s, step_c;  // the stride, decomposed the same way
-
-  __device__ __forceinline__ ChannelWalker(int64_t start, int64_t stride, int64_t S_, int64_t C_) : S(S_), C(C_) {
-    const int64_t plane = start / S;
-    s = start - plane * S;
-    c = plane % C;
-    const int64_t step_planes = stride / S;
-    step_s = stride - step_planes * S;
-    step_c = step_planes % C;
-  }
-
-  // e += stride. s + step_s < 2S, so at most one carry into the plane index;
-  // c + step_c + carry <= 2C - 1, so one wrap.
-  __device__ __forceinline__ void advance() {
-    s += step_s;
-    int64_t carry = 0;
-    if (s >= S) {
-      s -= S;
-      carry = 1;
-    }
-    c += step_c + carry;
-    if (c >= C) c -= C;
-  }
-};
-
-// e += 1 inside a vector.
-__device__ __forceinline__ void next_element(int64_t& s, int64_t& c, int64_t S, int64_t C) {
-  if (++s == S) {
-    s = 0;
-    if (++c == C) c = 0;
-  }
-}
-
-// The coefficients of one per-channel array `a` for the G consecutive
-// elements that start at position s of channel c. Per-element loads would be
-// correct everywhere but cost: in the rowwise layout a warp's load of a[c]
-// then touches G cache lines, which makes L1, not DRAM, the limit. So:
-//  - all G elements in one channel (planar, unless the chunk crosses a plane
-//    boundary): one broadcast load;
-//  - packed (rowwise with C % G == 0, so c % G == 0 and no wrap inside the
-//    chunk): the G consecutive channels as one aligned vector load;
-//  - otherwise element by element.
-template <int G, typename acc_t>
-__device__ __forceinline__ void gather_channels(
-    const acc_t* __restrict__ a, int64_t s, int64_t c, int64_t S, int64_t C, bool packed, acc_t (&out)[G]) {
-  if (s + G <= S) {
-    const acc_t v = a[c];
-#pragma unroll
-    for (int k = 0; k < G; ++k) out[k] = v;
-  } else if (packed) {
-    const Pack<acc_t, G> p = *reinterpret_cast<const Pack<acc_t, G>*>(a + c);
-#pragma unroll
-    for (int k = 0; k < G; ++k) out[k] = p.v[k];
-  } else {
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      out[k] = a[c];
-      next_element(s, c, S, C);
-    }
-  }
-}
-
+// act((x - mean) * scale + shift + r): pre_activation's z, as the backward
+// recomputes it.
 template <typename acc_t>
 __device__ __forceinline__ acc_t normalize_one(
     acc_t x, acc_t r, acc_t mean, acc_t scale, acc_t shift, Activation act, acc_t slope) {
-  const acc_t z = (x - mean) * scale + shift + r;
-  return activation_forward(act, z, slope);
+  return activation_forward(act, pre_activation(x - mean, scale, shift, r), slope);
 }
 
 // out = act((x - mean) * scale + shift + residual), over the flat array; the
@@ -598,19 +524,6 @@ __global__ void __launch_bounds__(kThreads, 3) backward_elementwise_kernel(
 // Host side: launch configuration
 // ---------------------------------------------------------------------------
 
-// Whether the element-wise kernels may load G consecutive channels'
-// coefficients as one vector (see gather_channels): rowwise, C % G == 0 (then
-// every chunk starts at a channel c with c % G == 0, as VEC % G == 0), and
-// every coefficient array aligned to G of them.
-template <int G, typename acc_t>
-bool packed_channels(const ChannelGeometry& g, std::initializer_list<const acc_t*> arrays) {
-  if (G == 1 || g.layout != Layout::Rowwise || g.C % G != 0) return false;
-  for (const acc_t* a : arrays) {
-    if (!is_aligned(a, G * sizeof(acc_t))) return false;
-  }
-  return true;
-}
-
 // Runs the reduction of `op` over the input's geometry and returns the
 // (Op::kFields, splits, C) workspace of partials.
 template <typename Op>
@@ -655,13 +568,6 @@ at::Tensor launch_reduce(const Op& op, const ChannelGeometry& g, const at::Tenso
   return partials;
 }
 
-// Block of the finalize kernels: about 4 partials per thread along y.
-dim3 finalize_block(int64_t splits) {
-  int by = 1;
-  while (by < kThreads && int64_t(by) * 4 < splits) by *= 2;
-  return dim3(kThreads / by, by);
-}
-
 dim3 finalize_grid(const dim3& block, int64_t C) {
   return dim3(static_cast<unsigned>(ceil_div(C, block.x)));
 }
@@ -669,11 +575,6 @@ dim3 finalize_grid(const dim3& block, int64_t C) {
 // Geometry of the flat element-wise view: element e is in channel (e / S) % C.
 int64_t flat_spatial(const ChannelGeometry& g) {
   return g.layout == Layout::Planar ? g.S : 1;
-}
-
-dim3 elementwise_grid(int64_t numel, int vec, int per_sm) {
-  const int64_t threads_needed = std::max<int64_t>(1, numel / vec);
-  return dim3(static_cast<unsigned>(std::min(ceil_div(threads_needed, kThreads), wave_blocks(per_sm))));
 }
 
 template <typename scalar_t>
@@ -692,15 +593,11 @@ void launch_forward_elementwise(const ForwardPlan& p, const acc_type_of<scalar_t
       is_aligned16(x) && is_aligned16(out) && (residual == nullptr || is_aligned16(residual));
   if (vectorize) {
     const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(p.g, {mean, scale, shift});
-    static const int per_sm = blocks_per_sm(forward_elementwise_kernel<scalar_t, kVec>);
-    forward_elementwise_kernel<scalar_t, kVec><<<elementwise_grid(numel, kVec, per_sm), kThreads, 0, stream>>>(
-        x, residual, out, mean, scale, shift, numel, S, p.g.C, packed, p.activation, slope);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<forward_elementwise_kernel<scalar_t, kVec>, kVec, kThreads>(
+        numel, stream, x, residual, out, mean, scale, shift, numel, S, p.g.C, packed, p.activation, slope);
   } else {
-    static const int per_sm = blocks_per_sm(forward_elementwise_kernel<scalar_t, 1>);
-    forward_elementwise_kernel<scalar_t, 1><<<elementwise_grid(numel, 1, per_sm), kThreads, 0, stream>>>(
-        x, residual, out, mean, scale, shift, numel, S, p.g.C, /*packed=*/false, p.activation, slope);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<forward_elementwise_kernel<scalar_t, 1>, 1, kThreads>(
+        numel, stream, x, residual, out, mean, scale, shift, numel, S, p.g.C, /*packed=*/false, p.activation, slope);
   }
 }
 
@@ -740,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
     const at::Tensor partials = launch_reduce(op, g, acc_options, stream);
 
     acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
-    const dim3 block = finalize_block(partials.size(1));
+    const dim3 block = finalize_block(partials.size(1), kThreads);
     stats_finalize_kernel<scalar_t><<<finalize_grid(block, g.C), block, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), partials.size(1), g.C, static_cast<acc_t>(count),
         static_cast<acc_t>(eps), static_cast<acc_t>(momentum), channel_param<scalar_t>(weight, false),
@@ -867,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const acc_t* partials_ptr = partials.defined() ? partials.const_data_ptr<acc_t>() : nullptr;
 
     acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
-    const dim3 block = finalize_block(splits);
+    const dim3 block = finalize_block(splits, kThreads);
     grad_finalize_kernel<scalar_t><<<finalize_grid(block, g.C), block, 0, stream>>>(
         partials_ptr, splits, g.C, static_cast<acc_t>(count), training, mean_p, rstd_p, weight_p, bias_p,
         want_weight ? channel_param<scalar_t>(p.grad_weight, true) : ChannelParam<scalar_t>{},
@@ -884,15 +781,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
       if (vectorize) {
         // Every row of coef is aligned when coef is and C % G == 0.
         const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, {coef_ptr});
-        static const int per_sm = blocks_per_sm(backward_elementwise_kernel<scalar_t, kVec>);
-        backward_elementwise_kernel<scalar_t, kVec><<<elementwise_grid(numel, kVec, per_sm), kThreads, 0, stream>>>(
-            x, dy, res, gi, gr, coef_ptr, numel, S, g.C, packed, p.activation, slope);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_elementwise<backward_elementwise_kernel<scalar_t, kVec>, kVec, kThreads>(
+            numel, stream, x, dy, res, gi, gr, coef_ptr, numel, S, g.C, packed, p.activation, slope);
       } else {
-        static const int per_sm = blocks_per_sm(backward_elementwise_kernel<scalar_t, 1>);
-        backward_elementwise_kernel<scalar_t, 1><<<elementwise_grid(numel, 1, per_sm), kThreads, 0, stream>>>(
-            x, dy, res, gi, gr, coef_ptr, numel, S, g.C, /*packed=*/false, p.activation, slope);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_elementwise<backward_elementwise_kernel<scalar_t, 1>, 1, kThreads>(
+            numel, stream, x, dy, res, gi, gr, coef_ptr, numel, S, g.C, /*packed=*/false, p.activation, slope);
       }
     }
   });

@@ -1,9 +1,12 @@
-// CUDA kernels of torchnorm's GroupNorm and InstanceNorm: group_norm,
-// group_norm_backward and instance_norm (GroupNorm with one group per channel,
-// plus the running-statistics update). Argument checks, layouts and output
+// CUDA kernels of torchnorm's GroupNorm and of InstanceNorm, which lives here
+// too: the ops group_norm, group_norm_backward and instance_norm (GroupNorm
+// with one group per channel, plus the running-statistics update; its
+// backward is group_norm_backward). Argument checks, layouts and output
 // allocation are done by plan_group_norm / plan_instance_norm /
-// plan_group_norm_backward (common/sample_norm_plan.h); the per-element math comes
-// from common/ (welford.h, batch_norm_math.h, sample_norm_math.h, activations.h).
+// plan_group_norm_backward (common/sample_norm_plan.h); the per-element math
+// comes from common/ (welford.h, batch_norm_math.h, sample_norm_math.h,
+// activations.h); the element-wise walks, coefficient gathers and launch
+// helpers from kernel_helpers.cuh, shared with batch_norm.cu.
 //
 // Geometry: (N, C, S) with C split into G groups of K = C / G channels; the
 // statistics of (n, g) cover K * S elements. Planar layout: (N, C, S)
@@ -76,21 +79,9 @@ constexpr int kUnroll = 4;     // independent loads each thread issues per itera
 // What the reduction kernels accumulate
 // ---------------------------------------------------------------------------
 
-// The pre-activation z from xc = x - mean and the per-(n, c) coefficients.
-// The forward and the backward (which recomputes z) both call this, so they
-// round alike and agree on which side of a kink z is.
-template <typename acc_t>
-__device__ __forceinline__ acc_t pre_activation(acc_t xc, acc_t scale, acc_t shift) {
-  return xc * scale + shift;
-}
-
-// dL/dz from dL/dy: the activation's derivative at the recomputed z.
-template <typename acc_t>
-__device__ __forceinline__ acc_t pre_activation_grad(
-    Activation act, acc_t slope, acc_t dy, acc_t xc, acc_t scale, acc_t shift) {
-  if (act == Activation::None) return dy;
-  return dy * activation_derivative(act, pre_activation(xc, scale, shift), slope);
-}
+// pre_activation / pre_activation_grad (z from the per-(n, c) coefficients,
+// no residual) are in common/batch_norm_math.h; the element-wise walk
+// (SampleWalker, gather_sample_channels) in kernel_helpers.cuh.
 
 // Forward statistics: (count, mean, M2) of x.
 template <typename scalar_t, int VEC>
@@ -464,100 +455,6 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(
 // Element-wise kernels
 // ---------------------------------------------------------------------------
 
-// Flat element e = (n * P + p) * Q + q: planar (Q = S, P = C, the channel is
-// p), rowwise (Q = C, P = S, the channel is q); its per-(n, c) coefficients
-// are at n * C + channel. A grid-stride loop moves e by a fixed stride, so
-// (q, p, n) is carried along with additions instead of 64-bit divisions per
-// element: only the constructor divides.
-//
-// The element-wise kernels walk the tensor from its end to its start: the
-// reduction before them read it from start to end, so its tail is what is
-// still in L2, and a backward walk re-reads that tail from L2 before evicting
-// it (a forward walk would evict it first: LRU's worst case for a scan).
-struct SampleWalker {
-  int64_t Q, P;
-  int64_t q, p, n;     // position of the current element
-  int64_t dq, dp, dn;  // the stride, decomposed the same way
-
-  __device__ __forceinline__ SampleWalker(int64_t start, int64_t stride, int64_t Q_, int64_t P_) : Q(Q_), P(P_) {
-    int64_t t = start / Q;
-    q = start - t * Q;
-    n = t / P;
-    p = t - n * P;
-    t = stride / Q;
-    dq = stride - t * Q;
-    dn = t / P;
-    dp = t - dn * P;
-  }
-
-  // e -= stride. q - dq > -Q and p - dp - 1 >= -P: at most one borrow each.
-  __device__ __forceinline__ void retreat() {
-    q -= dq;
-    int64_t borrow = 0;
-    if (q < 0) {
-      q += Q;
-      borrow = 1;
-    }
-    p -= dp + borrow;
-    borrow = 0;
-    if (p < 0) {
-      p += P;
-      borrow = 1;
-    }
-    n -= dn + borrow;
-  }
-};
-
-// e += 1
-__device__ __forceinline__ void next_position(int64_t& q, int64_t& p, int64_t& n, int64_t Q, int64_t P) {
-  if (++q == Q) {
-    q = 0;
-    if (++p == P) {
-      p = 0;
-      ++n;
-    }
-  }
-}
-
-// The coefficients in per-(n, c) array `a` of the G consecutive elements that
-// start at (q, p, n):
-//  - all G in one plane (planar, the chunk does not cross a plane): one
-//    broadcast load;
-//  - rowwise within one position, packed (C % G == 0, so q % G == 0, and `a`
-//    aligned to G values): the G consecutive channels as one vector load;
-//  - otherwise element by element.
-template <int G, typename acc_t>
-__device__ __forceinline__ void gather_coef(
-    const acc_t* __restrict__ a, int64_t q, int64_t p, int64_t n, int64_t Q, int64_t P, int64_t C, bool planar,
-    bool packed, acc_t (&out)[G]) {
-  if (q + G <= Q) {
-    if (planar) {
-      const acc_t v = a[n * C + p];
-#pragma unroll
-      for (int k = 0; k < G; ++k) out[k] = v;
-    } else if (packed) {
-      const Pack<acc_t, G> pk = *reinterpret_cast<const Pack<acc_t, G>*>(a + n * C + q);
-#pragma unroll
-      for (int k = 0; k < G; ++k) out[k] = pk.v[k];
-    } else {
-#pragma unroll
-      for (int k = 0; k < G; ++k) out[k] = a[n * C + q + k];
-    }
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < G; ++k) {
-    out[k] = a[n * C + (planar ? p : q)];
-    next_position(q, p, n, Q, P);
-  }
-}
-
-// Per-(n, c) index of flat element e (the tails, one element per thread).
-__device__ __forceinline__ int64_t nc_of(int64_t e, int64_t C, int64_t S, bool planar) {
-  if (planar) return e / S;
-  return e / (S * C) * C + e % C;
-}
-
 // out = act((x - mean) * scale + shift). The vector loop covers numel / VEC
 // whole vectors; a tail of < VEC elements is done one per thread.
 template <typename scalar_t, int VEC>
@@ -593,11 +490,11 @@ __global__ void __launch_bounds__(kThreads) forward_elementwise_kernel(
 #pragma unroll
     for (int k0 = 0; k0 < VEC; k0 += G) {
       acc_t xc[G], sc[G], sh[G];
-      gather_coef<G>(mean, q, p, n, Q, P, C, planar, packed, sh);
+      gather_sample_channels<G>(mean, q, p, n, Q, P, C, planar, packed, sh);
 #pragma unroll
       for (int k = 0; k < G; ++k) xc[k] = static_cast<acc_t>(xv.v[k0 + k]) - sh[k];
-      gather_coef<G>(scale, q, p, n, Q, P, C, planar, packed, sc);
-      gather_coef<G>(shift, q, p, n, Q, P, C, planar, packed, sh);
+      gather_sample_channels<G>(scale, q, p, n, Q, P, C, planar, packed, sc);
+      gather_sample_channels<G>(shift, q, p, n, Q, P, C, planar, packed, sh);
 #pragma unroll
       for (int k = 0; k < G; ++k) {
         ov.v[k0 + k] = static_cast<scalar_t>(activation_forward(act, pre_activation(xc[k], sc[k], sh[k]), slope));
@@ -658,7 +555,7 @@ __global__ void __launch_bounds__(kThreads) backward_elementwise_kernel(
       // coefficients are live: xc, then dz (scale / shift only to recompute
       // z), then dx = dz * dz_coef + xc * xc_coef + const_coef.
       acc_t xc[G], dz[G], c[G];
-      gather_coef<G>(coef + kMean * NC, q, p, n, Q, P, C, planar, packed, c);
+      gather_sample_channels<G>(coef + kMean * NC, q, p, n, Q, P, C, planar, packed, c);
 #pragma unroll
       for (int k = 0; k < G; ++k) {
         xc[k] = static_cast<acc_t>(xv.v[k0 + k]) - c[k];
@@ -666,18 +563,18 @@ __global__ void __launch_bounds__(kThreads) backward_elementwise_kernel(
       }
       if (needs_z) {
         acc_t sc[G];
-        gather_coef<G>(coef + kScale * NC, q, p, n, Q, P, C, planar, packed, sc);
-        gather_coef<G>(coef + kShift * NC, q, p, n, Q, P, C, planar, packed, c);
+        gather_sample_channels<G>(coef + kScale * NC, q, p, n, Q, P, C, planar, packed, sc);
+        gather_sample_channels<G>(coef + kShift * NC, q, p, n, Q, P, C, planar, packed, c);
 #pragma unroll
         for (int k = 0; k < G; ++k) dz[k] = pre_activation_grad(act, slope, dz[k], xc[k], sc[k], c[k]);
       }
-      gather_coef<G>(coef + kDzCoef * NC, q, p, n, Q, P, C, planar, packed, c);
+      gather_sample_channels<G>(coef + kDzCoef * NC, q, p, n, Q, P, C, planar, packed, c);
 #pragma unroll
       for (int k = 0; k < G; ++k) dz[k] *= c[k];
-      gather_coef<G>(coef + kXcCoef * NC, q, p, n, Q, P, C, planar, packed, c);
+      gather_sample_channels<G>(coef + kXcCoef * NC, q, p, n, Q, P, C, planar, packed, c);
 #pragma unroll
       for (int k = 0; k < G; ++k) dz[k] += xc[k] * c[k];
-      gather_coef<G>(coef + kConstCoef * NC, q, p, n, Q, P, C, planar, packed, c);
+      gather_sample_channels<G>(coef + kConstCoef * NC, q, p, n, Q, P, C, planar, packed, c);
 #pragma unroll
       for (int k = 0; k < G; ++k) ov.v[k0 + k] = static_cast<scalar_t>(dz[k] + c[k]);
       if (k0 + G < VEC) {
@@ -757,25 +654,6 @@ at::Tensor launch_column_reduce(const Op& op, const GroupNormGeometry& g, const 
   return partials;
 }
 
-// Block of the finalize kernels: about 4 entries per thread along y.
-dim3 finalize_block(int64_t entries) {
-  int by = 1;
-  while (by < kThreads && int64_t(by) * 4 < entries) by *= 2;
-  return dim3(kThreads / by, by);
-}
-
-dim3 elementwise_grid(int64_t numel, int vec, int per_sm) {
-  const int64_t threads_needed = std::max<int64_t>(1, numel / vec);
-  return dim3(static_cast<unsigned>(std::min(ceil_div(threads_needed, kThreads), wave_blocks(per_sm))));
-}
-
-// Whether the element-wise kernels may load G consecutive channels'
-// coefficients as one vector (see gather_coef).
-template <int G, typename acc_t>
-bool packed_channels(const GroupNormGeometry& g, const acc_t* coef) {
-  return G > 1 && g.layout == Layout::Rowwise && g.C % G == 0 && is_aligned(coef, G * sizeof(acc_t));
-}
-
 void group_norm_forward(const GroupNormPlan& p, double eps, double negative_slope) {
   const GroupNormGeometry& g = p.g;
   if (g.N == 0) return;  // every output is empty
@@ -824,7 +702,7 @@ void group_norm_forward(const GroupNormPlan& p, double eps, double negative_slop
 
     // 2. Statistics and per-(n, c) coefficients.
     acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
-    const dim3 block = finalize_block(gp.E);
+    const dim3 block = finalize_block(gp.E, kThreads);
     stats_finalize_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(NG, block.x)), block, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), partials.size(1), gp, NG, static_cast<acc_t>(count),
         static_cast<acc_t>(eps), channel_param<scalar_t>(p.weight, false), channel_param<scalar_t>(p.bias, false),
@@ -836,18 +714,12 @@ void group_norm_forward(const GroupNormPlan& p, double eps, double negative_slop
     const int64_t numel = p.x.numel();
     const acc_t slope = static_cast<acc_t>(negative_slope);
     if (is_aligned16(x) && is_aligned16(out)) {
-      static const int per_sm = blocks_per_sm(forward_elementwise_kernel<scalar_t, kVec>, kThreads);
-      const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, coef_ptr);
-      forward_elementwise_kernel<scalar_t, kVec>
-          <<<elementwise_grid(numel, kVec, per_sm), kThreads, 0,
-             stream>>>(x, out, coef_ptr, NC, numel, g.C, g.S, planar, packed, p.activation, slope);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, {coef_ptr});
+      launch_elementwise<forward_elementwise_kernel<scalar_t, kVec>, kVec, kThreads>(
+          numel, stream, x, out, coef_ptr, NC, numel, g.C, g.S, planar, packed, p.activation, slope);
     } else {
-      static const int per_sm = blocks_per_sm(forward_elementwise_kernel<scalar_t, 1>, kThreads);
-      forward_elementwise_kernel<scalar_t, 1>
-          <<<elementwise_grid(numel, 1, per_sm), kThreads, 0, stream>>>(
-              x, out, coef_ptr, NC, numel, g.C, g.S, planar, /*packed=*/false, p.activation, slope);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<forward_elementwise_kernel<scalar_t, 1>, 1, kThreads>(
+          numel, stream, x, out, coef_ptr, NC, numel, g.C, g.S, planar, /*packed=*/false, p.activation, slope);
     }
   });
 }
@@ -964,7 +836,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
     const GroupPartials gp{g.C, g.G, K, splits, K * splits, planar};
     at::Tensor coef = at::empty({kNumCoef, NC}, acc_options);
     acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
-    const dim3 block = finalize_block(gp.E);
+    const dim3 block = finalize_block(gp.E, kThreads);
     grad_finalize_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(NG, block.x)), block, 0, stream>>>(
         partials_ptr, field_stride, gp, NG, static_cast<acc_t>(count), mean_ptr, rstd_ptr, weight_p, bias_p,
         coef_ptr);
@@ -974,19 +846,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(
     scalar_t* dx = p.grad_input.mutable_data_ptr<scalar_t>();
     const int64_t numel = p.x.numel();
     if (is_aligned16(x) && is_aligned16(dy) && is_aligned16(dx)) {
-      static const int per_sm = blocks_per_sm(backward_elementwise_kernel<scalar_t, kVec>, kThreads);
       // Every row of coef is aligned when coef is and C % G == 0.
-      const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, coef_ptr);
-      backward_elementwise_kernel<scalar_t, kVec>
-          <<<elementwise_grid(numel, kVec, per_sm), kThreads, 0,
-             stream>>>(x, dy, dx, coef_ptr, NC, numel, g.C, g.S, planar, packed, p.activation, slope);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, {coef_ptr});
+      launch_elementwise<backward_elementwise_kernel<scalar_t, kVec>, kVec, kThreads>(
+          numel, stream, x, dy, dx, coef_ptr, NC, numel, g.C, g.S, planar, packed, p.activation, slope);
     } else {
-      static const int per_sm = blocks_per_sm(backward_elementwise_kernel<scalar_t, 1>, kThreads);
-      backward_elementwise_kernel<scalar_t, 1>
-          <<<elementwise_grid(numel, 1, per_sm), kThreads, 0, stream>>>(
-              x, dy, dx, coef_ptr, NC, numel, g.C, g.S, planar, /*packed=*/false, p.activation, slope);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<backward_elementwise_kernel<scalar_t, 1>, 1, kThreads>(
+          numel, stream, x, dy, dx, coef_ptr, NC, numel, g.C, g.S, planar, /*packed=*/false, p.activation, slope);
     }
   });
   return result();

@@ -1,8 +1,13 @@
 #pragma once
 // Device and launch helpers shared by the CUDA kernels (batch_norm.cu,
-// layer_norm.cu, group_norm.cu): vector loads, per-channel parameters of a
-// run-time dtype, the accumulators of the reductions and their deterministic
-// combination, and occupancy-based grid sizing.
+// group_norm.cu, layer_norm.cu, conv_bn.cu): vector loads, per-channel
+// parameters of a run-time dtype, occupancy-based grid sizing and the launch
+// of the element-wise kernels, the flat (N, C, S) walks of those kernels and
+// their gathers of per-channel (BatchNorm) and per-(sample, channel)
+// (GroupNorm / InstanceNorm) coefficients, the accumulators of the reductions
+// and their deterministic combination, and the row-group sums of the row
+// norms. The per-element math (the pre-activation z and its gradient, the
+// coefficients) is in common/batch_norm_math.h, shared with the CPU kernels.
 //
 // Only __device__ functions, types and inline host helpers live here. The
 // __global__ kernels stay in the .cu files, inside anonymous namespaces: a
@@ -16,8 +21,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 
+#include "common/layout.h"
 #include "common/welford.h"
 
 namespace torchnorm {
@@ -56,6 +63,35 @@ int blocks_per_sm(Kernel kernel, int threads = 256) {
 // Blocks that fit on the whole current GPU at once, per_sm per SM.
 inline int64_t wave_blocks(int per_sm) {
   return int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Grid of an element-wise kernel of `threads` threads per block: a thread
+// per VEC elements, at most one wave of blocks (per_sm per SM).
+inline dim3 elementwise_grid(int64_t numel, int vec, int per_sm, int threads) {
+  const int64_t threads_needed = std::max<int64_t>(1, numel / vec);
+  return dim3(static_cast<unsigned>(std::min(ceil_div(threads_needed, threads), wave_blocks(per_sm))));
+}
+
+// Launches the element-wise kernel `kernel` (VEC elements per thread and
+// step, `threads` per block) over numel elements with elementwise_grid.
+// `kernel` is a template argument so that the occupancy is cached per kernel
+// (the function-local static of each instantiation), not per signature: the
+// vector and scalar instantiations of a kernel have the same type.
+template <auto kernel, int VEC, int threads, typename... Args>
+void launch_elementwise(int64_t numel, cudaStream_t stream, const Args&... args) {
+  static const int per_sm = blocks_per_sm(kernel, threads);
+  kernel<<<elementwise_grid(numel, VEC, per_sm, threads), threads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Block of a finalize kernel of `threads` threads: threadIdx.x picks the
+// channel (or group), threadIdx.y strides over its `entries` partials, about
+// 4 per thread, so a few channels with many partials each still combine in
+// parallel rather than one thread walking hundreds of partials.
+inline dim3 finalize_block(int64_t entries, int threads) {
+  int by = 1;
+  while (by < threads && int64_t(by) * 4 < entries) by *= 2;
+  return dim3(threads / by, by);
 }
 
 // ---------------------------------------------------------------------------
@@ -176,6 +212,195 @@ ChannelParam<scalar_t> channel_param(const at::Tensor& t, bool writable) {
 template <typename scalar_t>
 ChannelParam<scalar_t> channel_param(const std::optional<at::Tensor>& t, bool writable) {
   return t.has_value() ? channel_param<scalar_t>(*t, writable) : ChannelParam<scalar_t>{};
+}
+
+// ---------------------------------------------------------------------------
+// Element-wise walks over (N, C, S) and their coefficient gathers
+// ---------------------------------------------------------------------------
+
+// The element-wise kernels of batch_norm.cu and group_norm.cu treat the input
+// as a flat array in a grid-stride loop of VEC-element vectors, and fetch the
+// coefficients of each G = coef_chunk elements with one of two gathers:
+// per channel (BatchNorm: ChannelWalker, gather_channels) or per (sample,
+// channel) (GroupNorm / InstanceNorm: SampleWalker, gather_sample_channels).
+
+// Per channel (BatchNorm). Element e of the flat array is at position
+// s = e % S of channel c = (e / S) % C. A grid-stride loop advances e by a
+// fixed stride, so the (s, c) pair is carried along with additions instead of
+// two 64-bit divisions per element: only the constructor divides.
+struct ChannelWalker {
+  int64_t S, C;
+  int64_t s, c;            // position of the current element
+  int64_t step_s, step_c;  // the stride, decomposed the same way
+
+  __device__ __forceinline__ ChannelWalker(int64_t start, int64_t stride, int64_t S_, int64_t C_) : S(S_), C(C_) {
+    const int64_t plane = start / S;
+    s = start - plane * S;
+    c = plane % C;
+    const int64_t step_planes = stride / S;
+    step_s = stride - step_planes * S;
+    step_c = step_planes % C;
+  }
+
+  // e += stride. s + step_s < 2S, so at most one carry into the plane index;
+  // c + step_c + carry <= 2C - 1, so one wrap.
+  __device__ __forceinline__ void advance() {
+    s += step_s;
+    int64_t carry = 0;
+    if (s >= S) {
+      s -= S;
+      carry = 1;
+    }
+    c += step_c + carry;
+    if (c >= C) c -= C;
+  }
+};
+
+// e += 1 inside a vector.
+__device__ __forceinline__ void next_element(int64_t& s, int64_t& c, int64_t S, int64_t C) {
+  if (++s == S) {
+    s = 0;
+    if (++c == C) c = 0;
+  }
+}
+
+// The coefficients of one per-channel array `a` for the G consecutive
+// elements that start at position s of channel c. Per-element loads would be
+// correct everywhere but cost: in the rowwise layout a warp's load of a[c]
+// then touches G cache lines, which makes L1, not DRAM, the limit. So:
+//  - all G elements in one channel (planar, unless the chunk crosses a plane
+//    boundary): one broadcast load;
+//  - packed (rowwise with C % G == 0, so c % G == 0 and no wrap inside the
+//    chunk): the G consecutive channels as one aligned vector load;
+//  - otherwise element by element.
+template <int G, typename acc_t>
+__device__ __forceinline__ void gather_channels(
+    const acc_t* __restrict__ a, int64_t s, int64_t c, int64_t S, int64_t C, bool packed, acc_t (&out)[G]) {
+  if (s + G <= S) {
+    const acc_t v = a[c];
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = v;
+  } else if (packed) {
+    const Pack<acc_t, G> p = *reinterpret_cast<const Pack<acc_t, G>*>(a + c);
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = p.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      out[k] = a[c];
+      next_element(s, c, S, C);
+    }
+  }
+}
+
+// Per (sample, channel) (GroupNorm / InstanceNorm). Flat element
+// e = (n * P + p) * Q + q: planar (Q = S, P = C, the channel is p), rowwise
+// (Q = C, P = S, the channel is q); its per-(n, c) coefficients are at
+// n * C + channel. A grid-stride loop moves e by a fixed stride, so (q, p, n)
+// is carried along with additions instead of 64-bit divisions per element:
+// only the constructor divides.
+//
+// group_norm.cu's element-wise kernels walk the tensor from its end to its
+// start: the reduction before them read it from start to end, so its tail is
+// what is still in L2, and a backward walk re-reads that tail from L2 before
+// evicting it (a forward walk would evict it first: LRU's worst case for a
+// scan).
+struct SampleWalker {
+  int64_t Q, P;
+  int64_t q, p, n;     // position of the current element
+  int64_t dq, dp, dn;  // the stride, decomposed the same way
+
+  __device__ __forceinline__ SampleWalker(int64_t start, int64_t stride, int64_t Q_, int64_t P_) : Q(Q_), P(P_) {
+    int64_t t = start / Q;
+    q = start - t * Q;
+    n = t / P;
+    p = t - n * P;
+    t = stride / Q;
+    dq = stride - t * Q;
+    dn = t / P;
+    dp = t - dn * P;
+  }
+
+  // e -= stride. q - dq > -Q and p - dp - 1 >= -P: at most one borrow each.
+  __device__ __forceinline__ void retreat() {
+    q -= dq;
+    int64_t borrow = 0;
+    if (q < 0) {
+      q += Q;
+      borrow = 1;
+    }
+    p -= dp + borrow;
+    borrow = 0;
+    if (p < 0) {
+      p += P;
+      borrow = 1;
+    }
+    n -= dn + borrow;
+  }
+};
+
+// e += 1
+__device__ __forceinline__ void next_position(int64_t& q, int64_t& p, int64_t& n, int64_t Q, int64_t P) {
+  if (++q == Q) {
+    q = 0;
+    if (++p == P) {
+      p = 0;
+      ++n;
+    }
+  }
+}
+
+// The coefficients in per-(n, c) array `a` of the G consecutive elements that
+// start at (q, p, n):
+//  - all G in one plane (planar, the chunk does not cross a plane): one
+//    broadcast load;
+//  - rowwise within one position, packed (C % G == 0, so q % G == 0, and `a`
+//    aligned to G values): the G consecutive channels as one vector load;
+//  - otherwise element by element.
+template <int G, typename acc_t>
+__device__ __forceinline__ void gather_sample_channels(
+    const acc_t* __restrict__ a, int64_t q, int64_t p, int64_t n, int64_t Q, int64_t P, int64_t C, bool planar,
+    bool packed, acc_t (&out)[G]) {
+  if (q + G <= Q) {
+    if (planar) {
+      const acc_t v = a[n * C + p];
+#pragma unroll
+      for (int k = 0; k < G; ++k) out[k] = v;
+    } else if (packed) {
+      const Pack<acc_t, G> pk = *reinterpret_cast<const Pack<acc_t, G>*>(a + n * C + q);
+#pragma unroll
+      for (int k = 0; k < G; ++k) out[k] = pk.v[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < G; ++k) out[k] = a[n * C + q + k];
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    out[k] = a[n * C + (planar ? p : q)];
+    next_position(q, p, n, Q, P);
+  }
+}
+
+// Per-(n, c) index of flat element e (the tails, one element per thread).
+__device__ __forceinline__ int64_t nc_of(int64_t e, int64_t C, int64_t S, bool planar) {
+  if (planar) return e / S;
+  return e / (S * C) * C + e % C;
+}
+
+// Whether the element-wise kernels may load G consecutive channels'
+// coefficients as one vector (see gather_channels and
+// gather_sample_channels): rowwise, C % G == 0 (then every chunk starts at a
+// channel c with c % G == 0, as VEC % G == 0), and every coefficient array
+// aligned to G of them. Geometry: ChannelGeometry or GroupNormGeometry.
+template <int G, typename acc_t, typename Geometry>
+bool packed_channels(const Geometry& g, std::initializer_list<const acc_t*> arrays) {
+  if (G == 1 || g.layout != Layout::Rowwise || g.C % G != 0) return false;
+  for (const acc_t* a : arrays) {
+    if (!is_aligned(a, G * sizeof(acc_t))) return false;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------

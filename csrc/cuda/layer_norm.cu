@@ -1,8 +1,10 @@
 // CUDA kernels of torchnorm's row norms: layer_norm, rms_norm and
-// layer_norm_backward. Argument checks, shapes and output allocation are done
-// by plan_row_norm / plan_row_norm_backward (common/sample_norm_plan.h); the
-// per-element math comes from common/ (batch_norm_math.h, sample_norm_math.h), so
-// the CPU and CUDA kernels compute the same functions.
+// layer_norm_backward (RMSNorm's backward too). Argument checks, shapes and
+// output allocation are done by plan_row_norm / plan_row_norm_backward
+// (common/sample_norm_plan.h); the per-element math comes from common/
+// (batch_norm_math.h, sample_norm_math.h), so the CPU and CUDA kernels compute
+// the same functions; vector loads, ChannelParam, the row-group sums and the
+// block reductions from kernel_helpers.cuh.
 //
 // The input is M rows of D contiguous elements; each row is normalized on its
 // own, with per-element (length D) weight and bias.
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(kRowThreads, forward_min_blocks<VEC>()) row_fo
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           const auto fc = forward_coefficients(rstd, w[v], b[v]);
-          o.v[v] = static_cast<scalar_t>((static_cast<acc_t>(s[k].v[v]) - mean) * fc.scale + fc.shift);
+          o.v[v] = static_cast<scalar_t>(pre_activation(static_cast<acc_t>(s[k].v[v]) - mean, fc.scale, fc.shift));
         }
         store_pack<VEC>(out + base, p, o);
       }
@@ -297,7 +299,8 @@ __global__ void __launch_bounds__(kRowThreads) row_forward_uncached_kernel(
     const scalar_t* src = has_residual ? sum : x;
     for (int64_t i = threadIdx.x; i < D; i += step) {
       const auto fc = forward_coefficients(rstd, weight.load(i, acc_t(1)), bias.load(i, acc_t(0)));
-      out[base + i] = static_cast<scalar_t>((static_cast<acc_t>(src[base + i]) - mean) * fc.scale + fc.shift);
+      out[base + i] =
+          static_cast<scalar_t>(pre_activation(static_cast<acc_t>(src[base + i]) - mean, fc.scale, fc.shift));
     }
   }
 }
