@@ -145,7 +145,7 @@ CONFIGS = [
     ("1x1", 2, dict(kernel_size=1, padding=0, out_channels=5), "channels_last", None),
     ("asymmetric", 2, dict(kernel_size=(1, 3), padding=(0, 1), stride=(2, 1)), "contiguous", "leaky_relu"),
     # Outputs smaller than the weight: frozen BN scales the conv output, not
-    # the weight (csrc/conv_bn.cpp, scales_output).
+    # the weight (output_is_smaller in csrc/conv_bn.cpp).
     ("small-output", 2, dict(stride=4, bias=True), "contiguous", "relu"),
     ("small-output-cl", 2, dict(stride=4), "channels_last", "silu"),
     ("small-output-1d", 1, dict(stride=4, bias=True), "contiguous", None),

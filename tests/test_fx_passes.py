@@ -180,7 +180,7 @@ def test_fold_every_layer_type(case, dtype):
 
 
 def _hand_fold(layer, mean, var, eps, weight, bias):
-    """DESIGN formula in float64, one output channel at a time:
+    """The fold formula (docs/design.md, Numerics) in float64, one output channel at a time:
     W' = W * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta."""
     W = layer.weight.detach().double()
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
