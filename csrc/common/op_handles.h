@@ -19,6 +19,15 @@ using BatchNormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, c10::string_view, double,
     std::array<bool, 4>);
+// conv_bn_frozen's internal per-channel ops (csrc/registration.cpp).
+using FrozenBnAffineSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, double);
+using FrozenBnParameterGradsSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, std::array<bool, 2>);
+using ConvWeightChannelDotSignature = at::Tensor(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                 int64_t, bool);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
