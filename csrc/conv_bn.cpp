@@ -6,7 +6,7 @@
 //   scale = bn_weight / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias,
 // computed either as the fold, conv(x, W * scale) + shift, or by scaling the
 // conv output, whichever touches less memory (output_is_smaller). Its
-// autograd (csrc/autograd.cpp) keeps the conv input and the parameters only:
+// autograd (csrc/autograd/conv_bn.cpp) keeps the conv input and the parameters only:
 // neither the conv output, which torch.nn's pair keeps, nor a folded weight,
 // which a differentiable fold keeps.
 //
@@ -14,13 +14,18 @@
 // about 0.4 ms of interpreter time per layer and step (profiled on ResNet-50
 // at batch 8, 112x112, CPU), which was most of its gap to torch.nn.
 //
+// Its per-channel pieces are internal ops it calls through the dispatcher
+// (_frozen_bn_affine, _frozen_bn_parameter_grads, _conv_weight_channel_dot;
+// kernels in csrc/cpu/conv_bn.cpp and csrc/cuda/conv_bn.cu), and its folded
+// weight is _conv_weight_channel_scale's (common/conv_bn_channels.h), so the
+// fold's formula and the transposed weight's layout have one home each,
+// which torchnorm/fx/fold.py uses too.
+//
 // Also here: conv_bn_train, conv + training-mode BatchNorm (+ residual) (+
 // activation) whose autograd keeps the conv input and recomputes the conv in
 // backward (the ResNet tail's block, see torchnorm/nn/conv_bn.py).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,26 +36,20 @@
 #include <utility>
 #include <vector>
 
+#include "common/conv_bn_channels.h"
 #include "common/input_checks.h"
-#include "common/batch_norm_math.h"
-#include "common/conv_bn_kernels.h"
 #include "ops/batch_norm.h"
-#include "cpu/kernel_helpers.h"
+#include "ops/conv_bn.h"
 
 namespace torchnorm {
-
-FrozenCudaKernels& frozen_cuda_kernels() {
-  static FrozenCudaKernels kernels;
-  return kernels;
-}
-
 namespace {
 
 using at::Tensor;
 using std::optional;
 
-// The frozen BatchNorm per output channel, in the parameters' dtype, and
-// whether backward may divide by every scale (see output_is_smaller).
+// The frozen BatchNorm per output channel, in the parameters' (promoted)
+// dtype, and whether backward may divide by every scale (see
+// output_is_smaller).
 struct FrozenAffine {
   Tensor scale, shift, inv_std;
   bool divisible = false;
@@ -62,83 +61,39 @@ struct FrozenAffine {
 constexpr double kMinDivisible = 1e-20, kMaxDivisible = 1e20;
 bool divisible(double scale) { return std::abs(scale) >= kMinDivisible && std::abs(scale) <= kMaxDivisible; }
 
-// Whether a device runs the per-channel loops below: the CPU, and CUDA where
-// the extension was built with its kernels (common/conv_bn_kernels.h).
-bool has_loops(const Tensor& t) { return t.is_cpu() || (t.is_cuda() && frozen_cuda_kernels().affine); }
+// The internal per-channel ops are called below autograd: they are not
+// differentiable (this op's autograd covers them), and above it each call
+// would take the autograd fallback, which boxes its arguments (about 2 us a
+// call on the CPU, about 2% of a small layer's backward).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
-// Whether the per-channel vectors (undefined ones aside) are contiguous
-// float or double tensors of one type on one device with loops: a dozen
-// ATen calls on C-element vectors cost more than ResNet's smaller
-// convolutions' whole BatchNorm (on the CPU about 50 us against 14 us for a
-// tiny layer's conv; on a GPU, a kernel launch each).
-bool per_channel_loops(std::initializer_list<const Tensor*> vectors) {
-  const Tensor* first = nullptr;
-  for (const Tensor* t : vectors) {
-    if (!t->defined()) continue;
-    if (!first) first = t;
-    if (t->device() != first->device() || t->scalar_type() != first->scalar_type() || !t->is_contiguous() ||
-        (t->scalar_type() != at::kFloat && t->scalar_type() != at::kDouble)) {
-      return false;
-    }
-  }
-  return first != nullptr && has_loops(*first);
-}
-
-// Element c of an optional per-channel vector, in double; `absent` when the
-// vector is undefined.
-template <typename scalar_t>
-struct Vector {
-  const scalar_t* data;
-  double absent;
-  Vector(const Tensor& t, double absent) : data(t.defined() ? t.const_data_ptr<scalar_t>() : nullptr), absent(absent) {}
-  double operator[](int64_t c) const { return data ? double(data[c]) : absent; }
-};
-
-// Whether every scale is divisible (an ATen reduction; a host sync off the CPU).
+// Whether every scale is divisible: a loop over a CPU scale, else an ATen
+// reduction (a host sync; output_is_smaller asks only on the CPU).
 bool all_divisible(const Tensor& scale) {
-  const Tensor magnitude = scale.abs();
-  return (magnitude >= kMinDivisible).logical_and(magnitude <= kMaxDivisible).all().item<bool>();
+  if (!scale.is_cpu()) {
+    const Tensor magnitude = scale.abs();
+    return (magnitude >= kMinDivisible).logical_and(magnitude <= kMaxDivisible).all().item<bool>();
+  }
+  const Tensor values = scale.contiguous();
+  bool all = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "all_divisible", [&] {
+    const scalar_t* data = values.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < values.numel(); ++c) all = all && divisible(double(data[c]));
+  });
+  return all;
 }
 
-// The fold's formula (frozen_channel in batch_norm_math.h, DESIGN.md): scale
-// = bn_weight / sqrt(var + eps) and shift = (conv_bias - mean) * scale +
-// bn_bias, with 1 / sqrt(var + eps). By a loop (a CPU loop or a CUDA kernel)
-// where per_channel_loops allows, computed in double, else by the same
-// formula in ATen ops (half-precision parameters, other devices).
-// `want_divisible` asks for FrozenAffine::divisible (a host sync off the CPU).
+// The frozen BatchNorm's per-channel map (_frozen_bn_affine, whose kernels
+// evaluate frozen_channel of common/batch_norm_math.h in double).
+// `want_divisible` asks for FrozenAffine::divisible.
 FrozenAffine frozen_affine(const optional<Tensor>& conv_bias, const optional<Tensor>& bn_weight,
                            const optional<Tensor>& bn_bias, const Tensor& mean, const Tensor& var, double eps,
                            bool want_divisible) {
-  const Tensor b = conv_bias.value_or(Tensor()), w = bn_weight.value_or(Tensor()), beta = bn_bias.value_or(Tensor());
-  if (per_channel_loops({&b, &w, &beta, &mean, &var})) {
-    const int64_t channels = mean.numel();
-    FrozenAffine r{at::empty({channels}, mean.options()), at::empty({channels}, mean.options()),
-                   at::empty({channels}, mean.options()), true};
-    if (!mean.is_cpu()) {
-      frozen_cuda_kernels().affine(b, w, beta, mean, var, eps, r.scale, r.shift, r.inv_std);
-      r.divisible = want_divisible && all_divisible(r.scale);
-      return r;
-    }
-    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "frozen_affine", [&] {
-      const Vector<scalar_t> var_c(var, 0), w_c(w, 1), b_c(b, 0), mean_c(mean, 0), beta_c(beta, 0);
-      scalar_t* scale_out = r.scale.data_ptr<scalar_t>();
-      scalar_t* shift_out = r.shift.data_ptr<scalar_t>();
-      scalar_t* inv_std_out = r.inv_std.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < channels; ++c) {
-        const FrozenChannel<double> f = frozen_channel<double>(var_c[c], eps, w_c[c], beta_c[c], b_c[c], mean_c[c]);
-        scale_out[c] = scalar_t(f.scale);
-        shift_out[c] = scalar_t(f.shift);
-        inv_std_out[c] = scalar_t(f.inv_std);
-        r.divisible = r.divisible && divisible(f.scale);
-      }
-    });
-    return r;
-  }
-  Tensor inv_std = (var + eps).rsqrt();
-  Tensor scale = bn_weight ? *bn_weight * inv_std : inv_std;
-  Tensor shift = (conv_bias ? *conv_bias - mean : -mean) * scale;
-  if (bn_bias) shift = shift + *bn_bias;
-  return {scale, shift, inv_std, want_divisible && all_divisible(scale)};
+  const auto& op = ops::handle<ops::FrozenBnAffine>();
+  const BelowAutograd below_autograd;
+  auto [scale, shift, inv_std] = op.call(conv_bias, bn_weight, bn_bias, mean, var, eps);
+  const bool scale_divisible = want_divisible && all_divisible(scale);
+  return {std::move(scale), std::move(shift), std::move(inv_std), scale_divisible};
 }
 
 // A per-channel vector shaped to broadcast over dimension `channel_dim` of a
@@ -149,16 +104,15 @@ Tensor per_channel(const Tensor& t, int64_t dim, int64_t channel_dim) {
   return t.reshape(shape);
 }
 
-// The convolution's arguments. A transposed conv's weight is (in_channels,
-// out_channels / groups, kernel...): dimension 1 indexes the output channels
-// within a group, and group g's rows are block g of dimension 0.
+// The convolution's arguments. (How a transposed conv's weight holds its
+// output channels: common/conv_bn_channels.h.)
 struct Conv {
   at::IntArrayRef stride, padding, dilation;
   int64_t groups;
   bool transposed;
   std::vector<int64_t> output_padding;  // all zeros where the op was given none
 
-  int64_t out_channels(const Tensor& weight) const { return transposed ? weight.size(1) * groups : weight.size(0); }
+  int64_t out_channels(const Tensor& weight) const { return conv_out_channels(weight, groups, transposed); }
 
   Tensor run(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias) const {
     return at::convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups);
@@ -174,21 +128,11 @@ struct Conv {
     return {grad_input, grad_weight};
   }
 
-  // `scale` (one entry per output channel) shaped to multiply `weight`
-  // element-wise.
-  Tensor weight_scale(const Tensor& scale, const Tensor& weight) const {
-    if (!transposed) return per_channel(scale, weight.dim(), 0);
-    const int64_t in_per_group = weight.size(0) / groups, out_per_group = weight.size(1);
-    std::vector<int64_t> shape(weight.dim(), 1);
-    shape[0] = weight.size(0);
-    shape[1] = out_per_group;
-    return scale.reshape({groups, 1, out_per_group}).expand({groups, in_per_group, out_per_group}).reshape(shape);
-  }
-
-  // Per output channel, the sum of a weight-shaped tensor's entries.
-  Tensor sum_per_output_channel(const Tensor& t) const {
-    if (!transposed) return t.flatten(1).sum(1);
-    return t.flatten(2).sum(2).reshape({groups, t.size(0) / groups, t.size(1)}).sum(1).reshape(-1);
+  // The weight folded with `scale` in the weight's dtype (the kernel of
+  // _conv_weight_channel_scale, called directly: it is the same function on
+  // every backend).
+  Tensor folded_weight(const Tensor& weight, const Tensor& scale) const {
+    return scale_output_channels(weight, scale, groups, transposed).to(weight.scalar_type());
   }
 
   int64_t output_numel(const Tensor& input, const Tensor& weight) const {
@@ -261,76 +205,12 @@ Conv frozen_conv_args(const Tensor& input, const Tensor& weight, const Tensor& m
 }
 
 // Per output channel c: the sum of g * w over the entries of c's weights;
-// then, when `scale` is given, g *= scale per output channel, in place. One
-// pass over g and w (a CPU loop or a CUDA kernel) for float and double, where
-// g and w lay their elements out alike (see the loop); ATen ops otherwise.
-Tensor channel_dot(const Tensor& g, const Tensor& w, const optional<Tensor>& scale, const Conv& conv) {
-  const int64_t channels = conv.out_channels(w);
-  // The loop's view of a weight: `groups` groups of `rows` rows, each row
-  // holding, per output channel of the group, one block of `block`
-  // contiguous entries. A conv weight is one row of all channels' blocks
-  // (in any dense layout that puts channel c's entries in block c); a
-  // contiguous transposed weight has one row per input channel.
-  const int64_t groups = conv.transposed ? conv.groups : 1;
-  const int64_t rows = conv.transposed ? w.size(0) / groups : 1;
-  const int64_t outs = channels / groups;
-  const int64_t blocks = groups * rows * outs;
-  const int64_t block = blocks ? w.numel() / blocks : 0;
-  const bool layout_ok = conv.transposed ? g.is_contiguous() && w.is_contiguous()
-                                         : g.is_non_overlapping_and_dense() && g.stride(0) == block;
-  const bool fast = has_loops(g) && (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble) &&
-                    w.scalar_type() == g.scalar_type() && g.strides() == w.strides() && layout_ok;
-  if (!fast) {
-    Tensor dot = conv.sum_per_output_channel(g * w);
-    if (scale) g.mul_(conv.weight_scale(*scale, g));
-    return dot;
-  }
-  const Tensor scale_values = scale ? scale->to(g.scalar_type()).contiguous() : Tensor();
-  if (!g.is_cpu()) {
-    Tensor dot = at::empty({channels}, g.options());
-    frozen_cuda_kernels().channel_dot(g, w, scale_values, groups, rows, outs, block, dot);
-    return dot;
-  }
-  Tensor dot = at::zeros({channels}, g.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "channel_dot", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    scalar_t* g_data = g.data_ptr<scalar_t>();
-    const scalar_t* w_data = w.const_data_ptr<scalar_t>();
-    const scalar_t* s_data = scale ? scale_values.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dot_data = dot.data_ptr<scalar_t>();
-    // One block: returns the sum of gb * wb and scales gb.
-    auto block_dot = [&](scalar_t* gb, const scalar_t* wb, int64_t c) {
-      const Vec s(s_data ? s_data[c] : scalar_t(1));
-      Vec acc(0);
-      int64_t k = 0;
-      for (; k + Vec::size() <= block; k += Vec::size()) {
-        const Vec gv = Vec::loadu(gb + k);
-        acc = at::vec::fmadd(gv, Vec::loadu(wb + k), acc);
-        if (s_data) (gv * s).store(gb + k);
-      }
-      scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return a + b; }, acc);
-      for (; k < block; ++k) {
-        sum += gb[k] * wb[k];
-        if (s_data) gb[k] *= s_data[c];
-      }
-      return sum;
-    };
-    // A task takes a range of output channels and walks their blocks row by
-    // row, so it writes contiguous stretches of g.
-    at::parallel_for(0, channels, cpu::grain_for(block * rows), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end;) {
-        const int64_t group = c / outs, first = c % outs, count = std::min(outs - first, end - c);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t offset = ((group * rows + r) * outs + first) * block;
-          for (int64_t i = 0; i < count; ++i) {
-            dot_data[c + i] += block_dot(g_data + offset + i * block, w_data + offset + i * block, c + i);
-          }
-        }
-        c += count;
-      }
-    });
-  });
-  return dot;
+// then, when `scale` is given, g *= scale per output channel, in place
+// (_conv_weight_channel_dot).
+Tensor channel_dot(Tensor& g, const Tensor& w, const optional<Tensor>& scale, const Conv& conv) {
+  const auto& op = ops::handle<ops::ConvWeightChannelDot>();
+  const BelowAutograd below_autograd;
+  return op.call(g, w, scale, conv.groups, conv.transposed);
 }
 
 Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<Tensor>& conv_bias,
@@ -346,49 +226,22 @@ Tensor conv_bn_frozen(const Tensor& input, const Tensor& weight, const optional<
     return at::addcmul_out(out, per_channel(affine.shift.to(dtype), out.dim(), 1), out,
                            per_channel(affine.scale.to(dtype), out.dim(), 1));
   }
-  const Tensor folded = (weight * conv.weight_scale(affine.scale, weight)).to(dtype);
-  return conv.run(input, folded, affine.shift.to(dtype));
+  return conv.run(input, conv.folded_weight(weight, affine.scale), affine.shift.to(dtype));
 }
 
 // The conv bias's and the BN weight's gradients from per-channel sums
-// (frozen_conv_bias_grad, frozen_bn_weight_grad in batch_norm_math.h).
-// Loops or ATen ops, as frozen_affine.
+// (_frozen_bn_parameter_grads, whose kernels evaluate frozen_conv_bias_grad
+// and frozen_bn_weight_grad of common/batch_norm_math.h).
 std::pair<Tensor, Tensor> parameter_grads(const FrozenAffine& affine, const Tensor& grad_scale,
                                           const Tensor& grad_shift, const optional<Tensor>& conv_bias,
                                           const Tensor& mean, bool want_conv_bias, bool want_bn_weight) {
   if (!want_conv_bias && !want_bn_weight) return {};
-  const Tensor b = conv_bias.value_or(Tensor());
-  if (per_channel_loops({&affine.scale, &affine.inv_std, &grad_scale, &grad_shift, &b, &mean})) {
-    const int64_t channels = mean.numel();
-    Tensor grad_conv_bias = want_conv_bias ? at::empty({channels}, mean.options()) : Tensor();
-    Tensor grad_bn_weight = want_bn_weight ? at::empty({channels}, mean.options()) : Tensor();
-    if (!mean.is_cpu()) {
-      frozen_cuda_kernels().parameter_grads(affine.scale, affine.inv_std, grad_scale, grad_shift, b, mean,
-                                            grad_conv_bias, grad_bn_weight);
-      return {grad_conv_bias, grad_bn_weight};
-    }
-    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "parameter_grads", [&] {
-      const Vector<scalar_t> scale(affine.scale, 0), inv_std(affine.inv_std, 0), shift_grad(grad_shift, 0),
-          scale_grad(grad_scale, 0), b_c(b, 0), mean_c(mean, 0);
-      scalar_t* conv_bias_out = want_conv_bias ? grad_conv_bias.data_ptr<scalar_t>() : nullptr;
-      scalar_t* bn_weight_out = want_bn_weight ? grad_bn_weight.data_ptr<scalar_t>() : nullptr;
-      for (int64_t c = 0; c < channels; ++c) {
-        if (conv_bias_out) conv_bias_out[c] = scalar_t(frozen_conv_bias_grad(shift_grad[c], scale[c]));
-        if (bn_weight_out) {
-          bn_weight_out[c] =
-              scalar_t(frozen_bn_weight_grad(scale_grad[c], shift_grad[c], b_c[c], mean_c[c], inv_std[c]));
-        }
-      }
-    });
-    return {grad_conv_bias, grad_bn_weight};
-  }
-  Tensor grad_conv_bias = want_conv_bias ? grad_shift * affine.scale : Tensor();
-  Tensor grad_bn_weight;
-  if (want_bn_weight) {
-    const Tensor centred = conv_bias ? *conv_bias - mean : -mean;
-    grad_bn_weight = (grad_scale + grad_shift * centred) * affine.inv_std;
-  }
-  return {grad_conv_bias, grad_bn_weight};
+  const auto& op = ops::handle<ops::FrozenBnParameterGrads>();
+  const BelowAutograd below_autograd;
+  auto [grad_conv_bias, grad_bn_weight] =
+      op.call(grad_shift, want_bn_weight ? optional<Tensor>(grad_scale) : std::nullopt, affine.scale,
+              affine.inv_std, conv_bias, mean, {want_conv_bias, want_bn_weight});
+  return {want_conv_bias ? grad_conv_bias : Tensor(), want_bn_weight ? grad_bn_weight : Tensor()};
 }
 
 // Per channel (dimension 1), the sum of a gradient's entries: a per-channel
@@ -436,8 +289,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_frozen_backward(
     std::tie(grad_input, grad_weight) = conv.backward(grad_scaled, input, weight, output_mask[0], want_weight);
     if (output_mask[3]) grad_scale = channel_dot(grad_weight, weight, std::nullopt, conv) / scale;
   } else {
-    const Tensor folded = (weight * conv.weight_scale(scale, weight)).to(weight.scalar_type());
-    std::tie(grad_input, grad_weight) = conv.backward(grad_output, input, folded, output_mask[0], want_weight);
+    std::tie(grad_input, grad_weight) =
+        conv.backward(grad_output, input, conv.folded_weight(weight, scale), output_mask[0], want_weight);
     if (want_weight) {
       grad_scale = channel_dot(grad_weight, weight, output_mask[1] ? optional<Tensor>(scale) : std::nullopt, conv);
     }
@@ -507,6 +360,7 @@ TORCH_LIBRARY_IMPL(torchnorm, CompositeExplicitAutograd, m) {
   m.impl("conv_bn_frozen_backward", &conv_bn_frozen_backward);
   m.impl("conv_bn_train", &conv_bn_train);
   m.impl("conv_bn_train_backward", &conv_bn_train_backward);
+  m.impl("_conv_weight_channel_scale", &scale_output_channels);
 }
 
 }  // namespace torchnorm

@@ -1,6 +1,8 @@
 // Every torchnorm operator schema lives here. Backends register kernels in
-// csrc/cpu and csrc/cuda with TORCH_LIBRARY_IMPL; fake kernels and autograd
-// are registered from Python (torchnorm/_fake.py, torchnorm/_autograd.py).
+// csrc/cpu and csrc/cuda with TORCH_LIBRARY_IMPL (the Conv+BN ops for every
+// backend at once, CompositeExplicitAutograd, in csrc/conv_bn.cpp); autograd
+// is registered in C++ (csrc/autograd/, one file per op family), fake kernels from Python
+// (torchnorm/_fake.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -116,6 +118,42 @@ TORCH_LIBRARY(torchnorm, m) {
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor mean, Tensor rstd, str activation, "
       "float negative_slope, int[] stride, int[] padding, int[] dilation, int groups, bool transposed, "
       "int[] output_padding, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Internal ops: the per-channel pieces of conv_bn_frozen and
+  // conv_bn_frozen_backward, which call them through the dispatcher, and of
+  // torchnorm.fx.fold_parameters, so that the fold's formula has one home.
+  // Not API (hence the underscore) and not differentiable: their callers'
+  // autograd covers them. The per-channel vectors of _frozen_bn_* may be of
+  // any floating dtypes: the ops compute in float64 and return their outputs
+  // in the vectors' promoted dtype (torch.result_type).
+  //
+  // A frozen BatchNorm after a conv as one affine map per channel (absent
+  // conv_bias and bn_bias count as 0, an absent bn_weight as 1): returns
+  // (scale, shift, inv_std), inv_std = 1 / sqrt(running_var + eps), scale =
+  // bn_weight * inv_std, shift = (conv_bias - running_mean) * scale + bn_bias.
+  m.def(
+      "_frozen_bn_affine(Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)");
+  // The gradients (conv_bias, bn_weight) of that map from the per-channel
+  // sums grad_shift (of the output's gradient) and grad_scale (of the
+  // gradient times the conv output; needed for bn_weight only), with scale
+  // and inv_std from _frozen_bn_affine: grad_shift * scale and (grad_scale +
+  // grad_shift * (conv_bias - running_mean)) * inv_std. An output whose
+  // output_mask entry is false is an empty tensor of shape (0,).
+  m.def(
+      "_frozen_bn_parameter_grads(Tensor grad_shift, Tensor? grad_scale, Tensor scale, Tensor inv_std, "
+      "Tensor? conv_bias, Tensor running_mean, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Per output channel of a conv weight w (transposed: a ConvTranspose's
+  // (in, out / groups, *k) weight), the sum of grad_weight * w over the
+  // channel's entries, in their promoted dtype; then, when scale is given,
+  // grad_weight *= scale per output channel, in place.
+  m.def(
+      "_conv_weight_channel_dot(Tensor(a!) grad_weight, Tensor weight, Tensor? scale, int groups, "
+      "bool transposed) -> Tensor");
+  // weight * scale per output channel (the folded weight), in their promoted
+  // dtype and the weight's layout; weight as _conv_weight_channel_dot's, or
+  // a Linear's. One kernel for every backend (CompositeExplicitAutograd).
+  m.def("_conv_weight_channel_scale(Tensor weight, Tensor scale, int groups, bool transposed) -> Tensor");
 }
 
 // torchnorm._C is imported only for its side effect of running the

@@ -31,6 +31,7 @@ from conftest import (
     randn,
     row_norm_inputs,
 )
+from test_conv_bn_internal_ops import WEIGHT_CASES, _vector, _weight
 
 OPS = torch.ops.torchnorm
 EPS = 1e-5
@@ -384,6 +385,50 @@ def conv_bn_backward_samples(device):
     return samples
 
 
+def conv_bn_internal_samples(device):
+    """conv_bn_frozen's internal per-channel ops (_frozen_bn_*, _conv_weight_*):
+    the dtypes and layouts their kernels treat differently, each output mask.
+    Built on the CPU from the helpers of tests/test_conv_bn_internal_ops.py,
+    then moved to `device`."""
+    f32 = torch.float32
+    samples = []
+
+    def vectors(n, dtype, seed, count):
+        return [_vector(n, seed + i, dtype, offset=0.2) for i in range(count)]
+
+    conv_bias, bn_weight, bn_bias, mean = vectors(6, f32, 40, 4)
+    var = _vector(6, 44, f32, positive=True)
+    samples.append(("_frozen_bn_affine", "f32", (conv_bias, bn_weight, bn_bias, mean, var, EPS)))
+    samples.append(("_frozen_bn_affine", "f64-stats-only", (None, None, None, mean.double(), var.double(), 1e-3)))
+    samples.append(("_frozen_bn_affine", "bf16", (conv_bias.bfloat16(), bn_weight.bfloat16(), bn_bias.bfloat16(),
+                                                  mean.bfloat16(), var.bfloat16(), EPS)))
+    samples.append(("_frozen_bn_affine", "f16-bias-f32-bn-strided",
+                    (conv_bias.half(), bn_weight, None, _vector(6, 45, f32, strided=True), var, EPS)))
+
+    grad_shift, grad_scale, scale = vectors(6, f32, 50, 3)
+    inv_std = var.rsqrt()
+    for mask in ([True, True], [True, False], [False, True]):
+        sid = "f32-" + "-".join(name for name, m in zip(("conv-bias", "bn-weight"), mask) if m)
+        samples.append(("_frozen_bn_parameter_grads", sid,
+                        (grad_shift, grad_scale if mask[1] else None, scale, inv_std, conv_bias, mean, mask)))
+    samples.append(("_frozen_bn_parameter_grads", "f16-no-conv-bias",
+                    (grad_shift.half(), grad_scale.half(), scale.half(), inv_std.half(), None, mean.half(),
+                     [True, True])))
+
+    for case in WEIGHT_CASES:
+        if case[0] not in ("conv2d", "conv2d-cl", "convT2d-groups", "convT2d-cl", "conv2d-mixed-layouts",
+                           "conv2d-f16", "linear"):
+            continue
+        w, g, groups, transposed = _weight(case, 60, "cpu")
+        channels = w.shape[1] * groups if transposed else w.shape[0]
+        s = _vector(channels, 62, w.dtype, offset=1.0)
+        samples.append(("_conv_weight_channel_dot", case[0], (g, w, None, groups, transposed)))
+        samples.append(("_conv_weight_channel_dot", case[0] + "-scale", (g, w, s, groups, transposed)))
+        samples.append(("_conv_weight_channel_scale", case[0], (w, s, groups, transposed)))
+    return [(name, sid, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+            for name, sid, args in samples]
+
+
 SOURCES = [
     SampleSource(batch_norm_samples),
     SampleSource(batch_norm_apply_samples),
@@ -393,4 +438,5 @@ SOURCES = [
     SampleSource(conv_bn_frozen_samples, on_every_device=True),
     SampleSource(conv_bn_train_samples, on_every_device=True),
     SampleSource(conv_bn_backward_samples, on_every_device=True),
+    SampleSource(conv_bn_internal_samples, on_every_device=True),
 ]

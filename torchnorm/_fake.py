@@ -1,5 +1,7 @@
 """Fake (meta) kernels: output shapes, dtypes and strides of every torchnorm op
 without computing anything, for torch.compile, torch.export and FakeTensor."""
+import functools
+
 import torch
 
 
@@ -233,3 +235,79 @@ def _conv_bn_train_backward(grad_output, input, weight, conv_bias, bn_weight, bn
     return (_wanted_or_empty(output_mask[0], grad_input, input), _wanted_or_empty(output_mask[1], grad_weight, weight),
             _wanted_or_empty(output_mask[2], grad_conv_bias, conv_bias if conv_bias is not None else weight),
             grad_bn_weight, grad_bn_bias, grad_residual)
+
+
+# conv_bn_frozen's internal per-channel ops (csrc/registration.cpp; their
+# checks are csrc/common/conv_bn_channels.cpp's).
+
+
+def _check_channel_vectors(op, channels, device, **vectors):
+    """prepare_channel_vectors' checks; returns the outputs' dtype, the
+    vectors' promoted dtype."""
+    given = {name: t for name, t in vectors.items() if t is not None}
+    for name, t in given.items():
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise RuntimeError(f"{op}: expected {name} to have one entry per channel ({channels}), "
+                               f"got shape {list(t.shape)}")
+        if t.device != device:
+            raise RuntimeError(f"{op}: expected {name} on {device}, got it on {t.device}")
+        if not t.dtype.is_floating_point:
+            raise RuntimeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
+    return functools.reduce(torch.promote_types, (t.dtype for t in given.values()))
+
+
+def _check_weight_channels(op, weight, scale, groups, transposed):
+    """check_weight_channels: the weight's and the scale's checks; returns
+    the output channels."""
+    if weight.dim() < 2:
+        raise RuntimeError(f"{op}: expected a weight of 2 or more dimensions, got {weight.dim()}")
+    if groups < 1 or weight.shape[0] % groups != 0:
+        raise RuntimeError(f"{op}: groups ({groups}) must be positive and divide the weight's first dimension "
+                           f"({weight.shape[0]})")
+    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    if scale is not None:
+        if scale.dim() != 1 or scale.shape[0] != channels:
+            raise RuntimeError(f"{op}: expected scale to have one entry per output channel ({channels}), "
+                               f"got shape {list(scale.shape)}")
+        if scale.device != weight.device:
+            raise RuntimeError(f"{op}: expected scale on {weight.device} like the weight, got it on {scale.device}")
+    return channels
+
+
+@torch.library.register_fake("torchnorm::_frozen_bn_affine")
+def _frozen_bn_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    channels = running_mean.numel()
+    dtype = _check_channel_vectors("torchnorm._frozen_bn_affine", channels, running_mean.device,
+                                   conv_bias=conv_bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                                   running_mean=running_mean, running_var=running_var)
+    return tuple(running_mean.new_empty((channels,), dtype=dtype) for _ in range(3))
+
+
+@torch.library.register_fake("torchnorm::_frozen_bn_parameter_grads")
+def _frozen_bn_parameter_grads(grad_shift, grad_scale, scale, inv_std, conv_bias, running_mean, output_mask):
+    op = "torchnorm._frozen_bn_parameter_grads"
+    if output_mask[1] and grad_scale is None:
+        raise RuntimeError(f"{op}: grad_scale is needed for the BN weight's gradient (output_mask[1])")
+    channels = running_mean.numel()
+    dtype = _check_channel_vectors(op, channels, running_mean.device, grad_shift=grad_shift, grad_scale=grad_scale,
+                                   scale=scale, inv_std=inv_std, conv_bias=conv_bias, running_mean=running_mean)
+    return tuple(running_mean.new_empty((channels if wanted else 0,), dtype=dtype) for wanted in output_mask)
+
+
+@torch.library.register_fake("torchnorm::_conv_weight_channel_dot")
+def _conv_weight_channel_dot(grad_weight, weight, scale, groups, transposed):
+    op = "torchnorm._conv_weight_channel_dot"
+    channels = _check_weight_channels(op, weight, scale, groups, transposed)
+    if grad_weight.shape != weight.shape:
+        raise RuntimeError(f"{op}: expected grad_weight of the weight's shape {list(weight.shape)}, "
+                           f"got {list(grad_weight.shape)}")
+    if grad_weight.device != weight.device:
+        raise RuntimeError(f"{op}: expected grad_weight on {weight.device} like the weight, "
+                           f"got it on {grad_weight.device}")
+    return weight.new_empty((channels,), dtype=torch.promote_types(grad_weight.dtype, weight.dtype))
+
+
+@torch.library.register_fake("torchnorm::_conv_weight_channel_scale")
+def _conv_weight_channel_scale(weight, scale, groups, transposed):
+    _check_weight_channels("torchnorm._conv_weight_channel_scale", weight, scale, groups, transposed)
+    return torch.empty_like(weight, dtype=torch.promote_types(weight.dtype, scale.dtype))

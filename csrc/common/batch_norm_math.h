@@ -95,7 +95,7 @@ TN_HOST_DEVICE void update_running_stats(
 // BatchNorm with frozen statistics after a conv (conv_bn_frozen), per output
 // channel: out = conv(x, W) * scale + shift with scale = bn_weight * inv_std,
 // inv_std = 1 / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias
-// (the fold's formula, DESIGN.md).
+// (the fold's formula, docs/design.md).
 template <typename acc_t>
 struct FrozenChannel {
   acc_t scale, shift, inv_std;

@@ -69,4 +69,34 @@ struct ConvBNTrainBackward {
       at::IntArrayRef, int64_t, bool, at::IntArrayRef, std::array<bool, kNumGrads>);
 };
 
+// The internal per-channel ops conv_bn_frozen is built from (schemas and
+// meaning in csrc/registration.cpp; kernels in csrc/cpu/conv_bn.cpp and
+// csrc/cuda/conv_bn.cu).
+
+// _frozen_bn_affine(conv_bias, bn_weight, bn_bias, running_mean, running_var,
+//                   eps) -> (scale, shift, inv_std)
+struct FrozenBnAffine {
+  static constexpr const char* kName = "torchnorm::_frozen_bn_affine";
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const at::Tensor&, const at::Tensor&, double);
+};
+
+// _frozen_bn_parameter_grads(grad_shift, grad_scale, scale, inv_std,
+//                            conv_bias, running_mean, output_mask)
+//   -> (grad_conv_bias, grad_bn_weight)
+struct FrozenBnParameterGrads {
+  static constexpr const char* kName = "torchnorm::_frozen_bn_parameter_grads";
+  using Signature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                       const at::Tensor&, const at::Tensor&,
+                                                       const std::optional<at::Tensor>&, const at::Tensor&,
+                                                       std::array<bool, 2>);
+};
+
+// _conv_weight_channel_dot(grad_weight!, weight, scale, groups, transposed) -> dot
+struct ConvWeightChannelDot {
+  static constexpr const char* kName = "torchnorm::_conv_weight_channel_dot";
+  using Signature = at::Tensor(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool);
+};
+
 }  // namespace torchnorm::ops

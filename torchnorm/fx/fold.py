@@ -34,24 +34,20 @@ def fold_parameters(layer: torch.nn.Module, running_mean: torch.Tensor, running_
         W' = W * s       per output channel
         b' = (b - running_mean) * s + bias          (b = 0 when the layer has none)
 
-    A transposed convolution stores its weight as (in, out / groups, *k), so
-    its output channel o of group g is W[g-th block of inputs, o % (out / groups)].
+    computed by the internal ops conv_bn_frozen folds with, the one home of
+    this formula: ``_frozen_bn_affine`` (s and b') and
+    ``_conv_weight_channel_scale`` (W'; it knows how a ConvTranspose's
+    (in, out / groups, *k) weight holds its output channels).
     """
-    w = layer.weight.detach().double()
-    scale = torch.rsqrt(running_var.detach().double() + eps)
-    if weight is not None:
-        scale = scale * weight.detach().double()
-    if isinstance(layer, _graph.TRANSPOSED_TYPES):
-        g = layer.groups
-        per_group = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-        folded = per_group * scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
-        folded = folded.reshape(w.shape)
-    else:
-        folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
-    new_bias = (b - running_mean.detach().double()) * scale
-    if bias is not None:
-        new_bias = new_bias + bias.detach().double()
+    def as_double(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().double()
+
+    scale, new_bias, _ = torch.ops.torchnorm._frozen_bn_affine(
+        as_double(layer.bias), as_double(weight), as_double(bias), as_double(running_mean), as_double(running_var),
+        eps)
+    transposed = isinstance(layer, _graph.TRANSPOSED_TYPES)
+    folded = torch.ops.torchnorm._conv_weight_channel_scale(as_double(layer.weight), scale,
+                                                            getattr(layer, "groups", 1), transposed)
     dtype = layer.weight.dtype
     return folded.to(dtype), new_bias.to(dtype)
 
@@ -237,7 +233,7 @@ def _find_candidates(gm: fx.GraphModule) -> Tuple[List[_Candidate], List[Fold]]:
         return modules[input_node.target], ""
 
     for node in list(gm.graph.nodes):
-        found = None  # (input node, stats, epilogue, act module, residual, block)
+        found = None  # (input node, stats, epilogue, act module, residual)
         if node.op == "call_module" and isinstance(modules[node.target], _ConvBNNd):
             block = modules[node.target]
             name = node.target
