@@ -88,7 +88,6 @@ def extension():
         "torchnorm._C",
         sources,
         include_dirs=include_dirs + _cuda_wheel_includes(),
-        define_macros=[("TORCHNORM_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )
