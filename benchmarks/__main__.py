@@ -5,7 +5,7 @@ Examples::
     python -m benchmarks                                   # every suite, default device
     python -m benchmarks --suite layer_norm,rms_norm       # some suites (or: all)
     python -m benchmarks --providers torch,torch_compile   # without torchnorm
-    python -m benchmarks --device cpu --quick --out /tmp/bench.csv   # smoke test
+    python -m benchmarks --device cpu --quick --out benchmarks/results/local/quick.csv   # smoke test
     python -m benchmarks --suite conv_bn                   # model-level Conv+BN only
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
 """

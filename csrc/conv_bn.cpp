@@ -1,7 +1,8 @@
 // Conv or transposed conv + frozen BatchNorm (eval-mode statistics, trainable
-// parameters) as one op, for every backend (CompositeExplicitAutograd): the
-// convolution is ATen's, the frozen BatchNorm is the per-output-channel affine
-// map
+// parameters) as one op, registered once for every backend
+// (CompositeExplicitAutograd) and run wherever its internal per-channel ops
+// have kernels (the CPU, and CUDA in a CUDA build): the convolution is
+// ATen's, the frozen BatchNorm is the per-output-channel affine map
 //   out = conv(x, W) * scale + shift,
 //   scale = bn_weight / sqrt(var + eps), shift = (conv_bias - mean) * scale + bn_bias,
 // computed either as the fold, conv(x, W * scale) + shift, or by scaling the
@@ -68,7 +69,9 @@ bool divisible(double scale) { return std::abs(scale) >= kMinDivisible && std::a
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // Whether every scale is divisible: a loop over a CPU scale, else an ATen
-// reduction (a host sync; output_is_smaller asks only on the CPU).
+// reduction (a host sync; output_is_smaller asks only on the CPU). It tests
+// the scale as rounded to its dtype, the value backward multiplies and
+// divides by.
 bool all_divisible(const Tensor& scale) {
   if (!scale.is_cpu()) {
     const Tensor magnitude = scale.abs();

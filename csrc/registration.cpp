@@ -1,8 +1,10 @@
-// Every torchnorm operator schema lives here. Backends register kernels in
-// csrc/cpu and csrc/cuda with TORCH_LIBRARY_IMPL (the Conv+BN ops for every
-// backend at once, CompositeExplicitAutograd, in csrc/conv_bn.cpp); autograd
-// is registered in C++ (csrc/autograd/, one file per op family), fake kernels from Python
-// (torchnorm/_fake.py).
+// Every torchnorm operator schema lives here, with what the op computes.
+// Backends register kernels in csrc/cpu and csrc/cuda with TORCH_LIBRARY_IMPL;
+// the Conv+BN composites are registered once for every backend
+// (CompositeExplicitAutograd, csrc/conv_bn.cpp) and call the ops below them
+// through the dispatcher. Autograd is registered in C++ (csrc/autograd/, one
+// file per op family), fake kernels from Python (torchnorm/_fake.py). Each
+// op's C++ signature, for C++ callers, is in csrc/ops/.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build the CUDA kernels, run the test suite on
-# the GPU, run compute-sanitizer (memcheck, racecheck) over the norm ops' CUDA
-# tests, profile the fused ResNet-50 step and run the benchmark suite.
-# Results go to $OUT (default benchmarks/results/gpu_check): the step profile
-# <card>-conv-bn-profile.md, the benchmark reports (<card>.csv/.md/.png,
-# <card>-conv-bn-cuda.csv/.md) and logs.tar.gz (env.txt, build.log, tests.log,
-# sanitizer.log, racecheck.log, packed into one file so that the reports and
-# logs stay few). Commit them, logs unpacked, under
+# the GPU, run compute-sanitizer (memcheck over the norm and conv_bn ops' CUDA
+# tests, racecheck over the norm ops'), profile the fused ResNet-50 step and
+# run the benchmark suite. Results go to $OUT (default
+# benchmarks/results/gpu_check): the step profile <card>-conv-bn-profile.md,
+# the benchmark reports (<card>.csv/.md/.png, <card>-conv-bn-cuda.csv/.md)
+# and logs.tar.gz (env.txt, build.log, tests.log, sanitizer.log,
+# sanitizer_conv_bn.log, racecheck.log, packed into one file so that the
+# reports and logs stay few). Commit them, logs unpacked, under
 # benchmarks/results/gpu_check/.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
@@ -59,6 +60,12 @@ limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exi
   -k "cuda and (test_op_ or test_empty_batch)" \
   > "$OUT/sanitizer.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer.log"
+# memcheck over the conv_bn ops' CUDA tests (the internal per-channel ops,
+# the frozen op and its blocks).
+limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY -m pytest tests/test_conv_bn_internal_ops.py tests/test_conv_bn_frozen.py -q -x -p no:cacheprovider -k cuda \
+  > "$OUT/sanitizer_conv_bn.log" 2>&1 || status=1
+tail -5 "$OUT/sanitizer_conv_bn.log"
 limited "${RACECHECK_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY -m pytest $NORM_TESTS -q -x -p no:cacheprovider \
   -k "cuda and test_op_ and f32 and not f64" \
@@ -77,6 +84,6 @@ limited "${BENCH_TIMEOUT:-3600}" $PY -m benchmarks --device cuda ${BENCH_ARGS:-}
 
 step done
 # The logs as one file (see the header).
-logs=$(cd "$OUT" && ls env.txt build.log tests.log sanitizer.log racecheck.log 2>/dev/null)
+logs=$(cd "$OUT" && ls env.txt build.log tests.log sanitizer.log sanitizer_conv_bn.log racecheck.log 2>/dev/null)
 (cd "$OUT" && tar czf logs.tar.gz $logs && rm -f $logs)
 exit $status

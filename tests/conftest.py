@@ -366,3 +366,18 @@ class SavedTensors:
         """Saved tensors of `shape` whose memory is none of the `known` tensors'."""
         ptrs = {t.untyped_storage().data_ptr() for t in known if t is not None}
         return [s for s, p in self.saved if s == tuple(shape) and p not in ptrs]
+
+
+def assert_same_model_state(a, b):
+    """Two models (a converted one and its original) hold equal state_dicts
+    (same keys, dtypes, devices, values), parameters with the same
+    requires_grad and modules in the same training mode."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device, k
+        assert torch.equal(sa[k], sb[k]), k
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and pa.requires_grad == pb.requires_grad, (na, pa.requires_grad, pb.requires_grad)
+    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
+        assert na == nb and ma.training == mb.training, (na, ma.training, mb.training)

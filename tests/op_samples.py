@@ -226,7 +226,7 @@ def group_norm_samples():
 
 
 def instance_norm_samples():
-    """instance_norm (its backward is composite: no op of its own)."""
+    """instance_norm (its gradients come from group_norm_backward, sampled above)."""
     samples = []
     f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 

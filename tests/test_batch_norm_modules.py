@@ -14,6 +14,7 @@ import torchnorm
 import torchnorm.nn as tnn
 import torchnorm.reference as tnref
 from conftest import (
+    assert_same_model_state,
     ACTIVATIONS,
     DEVICES,
     NEGATIVE_SLOPE,
@@ -342,18 +343,6 @@ def assert_converted(model, original):
         for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
             assert getattr(new, attr) == getattr(m, attr), f"{n}.{attr}: {getattr(new, attr)} != {getattr(m, attr)}"
     assert not any(type(m) in TORCH_BN_TYPES for m in model.modules())
-
-
-def assert_same_model_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device, k
-        assert torch.equal(sa[k], sb[k]), k
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert na == nb and pa.requires_grad == pb.requires_grad, (na, pa.requires_grad, pb.requires_grad)
-    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
-        assert na == nb and ma.training == mb.training, (na, ma.training, mb.training)
 
 
 def test_convert_round_trip_resnet_like():

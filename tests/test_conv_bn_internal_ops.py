@@ -8,8 +8,8 @@ _conv_weight_channel_dot and _conv_weight_channel_scale.
   walk and in those they leave to ATen ops (channels-last transposed weights,
   g and w laid out differently, float16).
 * Bad arguments are refused alike by the kernels and the fake kernels.
-* opcheck over internal_op_samples(), which lists (op name, sample id, args)
-  so that the samples can join a shared opcheck registry.
+* (Their opcheck samples are conv_bn_internal_samples in tests/op_samples.py,
+  built from this file's helpers and run by tests/test_opcheck.py.)
 * conv_bn_frozen reaches the ops through the dispatcher (the profiler sees them).
 """
 import functools

@@ -16,6 +16,7 @@ import torchnorm
 import torchnorm.nn as tnn
 import torchnorm.reference as tnref
 from conftest import (
+    assert_same_model_state,
     ACTIVATIONS,
     DEVICES,
     NEGATIVE_SLOPE,
@@ -436,18 +437,6 @@ def mixed_model(device="cpu", dtype=torch.float32):
         if m is not model and not isinstance(m, nn.Conv2d):
             randomize_(m, 10 * i)
     return model
-
-
-def assert_same_model_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device, k
-        assert torch.equal(sa[k], sb[k]), k
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert na == nb and pa.requires_grad == pb.requires_grad, (na, pa.requires_grad, pb.requires_grad)
-    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
-        assert na == nb and ma.training == mb.training, (na, ma.training, mb.training)
 
 
 def test_convert_round_trip():

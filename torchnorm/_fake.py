@@ -149,6 +149,11 @@ def _wanted_or_empty(wanted, grad, like):
     return grad if wanted else like.new_empty((0,))
 
 
+def _conv_out_channels(weight, groups, transposed):
+    # A transposed conv's weight is (in_channels, out_channels / groups, *k).
+    return weight.shape[1] * groups if transposed else weight.shape[0]
+
+
 def _check_conv(op, input, weight, groups, transposed, output_padding):
     """The checks of csrc/conv_bn.cpp (conv_args) that aten::convolution's own
     fake does not make, so that a compiled call fails as an eager one does.
@@ -158,7 +163,7 @@ def _check_conv(op, input, weight, groups, transposed, output_padding):
         raise ValueError(f"{op}: output_padding needs one entry per spatial dimension ({spatial}) or none")
     if not transposed and any(output_padding):
         raise ValueError(f"{op}: output_padding applies to transposed convolutions only")
-    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    channels = _conv_out_channels(weight, groups, transposed)
     return channels, list(output_padding) or [0] * spatial
 
 
@@ -264,7 +269,7 @@ def _check_weight_channels(op, weight, scale, groups, transposed):
     if groups < 1 or weight.shape[0] % groups != 0:
         raise RuntimeError(f"{op}: groups ({groups}) must be positive and divide the weight's first dimension "
                            f"({weight.shape[0]})")
-    channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    channels = _conv_out_channels(weight, groups, transposed)
     if scale is not None:
         if scale.dim() != 1 or scale.shape[0] != channels:
             raise RuntimeError(f"{op}: expected scale to have one entry per output channel ({channels}), "

@@ -34,9 +34,10 @@ TN_HOST_DEVICE acc_t rstd_from_var(acc_t var, acc_t eps) {
 // The pre-activation z from xc = x - mean and the coefficients; with a
 // residual, z = (xc * scale + shift) + residual. The forward and the backward
 // (which recomputes z for act'(z) instead of saving it) both take z from
-// here, so they round alike and agree on which side of a kink z is. The
-// CUDA BatchNorm kernels add a residual of 0 when there is none; the
-// GroupNorm kernels and the CPU scalar loops add none.
+// here, so they round alike and agree on which side of a kink z is. Used by
+// the CUDA BatchNorm, GroupNorm and LayerNorm kernels and the CPU scalar
+// loops. The CUDA BatchNorm kernels add a residual of 0 when there is none;
+// the others add none.
 template <typename acc_t>
 TN_HOST_DEVICE acc_t pre_activation(acc_t xc, acc_t scale, acc_t shift) {
   return xc * scale + shift;

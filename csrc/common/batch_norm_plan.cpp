@@ -1,3 +1,4 @@
+// BatchNorm's host-side plans and argument checks (batch_norm_plan.h).
 #include "batch_norm_plan.h"
 
 namespace torchnorm {

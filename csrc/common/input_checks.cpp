@@ -1,3 +1,4 @@
+// The argument checks and dtype rules every op shares (input_checks.h).
 #include "input_checks.h"
 
 namespace torchnorm {

@@ -1,3 +1,4 @@
+// Memory-layout classification of (N, C, *) tensors (layout.h).
 #include "layout.h"
 
 #include <vector>

@@ -1,3 +1,5 @@
+// Host-side plans and argument checks of the per-sample norms: LayerNorm,
+// RMSNorm, GroupNorm, InstanceNorm (sample_norm_plan.h).
 #include "sample_norm_plan.h"
 
 #include <limits>

@@ -1,4 +1,5 @@
-// BatchNorm CPU kernels: training forward, inference forward, backward.
+// BatchNorm CPU kernels: batch_norm_train, batch_norm_eval, batch_norm_apply
+// (normalize with given statistics) and batch_norm_backward.
 //
 // Memory traffic. NCHW ("planar") work is split by channel: one task owns a
 // channel, reads its N planes once to compute the statistics (two-pass within

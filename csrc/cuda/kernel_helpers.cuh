@@ -9,7 +9,8 @@
 // norms. The per-element math (the pre-activation z and its gradient, the
 // coefficients) is in common/batch_norm_math.h, shared with the CPU kernels.
 //
-// Only __device__ functions, types and inline host helpers live here. The
+// Only __device__ functions, types, inline host helpers and the host-side
+// launch template launch_elementwise live here. The
 // __global__ kernels stay in the .cu files, inside anonymous namespaces: a
 // kernel template instantiated in two translation units would have one host
 // stub picked by the linker for both, registered with only one of the two

@@ -1,8 +1,12 @@
 // The C++ signatures of the fused convolution + BatchNorm ops (conv_bn_frozen,
-// conv_bn_train and their backward ops), for C++ that calls them through
-// ops::handle<>() (csrc/ops/handle.h). Their schemas, and what each op
-// computes, are in csrc/registration.cpp; their implementation in
-// csrc/conv_bn.cpp; their autograd in csrc/autograd/conv_bn.cpp.
+// conv_bn_train and their backward ops) and of the internal per-channel ops
+// conv_bn_frozen calls (_frozen_bn_affine, _frozen_bn_parameter_grads,
+// _conv_weight_channel_dot), for C++ that calls them through ops::handle<>()
+// (csrc/ops/handle.h). _conv_weight_channel_scale has no entry: C++ calls its
+// function (common/conv_bn_channels.h) directly, only Python goes through the
+// op. Schemas, and what each op computes, are in csrc/registration.cpp; the
+// composites in csrc/conv_bn.cpp, the internal ops' kernels in
+// csrc/{cpu,cuda}/conv_bn.*; autograd in csrc/autograd/conv_bn.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
-// How C++ in torchnorm calls a torchnorm op (an autograd Function its op, a
-// composite op the ops it is built from): through the dispatcher, so each
+// How C++ in torchnorm calls a torchnorm op (an autograd Function calls its op,
+// a composite op the ops it is built from): through the dispatcher, so each
 // call reaches the kernel of its tensors' device, with a typed handle that is
 // looked up once. The ops themselves are declared in the other headers of
 // this folder, one per op family; their schemas live in csrc/registration.cpp.
