@@ -62,6 +62,17 @@ std::array<Tensor, Grad::kNumGrads> batch_norm_grads(AutogradContext* ctx, const
   return grads;
 }
 
+// The backward of F (BatchNormTrain or BatchNormEval below): batch_norm_grads
+// at F's own input slots.
+template <typename F>
+variable_list input_grads(AutogradContext* ctx, const Tensor& grad_output, bool training) {
+  const auto grads = batch_norm_grads(ctx, grad_output, training);
+  return tensors_of<F::kNumInputs>({{F::kInput, grads[Grad::kInput]},
+                                    {F::kWeight, grads[Grad::kWeight]},
+                                    {F::kBias, grads[Grad::kBias]},
+                                    {F::kResidual, grads[Grad::kResidual]}});
+}
+
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   using Op = ops::BatchNormTrain;
   enum Input {
@@ -82,11 +93,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto grads = batch_norm_grads(ctx, grad_outputs[0], /*training=*/true);
-    return tensors_of<kNumInputs>({{kInput, grads[Grad::kInput]},
-                                   {kWeight, grads[Grad::kWeight]},
-                                   {kBias, grads[Grad::kBias]},
-                                   {kResidual, grads[Grad::kResidual]}});
+    return input_grads<BatchNormTrain>(ctx, grad_outputs[0], /*training=*/true);
   }
 };
 
@@ -112,11 +119,7 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto grads = batch_norm_grads(ctx, grad_outputs[0], /*training=*/false);
-    return tensors_of<kNumInputs>({{kInput, grads[Grad::kInput]},
-                                   {kWeight, grads[Grad::kWeight]},
-                                   {kBias, grads[Grad::kBias]},
-                                   {kResidual, grads[Grad::kResidual]}});
+    return input_grads<BatchNormEval>(ctx, grad_outputs[0], /*training=*/false);
   }
 };
 

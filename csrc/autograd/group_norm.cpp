@@ -18,10 +18,12 @@ using Grad = ops::GroupNormBackward::Grad;
 enum Saved { kSavedInput, kSavedWeight, kSavedBias, kSavedMean, kSavedRstd, kNumSaved };
 
 // Saves the tensors above, the group count, the activation and which of
-// input, weight, bias need gradients.
-void save_group_norm(AutogradContext* ctx, const Tensor& input, int64_t num_groups, const optional<Tensor>& weight,
-                     const optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd,
-                     c10::string_view activation, double negative_slope) {
+// input, weight, bias need gradients; returns the forward's outputs (out,
+// mean, rstd), the statistics marked non-differentiable.
+variable_list save_group_norm(AutogradContext* ctx, const Tensor& input, int64_t num_groups,
+                              const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& out,
+                              const Tensor& mean, const Tensor& rstd, c10::string_view activation,
+                              double negative_slope) {
   ctx->save_for_backward(tensors_of<kNumSaved>({{kSavedInput, input},
                                                 {kSavedWeight, or_undefined(weight)},
                                                 {kSavedBias, or_undefined(bias)},
@@ -33,6 +35,8 @@ void save_group_norm(AutogradContext* ctx, const Tensor& input, int64_t num_grou
   save_grad_wanted(ctx, mask_of<Grad::kNumGrads>({{Grad::kInput, input.requires_grad()},
                                                   {Grad::kWeight, requires_grad(weight)},
                                                   {Grad::kBias, requires_grad(bias)}}));
+  ctx->mark_non_differentiable({mean, rstd});
+  return {out, mean, rstd};
 }
 
 // Gradients through one GroupNorm or InstanceNorm forward, indexed by Grad;
@@ -49,6 +53,15 @@ std::array<Tensor, Grad::kNumGrads> group_norm_grads(AutogradContext* ctx, const
           mask[Grad::kBias] ? gb : Tensor()};
 }
 
+// The backward of F (GroupNorm or InstanceNorm below): group_norm_grads at
+// F's own input slots.
+template <typename F>
+variable_list input_grads(AutogradContext* ctx, const Tensor& grad_output) {
+  const auto grads = group_norm_grads(ctx, grad_output);
+  return tensors_of<F::kNumInputs>(
+      {{F::kInput, grads[Grad::kInput]}, {F::kWeight, grads[Grad::kWeight]}, {F::kBias, grads[Grad::kBias]}});
+}
+
 struct GroupNorm : public torch::autograd::Function<GroupNorm> {
   using Op = ops::GroupNorm;
   enum Input { kInput, kNumGroups, kWeight, kBias, kEps, kActivation, kNegativeSlope, kNumInputs };
@@ -59,15 +72,11 @@ struct GroupNorm : public torch::autograd::Function<GroupNorm> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean, rstd] =
         ops::handle<Op>().call(input, num_groups, weight, bias, eps, activation, negative_slope);
-    save_group_norm(ctx, input, num_groups, weight, bias, mean, rstd, activation, negative_slope);
-    ctx->mark_non_differentiable({mean, rstd});
-    return {out, mean, rstd};
+    return save_group_norm(ctx, input, num_groups, weight, bias, out, mean, rstd, activation, negative_slope);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto grads = group_norm_grads(ctx, grad_outputs[0]);
-    return tensors_of<kNumInputs>(
-        {{kInput, grads[Grad::kInput]}, {kWeight, grads[Grad::kWeight]}, {kBias, grads[Grad::kBias]}});
+    return input_grads<GroupNorm>(ctx, grad_outputs[0]);
   }
 };
 
@@ -80,15 +89,11 @@ struct InstanceNorm : public torch::autograd::Function<InstanceNorm> {
                                const optional<Tensor>& running_var, double momentum, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean, rstd] = ops::handle<Op>().call(input, weight, bias, running_mean, running_var, momentum, eps);
-    save_group_norm(ctx, input, /*num_groups=*/input.size(1), weight, bias, mean, rstd, "none", 0.0);
-    ctx->mark_non_differentiable({mean, rstd});
-    return {out, mean, rstd};
+    return save_group_norm(ctx, input, /*num_groups=*/input.size(1), weight, bias, out, mean, rstd, "none", 0.0);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto grads = group_norm_grads(ctx, grad_outputs[0]);
-    return tensors_of<kNumInputs>(
-        {{kInput, grads[Grad::kInput]}, {kWeight, grads[Grad::kWeight]}, {kBias, grads[Grad::kBias]}});
+    return input_grads<InstanceNorm>(ctx, grad_outputs[0]);
   }
 };
 

@@ -9,15 +9,11 @@ static void check_per_channel(const char* op, const char* name, const at::Tensor
   check_parameter(op, name, t, input, {input.size(1)}, "the input's channels");
 }
 
-void check_batch_norm_args(
-    const char* op,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual,
-    bool training,
+// Checks every argument of a BatchNorm forward; throws a clear error naming
+// the argument on the first problem.
+static void check_batch_norm_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, bool training,
     double eps) {
   check_supported_input(op, input);
   TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op,
@@ -41,14 +37,10 @@ void check_batch_norm_args(
   }
 }
 
-void check_batch_norm_backward_args(
-    const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& mean,
-    const at::Tensor& rstd) {
+// Checks of the backward's saved tensors and incoming gradient.
+static void check_batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& rstd) {
   const char* op = "torchnorm.batch_norm_backward";
   check_batch_norm_args(op, input, weight, bias, std::nullopt, std::nullopt, residual, false, 0.0);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type() &&
@@ -64,16 +56,9 @@ void check_batch_norm_backward_args(
   }
 }
 
-ForwardPlan plan_forward(
-    const char* op,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual,
-    bool training,
-    double eps,
+ForwardPlan plan_forward(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, bool training, double eps,
     const std::string& activation) {
   check_batch_norm_args(op, input, weight, bias, running_mean, running_var, residual, training, eps);
   ForwardPlan p;
@@ -84,14 +69,9 @@ ForwardPlan plan_forward(
   return p;
 }
 
-ForwardPlan plan_apply(
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const std::string& activation) {
+ForwardPlan plan_apply(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::string& activation) {
   const char* op = "torchnorm.batch_norm_apply";
   check_batch_norm_args(op, input, weight, bias, std::nullopt, std::nullopt, residual, false, 0.0);
   check_per_channel(op, "mean", mean, input);
@@ -99,16 +79,9 @@ ForwardPlan plan_apply(
   return plan_forward(op, input, weight, bias, mean, rstd, residual, /*training=*/false, 0.0, activation);
 }
 
-BackwardPlan plan_backward(
-    const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& mean,
-    const at::Tensor& rstd,
-    const std::string& activation,
-    std::array<bool, 4> output_mask) {
+BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask) {
   check_batch_norm_backward_args(grad_out, input, weight, bias, residual, mean, rstd);
   BackwardPlan p;
   p.activation = parse_activation(activation);

@@ -13,29 +13,6 @@
 
 namespace torchnorm {
 
-// Checks every argument of a BatchNorm forward; throws a clear error naming
-// the argument on the first problem.
-void check_batch_norm_args(
-    const char* op,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual,
-    bool training,
-    double eps);
-
-// Checks of the backward's saved tensors and incoming gradient.
-void check_batch_norm_backward_args(
-    const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& mean,
-    const at::Tensor& rstd);
-
 // Everything a backend needs to run a forward, prepared once for CPU and CUDA:
 // arguments checked, input/residual in the kernel layout, outputs allocated.
 struct ForwardPlan {
@@ -46,28 +23,16 @@ struct ForwardPlan {
   Activation activation = Activation::None;
 };
 
-ForwardPlan plan_forward(
-    const char* op,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual,
-    bool training,
-    double eps,
+ForwardPlan plan_forward(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, bool training, double eps,
     const std::string& activation);
 
 // plan_forward for batch_norm_apply: checks mean and rstd under their own
 // names (per channel, like running statistics).
-ForwardPlan plan_apply(
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const std::string& activation);
+ForwardPlan plan_apply(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::string& activation);
 
 struct BackwardPlan {
   ChannelGeometry g;
@@ -77,15 +42,8 @@ struct BackwardPlan {
   Activation activation = Activation::None;
 };
 
-BackwardPlan plan_backward(
-    const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& mean,
-    const at::Tensor& rstd,
-    const std::string& activation,
-    std::array<bool, 4> output_mask);
+BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask);
 
 }  // namespace torchnorm
