@@ -167,6 +167,19 @@ def assert_close(actual, expected, dtype, kind, msg=""):
     )
 
 
+def assert_grads_close(names, grads, expected, dtype, inputs=None):
+    """Each gradient expected (not None) is there, has the expected one's dtype
+    (with `inputs`, as against the float64 reference: its input's dtype) and
+    is close to it with the "grad" tolerance of `dtype`."""
+    for i, (name, g, e) in enumerate(zip(names, grads, expected)):
+        if e is None:
+            continue
+        assert g is not None, f"{name} missing"
+        want = e.dtype if inputs is None else inputs[i].dtype
+        assert g.dtype == want, f"{name} dtype {g.dtype}, expected {want}"
+        assert_close(g, e, dtype, "grad", name)
+
+
 def memory_format_of(t):
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last

@@ -22,6 +22,7 @@ from conftest import (
     DTYPES_ALL,
     accumulate_dtype,
     assert_close,
+    assert_grads_close,
     grads_of,
     leaf,
     make_affine,
@@ -145,11 +146,7 @@ def test_functional_matches_torch(device, shape, ns, layout, dtype, op, affine, 
     if res is not None:
         assert s.dtype == dtype
         assert_close(s, exp_s, dtype, "forward", "sum")
-    for name, g, e in zip(GRAD_NAMES, grads, exp_grads):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == e.dtype, f"{name} dtype {g.dtype} != {e.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype)
     assert torch.equal(x, x_before), "the input was written"
     if res is not None:
         assert torch.equal(res, res_before), "the residual was written"
@@ -179,11 +176,7 @@ def test_functional_matches_reference(device, shape, ns, layout, dtypes, op, aff
     if res is not None:
         assert s.dtype == dtype
         assert_close(s, exp_s, dtype, "forward", "sum")
-    for name, g, e, src in zip(GRAD_NAMES, grads, exp_grads, (x, w, b, res)):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == src.dtype, f"{name} dtype {g.dtype}, expected {src.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype, inputs=(x, w, b, res))
 
 
 LONG_ROW = [
