@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torchnorm
 from torchnorm.nn import ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d
 
 from tolerances import tol
@@ -394,3 +395,41 @@ def assert_same_model_state(a, b):
         assert na == nb and pa.requires_grad == pb.requires_grad, (na, pa.requires_grad, pb.requires_grad)
     for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
         assert na == nb and ma.training == mb.training, (na, ma.training, mb.training)
+
+
+def assert_round_trip(converted, original, x, eval_child):
+    """converted (torchnorm.convert of a model) against original (a deep copy
+    of the model) on x, training (with the submodule named eval_child kept in
+    eval mode) and in eval: outputs, input and parameter gradients, buffers
+    (num_batches_tracked exactly). Then converted back: no torchnorm module
+    left, every module of the original's type, the same state and output."""
+    for training in (True, False):
+        converted.train(training)
+        original.train(training)
+        if training:
+            converted.get_submodule(eval_child).eval()
+            original.get_submodule(eval_child).eval()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, exp = converted(xa), original(xb)
+        assert_close(out, exp, torch.float32, "forward", f"converted model, training={training}")
+        out.sum().backward()
+        exp.sum().backward()
+        assert_close(xa.grad, xb.grad, torch.float32, "grad", "grad_input")
+        for (n, p), (_, q) in zip(converted.named_parameters(), original.named_parameters()):
+            if q.grad is not None:
+                assert_close(p.grad, q.grad, torch.float32, "grad", f"{n}.grad")
+        for (n, t), (_, u) in zip(converted.named_buffers(), original.named_buffers()):
+            if n.endswith("num_batches_tracked"):
+                assert torch.equal(t, u), n
+            else:
+                assert_close(t, u, torch.float32, "stats", n)
+
+    back = torchnorm.convert(converted, back=True)
+    assert not any(type(m).__module__.startswith("torchnorm") for m in back.modules())
+    orig_modules = dict(original.named_modules())
+    for n, m in back.named_modules():
+        assert type(m) is type(orig_modules[n]), f"{n} came back as {type(m)}"
+    assert_same_model_state(back, converted)
+    back.train()
+    original.train()
+    assert_close(back(x), original(x), torch.float32, "forward", "converted back")
