@@ -272,6 +272,48 @@ def instance_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, se
 
 
 # ---------------------------------------------------------------------------
+# Bad input (tests/test_batch_norm_errors.py, tests/test_norm_errors.py)
+# ---------------------------------------------------------------------------
+
+ERRORS = (RuntimeError, ValueError, TypeError)
+OTHER_DEVICE = "cuda" if HAS_CUDA else "meta"
+# what an error about each argument calls it
+ARG_NAMES = {"w": "weight", "b": "bias", "res": "residual", "rm": "running_mean", "rv": "running_var"}
+
+# (input dtype, a parameter's mismatching dtype)
+DTYPE_MISMATCHES = [
+    pytest.param(torch.float32, torch.float64, id="f32-f64"),
+    pytest.param(torch.float32, torch.float16, id="f32-f16"),
+    pytest.param(torch.float64, torch.float32, id="f64-f32"),
+    pytest.param(torch.float16, torch.bfloat16, id="f16-bf16"),
+    pytest.param(torch.bfloat16, torch.float64, id="bf16-f64"),
+]
+
+
+class StatsUnchanged:
+    """Snapshots the (CPU / real-device) running statistics; checks them afterwards."""
+
+    def __init__(self, *tensors):
+        self.pairs = [(t, t.detach().clone()) for t in tensors if t is not None and t.device.type != "meta"]
+
+    def check(self):
+        for t, before in self.pairs:
+            assert torch.equal(t, before), f"running statistics changed by a failing call: {before} -> {t}"
+
+
+def expect_error(fn, match, stats=None, types=ERRORS):
+    """fn() raises one of `types` matching `match`; then stats (a StatsUnchanged) is checked."""
+    with pytest.raises(types, match=match):
+        out = fn()
+        # a lazily reported error must at least surface when the result is used
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out.cpu()
+    if stats is not None:
+        stats.check()
+
+
+# ---------------------------------------------------------------------------
 # Modules: a torch.nn module and its torchnorm.nn counterpart in one state.
 # ---------------------------------------------------------------------------
 
