@@ -39,6 +39,13 @@ DTYPES_ALL = [
     pytest.param((torch.bfloat16, torch.float32), id="bf16-f32params"),
 ]
 
+
+def params_with_dtypes(rows):
+    """pytest.params of table rows of strings ending in one of DTYPES_ALL: its
+    (dtype, parameter dtype) pair unwrapped, the id the row's strings and its id."""
+    return [pytest.param(*r[:-1], r[-1].values[0], id="-".join([*r[:-1], r[-1].id])) for r in rows]
+
+
 # Modes of the functional API: (training, running statistics given)
 MODES = [
     pytest.param((True, True), id="train-track"),

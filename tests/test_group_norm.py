@@ -31,6 +31,7 @@ from conftest import (
     leaf,
     make_affine,
     make_input,
+    params_with_dtypes,
     memory_format_of,
     poison,
     randn,
@@ -168,10 +169,7 @@ LONG_GROUP = [
 ]
 
 
-@pytest.mark.parametrize(
-    "layout,activation,affine,dtypes",
-    [pytest.param(*c[:3], c[3].values[0], id=f"{c[0]}-{c[1]}-{c[2]}-{c[3].id}") for c in LONG_GROUP],
-)
+@pytest.mark.parametrize("layout,activation,affine,dtypes", params_with_dtypes(LONG_GROUP))
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_group(device, layout, activation, affine, dtypes):
     """A group of 72000 elements: many times the kernel's 2048-element segment."""
