@@ -296,6 +296,19 @@ DTYPE_MISMATCHES = [
     pytest.param(torch.bfloat16, torch.float64, id="bf16-f64"),
 ]
 
+# wrong shapes for a per-channel argument of a C=3 input
+BAD_CHANNEL_SHAPES = [
+    pytest.param((4,), id="C+1"),
+    pytest.param((2,), id="C-1"),
+    pytest.param((3, 1), id="2-D"),
+    pytest.param((), id="0-D"),
+]
+
+
+def bad_shaped(shape, seed):
+    """A nonzero float32 tensor of a wrong shape for an argument (0-D for ())."""
+    return make_input(shape, torch.float32, seed=seed, offset=False) + 1.5 if shape else torch.tensor(1.5)
+
 
 class StatsUnchanged:
     """Snapshots the (CPU / real-device) running statistics; checks them afterwards."""

@@ -11,11 +11,13 @@ import torchnorm.functional as tnf
 import torchnorm.nn as tnn
 from conftest import (
     ARG_NAMES,
+    BAD_CHANNEL_SHAPES,
     DTYPE_MISMATCHES,
     ERRORS,
     NEGATIVE_SLOPE,
     OTHER_DEVICE,
     StatsUnchanged,
+    bad_shaped,
     assert_close,
     expect_error,
     make_input,
@@ -60,13 +62,13 @@ def expect_bn_error(entry, args, match, stats=None):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad_shape", [(4,), (2,), (3, 1), ()], ids=["C+1", "C-1", "2-D", "0-D"])
+@pytest.mark.parametrize("bad_shape", BAD_CHANNEL_SHAPES)
 @pytest.mark.parametrize("which", ["w", "b", "rm", "rv"])
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_wrong_per_channel_shape(entry, which, bad_shape):
     args = good_args()
     stats = StatsUnchanged(args["rm"], args["rv"])
-    args[which] = make_input(bad_shape, torch.float32, seed=3, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    args[which] = bad_shaped(bad_shape, 3)
     expect_bn_error(entry, args, ARG_NAMES[which], stats)
 
 

@@ -13,11 +13,13 @@ import torchnorm.functional as tnf
 import torchnorm.nn as tnn
 from conftest import (
     ARG_NAMES,
+    BAD_CHANNEL_SHAPES,
     DTYPE_MISMATCHES,
     ERRORS,
     NEGATIVE_SLOPE,
     OTHER_DEVICE,
     StatsUnchanged,
+    bad_shaped,
     expect_error,
     make_affine,
     make_input,
@@ -78,7 +80,7 @@ def test_normalized_shape_mismatch(entry, bad_ns):
 @pytest.mark.parametrize("entry,which", ln_entry_args(["w", "b"]))
 def test_weight_bias_shape_mismatch(entry, which, bad_shape):
     args = ln_args()
-    args[which] = make_input(bad_shape, torch.float32, seed=4, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    args[which] = bad_shaped(bad_shape, 4)
     expect_error(lambda: call_ln(entry, **args), ARG_NAMES[which])
 
 
@@ -174,7 +176,7 @@ def test_num_groups_invalid(entry, G):
 @pytest.mark.parametrize("entry", GN_ENTRIES)
 def test_gn_weight_bias_shape_mismatch(entry, which, bad_shape):
     args = gn_args()
-    args[which] = make_input(bad_shape, torch.float32, seed=4, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    args[which] = bad_shaped(bad_shape, 4)
     expect_error(lambda: call_gn(entry, **args), ARG_NAMES[which])
 
 
@@ -283,13 +285,13 @@ def test_in_input_rank_too_small(entry, shape):
     expect_in_error(entry, args, r"(?i)shape|dim|input|rank|spatial")
 
 
-@pytest.mark.parametrize("bad_shape", [(4,), (2,), (3, 1), ()], ids=["C+1", "C-1", "2-D", "0-D"])
+@pytest.mark.parametrize("bad_shape", BAD_CHANNEL_SHAPES)
 @pytest.mark.parametrize("which", ["w", "b", "rm", "rv"])
 @pytest.mark.parametrize("entry", IN_ENTRIES)
 def test_in_per_channel_shape_mismatch(entry, which, bad_shape):
     args = in_args()
     stats = StatsUnchanged(args["rm"], args["rv"])
-    args[which] = make_input(bad_shape, torch.float32, seed=3, offset=False) + 1.5 if bad_shape else torch.tensor(1.5)
+    args[which] = bad_shaped(bad_shape, 3)
     expect_in_error(entry, args, ARG_NAMES[which], stats)
 
 
