@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torchnorm
 from torchnorm.nn import ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d
 
 from tolerances import tol
@@ -37,6 +38,13 @@ DTYPES_ALL = [
     pytest.param((torch.float16, torch.float32), id="f16-f32params"),
     pytest.param((torch.bfloat16, torch.float32), id="bf16-f32params"),
 ]
+
+
+def params_with_dtypes(rows):
+    """pytest.params of table rows of strings ending in one of DTYPES_ALL: its
+    (dtype, parameter dtype) pair unwrapped, the id the row's strings and its id."""
+    return [pytest.param(*r[:-1], r[-1].values[0], id="-".join([*r[:-1], r[-1].id])) for r in rows]
+
 
 # Modes of the functional API: (training, running statistics given)
 MODES = [
@@ -167,6 +175,19 @@ def assert_close(actual, expected, dtype, kind, msg=""):
     )
 
 
+def assert_grads_close(names, grads, expected, dtype, inputs=None):
+    """Each gradient expected (not None) is there, has the expected one's dtype
+    (with `inputs`, as against the float64 reference: its input's dtype) and
+    is close to it with the "grad" tolerance of `dtype`."""
+    for i, (name, g, e) in enumerate(zip(names, grads, expected)):
+        if e is None:
+            continue
+        assert g is not None, f"{name} missing"
+        want = e.dtype if inputs is None else inputs[i].dtype
+        assert g.dtype == want, f"{name} dtype {g.dtype}, expected {want}"
+        assert_close(g, e, dtype, "grad", name)
+
+
 def memory_format_of(t):
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -255,6 +276,61 @@ def instance_norm_inputs(shape, layout, dtype, pdtype, device, affine, track, se
     _, _, rm, rv = make_params(shape[1], pdtype, device, seed=seed + 100, affine=False, track=track)
     gy = make_input(shape, dtype, device, seed=seed + 300, scale=1.0, offset=False)
     return x, w, b, rm, rv, gy
+
+
+# ---------------------------------------------------------------------------
+# Bad input (tests/test_batch_norm_errors.py, tests/test_norm_errors.py)
+# ---------------------------------------------------------------------------
+
+ERRORS = (RuntimeError, ValueError, TypeError)
+OTHER_DEVICE = "cuda" if HAS_CUDA else "meta"
+# what an error about each argument calls it
+ARG_NAMES = {"w": "weight", "b": "bias", "res": "residual", "rm": "running_mean", "rv": "running_var"}
+
+# (input dtype, a parameter's mismatching dtype)
+DTYPE_MISMATCHES = [
+    pytest.param(torch.float32, torch.float64, id="f32-f64"),
+    pytest.param(torch.float32, torch.float16, id="f32-f16"),
+    pytest.param(torch.float64, torch.float32, id="f64-f32"),
+    pytest.param(torch.float16, torch.bfloat16, id="f16-bf16"),
+    pytest.param(torch.bfloat16, torch.float64, id="bf16-f64"),
+]
+
+# wrong shapes for a per-channel argument of a C=3 input
+BAD_CHANNEL_SHAPES = [
+    pytest.param((4,), id="C+1"),
+    pytest.param((2,), id="C-1"),
+    pytest.param((3, 1), id="2-D"),
+    pytest.param((), id="0-D"),
+]
+
+
+def bad_shaped(shape, seed):
+    """A nonzero float32 tensor of a wrong shape for an argument (0-D for ())."""
+    return make_input(shape, torch.float32, seed=seed, offset=False) + 1.5 if shape else torch.tensor(1.5)
+
+
+class StatsUnchanged:
+    """Snapshots the (CPU / real-device) running statistics; checks them afterwards."""
+
+    def __init__(self, *tensors):
+        self.pairs = [(t, t.detach().clone()) for t in tensors if t is not None and t.device.type != "meta"]
+
+    def check(self):
+        for t, before in self.pairs:
+            assert torch.equal(t, before), f"running statistics changed by a failing call: {before} -> {t}"
+
+
+def expect_error(fn, match, stats=None, types=ERRORS):
+    """fn() raises one of `types` matching `match`; then stats (a StatsUnchanged) is checked."""
+    with pytest.raises(types, match=match):
+        out = fn()
+        # a lazily reported error must at least surface when the result is used
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out.cpu()
+    if stats is not None:
+        stats.check()
 
 
 # ---------------------------------------------------------------------------
@@ -381,3 +457,41 @@ def assert_same_model_state(a, b):
         assert na == nb and pa.requires_grad == pb.requires_grad, (na, pa.requires_grad, pb.requires_grad)
     for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
         assert na == nb and ma.training == mb.training, (na, ma.training, mb.training)
+
+
+def assert_round_trip(converted, original, x, eval_child):
+    """converted (torchnorm.convert of a model) against original (a deep copy
+    of the model) on x, training (with the submodule named eval_child kept in
+    eval mode) and in eval: outputs, input and parameter gradients, buffers
+    (num_batches_tracked exactly). Then converted back: no torchnorm module
+    left, every module of the original's type, the same state and output."""
+    for training in (True, False):
+        converted.train(training)
+        original.train(training)
+        if training:
+            converted.get_submodule(eval_child).eval()
+            original.get_submodule(eval_child).eval()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, exp = converted(xa), original(xb)
+        assert_close(out, exp, torch.float32, "forward", f"converted model, training={training}")
+        out.sum().backward()
+        exp.sum().backward()
+        assert_close(xa.grad, xb.grad, torch.float32, "grad", "grad_input")
+        for (n, p), (_, q) in zip(converted.named_parameters(), original.named_parameters()):
+            if q.grad is not None:
+                assert_close(p.grad, q.grad, torch.float32, "grad", f"{n}.grad")
+        for (n, t), (_, u) in zip(converted.named_buffers(), original.named_buffers()):
+            if n.endswith("num_batches_tracked"):
+                assert torch.equal(t, u), n
+            else:
+                assert_close(t, u, torch.float32, "stats", n)
+
+    back = torchnorm.convert(converted, back=True)
+    assert not any(type(m).__module__.startswith("torchnorm") for m in back.modules())
+    orig_modules = dict(original.named_modules())
+    for n, m in back.named_modules():
+        assert type(m) is type(orig_modules[n]), f"{n} came back as {type(m)}"
+    assert_same_model_state(back, converted)
+    back.train()
+    original.train()
+    assert_close(back(x), original(x), torch.float32, "forward", "converted back")

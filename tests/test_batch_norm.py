@@ -22,6 +22,7 @@ from conftest import (
     act_name,
     apply_layout,
     assert_close,
+    assert_grads_close,
     batch_norm_inputs,
     clone_opt,
     grads_of,
@@ -75,22 +76,16 @@ REF_CASES = [
 # ---------------------------------------------------------------------------
 
 
+def _run_fused(mod, x, w, b, rm, rv, res, training, activation, grad_out, momentum, eps):
+    """mod.batch_norm (torchnorm.functional or the reference) on leaves, and its gradients."""
+    out = mod.batch_norm(x, rm, rv, weight=w, bias=b, training=training, momentum=momentum, eps=eps,
+                         activation=activation, negative_slope=NEGATIVE_SLOPE, residual=res)
+    return out, grads_of([out], [x, w, b, res], [grad_out])
+
+
 def run_torchnorm(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOMENTUM, eps=EPS):
     x, w, b, res = (leaf(t) for t in (x, w, b, res))
-    out = tnf.batch_norm(
-        x,
-        rm,
-        rv,
-        weight=w,
-        bias=b,
-        training=training,
-        momentum=momentum,
-        eps=eps,
-        activation=activation,
-        negative_slope=NEGATIVE_SLOPE,
-        residual=res,
-    )
-    return out, grads_of([out], [x, w, b, res], [grad_out])
+    return _run_fused(tnf, x, w, b, rm, rv, res, training, activation, grad_out, momentum, eps)
 
 
 def run_torch(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOMENTUM, eps=EPS):
@@ -105,21 +100,9 @@ def run_torch(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOM
 def run_reference(x, w, b, rm, rv, res, training, activation, grad_out, momentum=MOMENTUM, eps=EPS):
     """float64 on the CPU; rm / rv are float64 CPU tensors updated in place."""
     x, w, b, res = (leaf(to64(t)) for t in (x, w, b, res))
-    out = tnref.batch_norm(
-        x,
-        rm,
-        rv,
-        weight=w,
-        bias=b,
-        training=training,
-        momentum=momentum,
-        eps=eps,
-        activation=activation,
-        negative_slope=NEGATIVE_SLOPE,
-        residual=res,
-    )
+    out, grads = _run_fused(tnref, x, w, b, rm, rv, res, training, activation, to64(grad_out), momentum, eps)
     assert out.dtype == torch.float64
-    return out, grads_of([out], [x, w, b, res], [to64(grad_out)])
+    return out, grads
 
 
 GRAD_NAMES = ["grad_input", "grad_weight", "grad_bias", "grad_residual"]
@@ -152,11 +135,7 @@ def test_functional_matches_torch(device, shape, layout, dtype, mode, activation
     assert_close(out, exp, dtype, "forward", "output")
     if layout in ("contiguous", "channels_last", "channels_last_3d"):
         assert memory_format_of(out) == memory_format_of(x), f"output strides {out.stride()} for input {x.stride()}"
-    for name, g, e in zip(GRAD_NAMES, grads, exp_grads):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == e.dtype
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype)
     if track:
         assert_close(rm, rm_t, dtype, "stats", "running_mean")
         assert_close(rv, rv_t, dtype, "stats", "running_var")
@@ -190,11 +169,7 @@ def test_functional_matches_reference(device, shape, layout, dtypes, mode, activ
 
     assert out.dtype == dtype, f"output dtype {out.dtype} for a {dtype} input"
     assert_close(out, exp, dtype, "forward", "output")
-    for name, g, e, src in zip(GRAD_NAMES, grads, exp_grads, (x, w, b, res)):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == src.dtype, f"{name} dtype {g.dtype}, expected {src.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype, inputs=(x, w, b, res))
     if track:
         assert rm.dtype == pdtype and rv.dtype == pdtype
         assert_close(rm, rm64, pdtype, "stats", "running_mean")

@@ -20,6 +20,7 @@ from conftest import (
     NEGATIVE_SLOPE,
     act_name,
     assert_close,
+    assert_round_trip,
     assert_same_state,
     make_input,
     make_module_pair,
@@ -327,10 +328,6 @@ def resnet_like(device="cpu", dtype=torch.float32):
     return model
 
 
-def bn_modules(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, TORCH_BN_TYPES) or type(m).__module__.startswith("torchnorm")}
-
-
 def assert_converted(model, original):
     orig_bns = {n: m for n, m in original.named_modules() if type(m) in TORCH_BN_TYPES}
     assert orig_bns, "test model has no BatchNorm"
@@ -356,33 +353,7 @@ def test_convert_round_trip_resnet_like():
     assert_same_model_state(converted, original)
 
     x = make_input((4, 3, 6, 6), torch.float32, seed=1, offset=False)
-    for training in (True, False):
-        converted.train(training)
-        original.train(training)
-        if training:
-            converted[3].eval()
-            original[3].eval()
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out, exp = converted(xa), original(xb)
-        assert_close(out, exp, torch.float32, "forward", f"converted model, training={training}")
-        out.sum().backward()
-        exp.sum().backward()
-        assert_close(xa.grad, xb.grad, torch.float32, "grad", "grad_input")
-        for (n, p), (_, q) in zip(converted.named_parameters(), original.named_parameters()):
-            if q.grad is not None:
-                assert_close(p.grad, q.grad, torch.float32, "grad", f"{n}.grad")
-        for (n, t), (_, u) in zip(converted.named_buffers(), original.named_buffers()):
-            assert_close(t, u, torch.float32, "stats", n)
-
-    back = torchnorm.convert(converted, back=True)
-    assert not any(type(m).__module__.startswith("torchnorm") for m in back.modules())
-    for n, m in back.named_modules():
-        if n in bn_modules(original):
-            assert type(m) is type(dict(original.named_modules())[n]), f"{n} came back as {type(m)}"
-    assert_same_model_state(back, converted)
-    back.train()
-    original.train()
-    assert_close(back(x), original(x), torch.float32, "forward", "converted back")
+    assert_round_trip(converted, original, x, eval_child="3")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,11 +25,13 @@ from conftest import (
     act_name,
     apply_layout,
     assert_close,
+    assert_grads_close,
     grads_of,
     group_norm_inputs,
     leaf,
     make_affine,
     make_input,
+    params_with_dtypes,
     memory_format_of,
     poison,
     randn,
@@ -130,11 +132,7 @@ def test_functional_matches_torch(device, shape, G, layout, dtype, activation, a
     assert_close(out, exp, dtype, "forward", "output")
     if layout in DENSE:
         assert memory_format_of(out) == memory_format_of(x), f"output strides {out.stride()} for input {x.stride()}"
-    for name, g, e in zip(GRAD_NAMES, grads, exp_grads):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == e.dtype
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype)
     assert torch.equal(x, x_before), "the input was written"
 
 
@@ -158,11 +156,7 @@ def test_functional_matches_reference(device, shape, G, layout, dtypes, activati
     assert_close(out, exp, dtype, "forward", "output")
     if layout in DENSE:
         assert memory_format_of(out) == memory_format_of(x)
-    for name, g, e, src in zip(GRAD_NAMES, grads, exp_grads, (x, w, b)):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == src.dtype, f"{name} dtype {g.dtype}, expected {src.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype, inputs=(x, w, b))
 
 
 LONG_GROUP = [
@@ -175,10 +169,7 @@ LONG_GROUP = [
 ]
 
 
-@pytest.mark.parametrize(
-    "layout,activation,affine,dtypes",
-    [pytest.param(*c[:3], c[3].values[0], id=f"{c[0]}-{c[1]}-{c[2]}-{c[3].id}") for c in LONG_GROUP],
-)
+@pytest.mark.parametrize("layout,activation,affine,dtypes", params_with_dtypes(LONG_GROUP))
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_group(device, layout, activation, affine, dtypes):
     """A group of 72000 elements: many times the kernel's 2048-element segment."""

@@ -22,6 +22,7 @@ from conftest import (
     accumulate_dtype,
     apply_layout,
     assert_close,
+    assert_grads_close,
     clone_opt,
     grads_of,
     instance_norm_inputs,
@@ -112,11 +113,7 @@ def test_functional_matches_torch(device, shape, layout, dtype, mode, affine):
     exp, exp_grads = run("torch", x, rm_t, rv_t, w, b, use_input_stats, gy)
     assert out.dtype == dtype and out.device == x.device and tuple(out.shape) == shape
     assert_close(out, exp, dtype, "forward", "output")
-    for name, g, e in zip(GRAD_NAMES, grads, exp_grads):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == e.dtype
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype)
     if track:
         assert_close(rm, rm_t, dtype, "stats", "running_mean")
         assert_close(rv, rv_t, dtype, "stats", "running_var")
@@ -143,11 +140,7 @@ def test_functional_matches_reference(device, shape, layout, dtypes, mode, affin
     exp, exp_grads = run("reference", x, rm64, rv64, w, b, use_input_stats, gy)
     assert out.dtype == dtype, f"output dtype {out.dtype} for a {dtype} input"
     assert_close(out, exp, dtype, "forward", "output")
-    for name, g, e, src in zip(GRAD_NAMES, grads, exp_grads, (x, w, b)):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == src.dtype, f"{name} dtype {g.dtype}, expected {src.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype, inputs=(x, w, b))
     if track:
         assert rm.dtype == pdtype and rv.dtype == pdtype
         assert_close(rm, rm64, pdtype, "stats", "running_mean")

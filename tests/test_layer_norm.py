@@ -22,10 +22,12 @@ from conftest import (
     DTYPES_ALL,
     accumulate_dtype,
     assert_close,
+    assert_grads_close,
     grads_of,
     leaf,
     make_affine,
     make_input,
+    params_with_dtypes,
     poison,
     randn,
     row_norm_inputs,
@@ -145,11 +147,7 @@ def test_functional_matches_torch(device, shape, ns, layout, dtype, op, affine, 
     if res is not None:
         assert s.dtype == dtype
         assert_close(s, exp_s, dtype, "forward", "sum")
-    for name, g, e in zip(GRAD_NAMES, grads, exp_grads):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == e.dtype, f"{name} dtype {g.dtype} != {e.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype)
     assert torch.equal(x, x_before), "the input was written"
     if res is not None:
         assert torch.equal(res, res_before), "the residual was written"
@@ -179,11 +177,7 @@ def test_functional_matches_reference(device, shape, ns, layout, dtypes, op, aff
     if res is not None:
         assert s.dtype == dtype
         assert_close(s, exp_s, dtype, "forward", "sum")
-    for name, g, e, src in zip(GRAD_NAMES, grads, exp_grads, (x, w, b, res)):
-        if e is not None:
-            assert g is not None, f"{name} missing"
-            assert g.dtype == src.dtype, f"{name} dtype {g.dtype}, expected {src.dtype}"
-            assert_close(g, e, dtype, "grad", name)
+    assert_grads_close(GRAD_NAMES, grads, exp_grads, dtype, inputs=(x, w, b, res))
 
 
 LONG_ROW = [
@@ -197,10 +191,7 @@ LONG_ROW = [
 ]
 
 
-@pytest.mark.parametrize(
-    "op,affine,residual,dtypes",
-    [pytest.param(*c[:3], c[3].values[0], id=f"{c[0]}-{c[1]}-{c[2]}-{c[3].id}") for c in LONG_ROW],
-)
+@pytest.mark.parametrize("op,affine,residual,dtypes", params_with_dtypes(LONG_ROW))
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_row(device, op, affine, residual, dtypes):
     """D = 70000: many times the kernel's 2048-element segment (and not a multiple of it)."""
@@ -343,13 +334,27 @@ def stats_shape(shape, ns):
     return tuple(shape[: len(shape) - len(ns)]) + (1,) * len(ns)
 
 
+def check_sum(s, x, res, dtype):
+    """The op's sum output: a (0,) tensor without a residual, else x + residual.
+    Returns what was normalized, in float64: x, or the sum in the input's dtype."""
+    if res is None:
+        assert tuple(s.shape) == (0,), f"sum without a residual has shape {tuple(s.shape)}, expected (0,)"
+        return to64(x)
+    assert s.dtype == dtype and tuple(s.shape) == tuple(x.shape)
+    assert_close(s, to64(x) + to64(res), dtype, "forward", "sum")
+    return to64(x + res)
+
+
+OP_CASES = [
+    pytest.param((7, 13), (13,), "contiguous", id="D13"),
+    pytest.param((2, 3, 5, 6), (5, 6), "transposed", id="D5x6-transposed"),
+    pytest.param((3, 4100), (4100,), "contiguous", id="D4100"),
+]
+
+
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("dtypes", DTYPES_ALL)
-@pytest.mark.parametrize(
-    "shape,ns,layout",
-    [((7, 13), (13,), "contiguous"), ((2, 3, 5, 6), (5, 6), "transposed"), ((3, 4100), (4100,), "contiguous")],
-    ids=["D13", "D5x6-transposed", "D4100"],
-)
+@pytest.mark.parametrize("shape,ns,layout", OP_CASES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_layer_norm(device, shape, ns, layout, dtypes, with_residual):
     dtype, pdtype = dtypes
@@ -361,13 +366,7 @@ def test_op_layer_norm(device, shape, ns, layout, dtypes, with_residual):
     assert mean.dtype == acc and rstd.dtype == acc, (mean.dtype, rstd.dtype)
     assert tuple(mean.shape) == stats_shape(shape, ns), f"mean shape {tuple(mean.shape)}"
     assert tuple(rstd.shape) == stats_shape(shape, ns), f"rstd shape {tuple(rstd.shape)}"
-    if res is None:
-        assert tuple(s.shape) == (0,), f"sum without a residual has shape {tuple(s.shape)}, expected (0,)"
-        s64 = to64(x)
-    else:
-        assert s.dtype == dtype and tuple(s.shape) == shape
-        assert_close(s, to64(x) + to64(res), dtype, "forward", "sum")
-        s64 = to64(x + res)  # what is normalized: the sum in the input's dtype
+    s64 = check_sum(s, x, res, dtype)
     dims = tuple(range(len(shape) - len(ns), len(shape)))
     assert_close(mean, s64.mean(dims, keepdim=True), acc, "stats", "saved mean")
     assert_close(rstd, (s64.var(dims, unbiased=False, keepdim=True) + 1e-3).rsqrt(), acc, "stats", "saved rstd")
@@ -377,11 +376,7 @@ def test_op_layer_norm(device, shape, ns, layout, dtypes, with_residual):
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("dtypes", DTYPES_ALL)
-@pytest.mark.parametrize(
-    "shape,ns,layout",
-    [((7, 13), (13,), "contiguous"), ((2, 3, 5, 6), (5, 6), "transposed"), ((3, 4100), (4100,), "contiguous")],
-    ids=["D13", "D5x6-transposed", "D4100"],
-)
+@pytest.mark.parametrize("shape,ns,layout", OP_CASES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_rms_norm(device, shape, ns, layout, dtypes, with_residual):
     dtype, pdtype = dtypes
@@ -393,13 +388,7 @@ def test_op_rms_norm(device, shape, ns, layout, dtypes, with_residual):
     assert rstd.dtype == acc, rstd.dtype
     # the shape layer_norm_backward takes (as layer_norm's)
     assert tuple(rstd.shape) == stats_shape(shape, ns), f"rstd shape {tuple(rstd.shape)}"
-    if res is None:
-        assert tuple(s.shape) == (0,), f"sum without a residual has shape {tuple(s.shape)}, expected (0,)"
-        s64 = to64(x)
-    else:
-        assert s.dtype == dtype and tuple(s.shape) == shape
-        assert_close(s, to64(x) + to64(res), dtype, "forward", "sum")
-        s64 = to64(x + res)
+    s64 = check_sum(s, x, res, dtype)
     dims = tuple(range(len(shape) - len(ns), len(shape)))
     assert_close(rstd, ((s64 * s64).mean(dims, keepdim=True) + 1e-3).rsqrt(), acc, "stats", "saved rstd")
     assert_close(out, tnref.rms_norm(s64, ns, to64(w), eps=1e-3), dtype, "forward", "output")

@@ -23,6 +23,7 @@ from conftest import (
     accumulate_dtype,
     act_name,
     assert_close,
+    assert_round_trip,
     assert_same_state,
     make_input,
     make_module_pair,
@@ -461,35 +462,7 @@ def test_convert_round_trip():
     assert converted.ln.weight is model.ln.weight
 
     x = make_input((3, 3, 4, 5), torch.float32, seed=1, offset=False)
-    for training in (True, False):
-        converted.train(training)
-        original.train(training)
-        if training:
-            converted.in2.eval()
-            original.in2.eval()
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out, exp = converted(xa), original(xb)
-        assert_close(out, exp, torch.float32, "forward", f"converted model, training={training}")
-        out.sum().backward()
-        exp.sum().backward()
-        assert_close(xa.grad, xb.grad, torch.float32, "grad", "grad_input")
-        for (n, p), (_, q) in zip(converted.named_parameters(), original.named_parameters()):
-            if q.grad is not None:
-                assert_close(p.grad, q.grad, torch.float32, "grad", f"{n}.grad")
-        for (n, t), (_, u) in zip(converted.named_buffers(), original.named_buffers()):
-            if n.endswith("num_batches_tracked"):
-                assert torch.equal(t, u), n
-            else:
-                assert_close(t, u, torch.float32, "stats", n)
-
-    back = torchnorm.convert(converted, back=True)
-    assert not any(type(m).__module__.startswith("torchnorm") for m in back.modules())
-    for n, m in back.named_modules():
-        assert type(m) is type(orig_modules[n]), f"{n} came back as {type(m)}"
-    assert_same_model_state(back, converted)
-    back.train()
-    original.train()
-    assert_close(back(x), original(x), torch.float32, "forward", "converted back")
+    assert_round_trip(converted, original, x, eval_child="in2")
 
 
 @pytest.mark.parametrize("name,args,kwargs", CONSTRUCTIONS[::2], ids=CONSTRUCTION_IDS[::2])
