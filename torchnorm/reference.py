@@ -210,3 +210,225 @@ def instance_norm(
     if bias is not None:
         y = y + bias.double().view(shape)
     return y
+
+
+# ---------------------------------------------------------------------------
+# Sequence norms (issue 16): recurrent BatchNorm and BN-LSTM (Cooijmans et al.
+# 2016, arXiv 1603.09025), sequence-wise BatchNorm of BN-RNNs (Laurent et al.
+# 2015, arXiv 1510.01378). The ground truth of the future kernels; built on
+# one masked batch statistic, biased variance to normalize, unbiased for the
+# running average.
+# ---------------------------------------------------------------------------
+
+__all__ += ["recurrent_batch_norm_step", "bn_lstm", "sequence_batch_norm"]
+
+
+def _masked_batch_norm(
+    x: Tensor,
+    valid: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """BatchNorm of the rows of a float64 ``(M, C)`` ``x`` where the bool ``(M,)``
+    ``valid`` is True; the other rows take no part and give output 0 (hence
+    zero gradient). Training updates the 1-d running statistics in place (if
+    given) with the unbiased variance; one valid row updates them with its
+    variance 0 (the unbiased estimate is undefined), no valid row leaves them
+    alone."""
+    C = x.shape[1]
+    if training:
+        rows = x[valid]
+        count = rows.shape[0]
+        if count == 0:  # nothing to normalize: every output is 0
+            mean, var = x.new_zeros(C), x.new_ones(C)
+        else:
+            mean = rows.mean(0)
+            var = ((rows - mean) ** 2).mean(0)  # biased: what normalizes
+        if running_mean is not None and count > 0:
+            with torch.no_grad():
+                unbiased = var * count / (count - 1) if count > 1 else var
+                running_mean.copy_((1 - momentum) * running_mean.double() + momentum * mean)
+                running_var.copy_((1 - momentum) * running_var.double() + momentum * unbiased)
+    else:
+        mean, var = running_mean.double(), running_var.double()
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return torch.where(valid.unsqueeze(1), y, torch.zeros((), dtype=y.dtype))
+
+
+def recurrent_batch_norm_step(
+    x: Tensor,
+    t: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """float64 recurrent BatchNorm (Cooijmans et al. 2016) of an ``(N, C)`` input
+    at time step ``t``, with per-step statistics.
+
+    ``running_mean`` / ``running_var`` are ``(max_length, C)``; step ``t`` uses
+    row ``min(t, max_length - 1)``: a step at or beyond ``max_length`` uses the
+    last row and, in training, updates it. Training normalizes with the batch
+    statistics (biased variance) of the rows where the bool ``(N,)`` ``mask``
+    is True (None: all) and updates that row of the running statistics in place
+    with the mean and the unbiased variance, as torch.nn does. Eval normalizes
+    with that row's running statistics. ``weight`` / ``bias`` are shared across
+    time; None means scale 1 / shift 0 (BN-LSTM's fixed-zero shifts).
+
+    Rows where ``mask`` is False (sequences that have ended) take no part in
+    the statistics, their output is 0 and their gradient is 0, in training and
+    in eval.
+
+    One valid row: its mean is itself and its variance 0, so its normalized
+    value is exactly 0 (``x - mean = 0``, divided by ``sqrt(eps)``) and the
+    output is ``bias`` (0 without one), whatever the input; its gradient with
+    respect to the input is 0. The running variance is then updated with the
+    biased variance 0, the unbiased estimate being undefined (torch.nn raises
+    here instead). No valid row: every output is 0 and the running statistics
+    are left alone.
+    """
+    if t < 0:
+        raise ValueError(f"time step t must be >= 0, got {t}")
+    xd = x.double()
+    N = xd.shape[0]
+    if mask is None:
+        valid = torch.ones(N, dtype=torch.bool, device=xd.device)
+    else:
+        valid = mask.to(device=xd.device, dtype=torch.bool)
+    if valid.shape != (N,):
+        raise ValueError(f"mask must have shape ({N},), got {tuple(valid.shape)}")
+    row = min(t, running_mean.shape[0] - 1)
+    return _masked_batch_norm(xd, valid, running_mean[row], running_var[row], weight, bias, training, momentum, eps)
+
+
+def _valid_steps(lengths: Optional[Tensor], T: int, N: int, device) -> Tensor:
+    """The ``(T, N)`` bool of the positions ``t < lengths[n]`` (all when None)."""
+    if lengths is None:
+        return torch.ones(T, N, dtype=torch.bool, device=device)
+    lengths = torch.as_tensor(lengths).to(device=device, dtype=torch.long)
+    if lengths.shape != (N,):
+        raise ValueError(f"lengths must have shape ({N},), got {tuple(lengths.shape)}")
+    if N > 0 and (lengths.min() < 0 or lengths.max() > T):
+        raise ValueError(f"lengths must lie in [0, {T}], got {lengths.tolist()}")
+    return torch.arange(T, device=device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
+def bn_lstm(
+    x: Tensor,
+    h0: Optional[Tensor],
+    c0: Optional[Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias: Optional[Tensor],
+    bn_ih_weight: Optional[Tensor],
+    bn_hh_weight: Optional[Tensor],
+    bn_c_weight: Optional[Tensor],
+    bn_c_bias: Optional[Tensor],
+    running_stats: dict,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    lengths: Optional[Tensor] = None,
+):
+    """float64 one layer of BN-LSTM (Cooijmans et al. 2016) over a ``(T, N, I)`` input::
+
+        gates = BN_hh(W_hh h_{t-1}) + BN_ih(W_ih x_t) + bias     (BN shifts fixed at 0)
+        i, f, g, o = gates.chunk(4)                               (torch.nn.LSTM's order)
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+        h_t = sigmoid(o) * tanh(BN_c(c_t))
+
+    ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias`` (4H) or None;
+    ``bn_ih_weight`` / ``bn_hh_weight`` (4H) and ``bn_c_weight`` /
+    ``bn_c_bias`` (H) are the BN scales and shift, shared across time. ``h0`` /
+    ``c0`` are ``(N, H)`` (None: zeros). Every BN is
+    :func:`recurrent_batch_norm_step` with per-step statistics:
+    ``running_stats`` maps "ih", "hh" and "c" to ``(running_mean,
+    running_var)`` pairs of shape ``(max_length, 4H)``, ``(max_length, 4H)``
+    and ``(max_length, H)``, updated in place when training.
+
+    ``lengths`` (N,), sorted or not (None: all T): a sequence that has ended
+    takes no part in any later step's statistics, its outputs there are 0 (with
+    zero gradient), and its state stays that of its last valid step. A step
+    with one sequence left normalizes it with variance 0 (see
+    :func:`recurrent_batch_norm_step`): its two gate BNs give 0 and its cell
+    BN gives ``bn_c_bias``, so its gates are ``bias`` alone and its
+    ``h_t = sigmoid(o) * tanh(bn_c_bias)``; only ``c_t`` still depends on its
+    past.
+
+    Returns ``(output, (h_n, c_n))``: output ``(T, N, H)``, and ``h_n`` /
+    ``c_n`` ``(N, H)``, each sequence's state at its last valid step (``h0`` /
+    ``c0`` for length 0), what torch.nn.LSTM returns for packed input (without
+    its leading layer dimension).
+    """
+    xd = x.double()
+    T, N = xd.shape[0], xd.shape[1]
+    H = weight_hh.shape[1]
+    valid = _valid_steps(lengths, T, N, xd.device)
+    h = xd.new_zeros(N, H) if h0 is None else h0.double()
+    c = xd.new_zeros(N, H) if c0 is None else c0.double()
+    w_ih, w_hh = weight_ih.double(), weight_hh.double()
+    wx_all = xd @ w_ih.t()  # the input projection of every step at once
+    outputs = []
+    for t in range(T):
+        m = valid[t]
+        wx = recurrent_batch_norm_step(wx_all[t], t, *running_stats["ih"], bn_ih_weight, None, training, momentum, eps, m)
+        wh = recurrent_batch_norm_step(h @ w_hh.t(), t, *running_stats["hh"], bn_hh_weight, None, training, momentum, eps, m)
+        gates = wx + wh
+        if bias is not None:
+            gates = gates + bias.double()
+        i, f, g, o = gates.chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        bn_c = recurrent_batch_norm_step(c_new, t, *running_stats["c"], bn_c_weight, bn_c_bias, training, momentum, eps, m)
+        h_new = torch.sigmoid(o) * torch.tanh(bn_c)
+        keep = m.unsqueeze(1)
+        c = torch.where(keep, c_new, c)  # an ended sequence keeps its last valid state
+        h = torch.where(keep, h_new, h)
+        outputs.append(torch.where(keep, h_new, torch.zeros((), dtype=h_new.dtype)))
+    output = torch.stack(outputs) if T > 0 else xd.new_zeros(0, N, H)
+    return output, (h, c)
+
+
+def sequence_batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    lengths: Optional[Tensor] = None,
+    batch_first: bool = False,
+) -> Tensor:
+    """float64 sequence-wise BatchNorm of BN-RNNs (Laurent et al. 2015) of a
+    ``(T, N, C)`` input (``(N, T, C)`` with ``batch_first``): statistics over
+    batch and time together. Positions ``t >= lengths[n]`` (padding) take no
+    part in the statistics and give output 0 (zero gradient). Without
+    ``lengths`` it equals torch.nn.functional.batch_norm of the ``(T*N, C)``
+    reshape, running statistics (``(C,)``, updated in place when training with
+    the unbiased variance; may be None when training) included. Where
+    torch.nn would raise (one valid position in training) the running variance
+    is updated with the biased variance 0, and the output is ``bias``; no valid
+    position leaves the running statistics alone."""
+    xd = x.double()
+    if batch_first:
+        xd = xd.transpose(0, 1)
+    T, N, C = xd.shape
+    valid = _valid_steps(lengths, T, N, xd.device).reshape(T * N)
+    y = _masked_batch_norm(
+        xd.reshape(T * N, C), valid, running_mean, running_var, weight, bias, training, momentum, eps
+    ).reshape(T, N, C)
+    return y.transpose(0, 1) if batch_first else y
