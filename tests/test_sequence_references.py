@@ -171,12 +171,13 @@ def bn_lstm_by_hand(x, h, c, p, st, training, momentum, eps, lengths=None):
         idx = [n for n in range(N) if t < lengths[n]]
         row = min(t, L - 1)
         xt, ht, ct = x[t, idx], h[idx], c[idx]
-        wx = F.batch_norm(xt @ p["w_ih"].t(), st["ih"][0][row], st["ih"][1][row], p["g_ih"], None, training, momentum, eps)
-        wh = F.batch_norm(ht @ p["w_hh"].t(), st["hh"][0][row], st["hh"][1][row], p["g_hh"], None, training, momentum, eps)
+        (m_ih, v_ih), (m_hh, v_hh), (m_c, v_c) = st["ih"], st["hh"], st["c"]
+        wx = F.batch_norm(xt @ p["w_ih"].t(), m_ih[row], v_ih[row], p["g_ih"], None, training, momentum, eps)
+        wh = F.batch_norm(ht @ p["w_hh"].t(), m_hh[row], v_hh[row], p["g_hh"], None, training, momentum, eps)
         i, f, g, o = (wx + wh + p["b"]).chunk(4, 1)
         ct = torch.sigmoid(f) * ct + torch.sigmoid(i) * torch.tanh(g)
         ht = torch.sigmoid(o) * torch.tanh(
-            F.batch_norm(ct, st["c"][0][row], st["c"][1][row], p["g_c"], p["b_c"], training, momentum, eps)
+            F.batch_norm(ct, m_c[row], v_c[row], p["g_c"], p["b_c"], training, momentum, eps)
         )
         h, c, out = h.clone(), c.clone(), out.clone()
         h[idx], c[idx], out[t, idx] = ht, ct, ht
@@ -230,7 +231,9 @@ def test_bn_lstm_against_composition(training, L, lengths):
 
     a, b = leaves(), leaves()
     out, (hn, cn) = run_ref(a[0], a[1], a[2], dict(zip(NAMES, a[3:])), st, training, momentum, eps, lens)
-    out_e, (hn_e, cn_e) = bn_lstm_by_hand(b[0], b[1], b[2], dict(zip(NAMES, b[3:])), st_ref, training, momentum, eps, lengths)
+    out_e, (hn_e, cn_e) = bn_lstm_by_hand(
+        b[0], b[1], b[2], dict(zip(NAMES, b[3:])), st_ref, training, momentum, eps, lengths
+    )
     close(out, out_e)
     close(hn, hn_e)
     close(cn, cn_e)

@@ -382,17 +382,19 @@ def bn_lstm(
     w_ih, w_hh = weight_ih.double(), weight_hh.double()
     wx_all = xd @ w_ih.t()  # the input projection of every step at once
     outputs = []
+    def bn(z, t, key, weight, bias, mask):
+        return recurrent_batch_norm_step(z, t, *running_stats[key], weight, bias, training, momentum, eps, mask)
+
     for t in range(T):
         m = valid[t]
-        wx = recurrent_batch_norm_step(wx_all[t], t, *running_stats["ih"], bn_ih_weight, None, training, momentum, eps, m)
-        wh = recurrent_batch_norm_step(h @ w_hh.t(), t, *running_stats["hh"], bn_hh_weight, None, training, momentum, eps, m)
+        wx = bn(wx_all[t], t, "ih", bn_ih_weight, None, m)
+        wh = bn(h @ w_hh.t(), t, "hh", bn_hh_weight, None, m)
         gates = wx + wh
         if bias is not None:
             gates = gates + bias.double()
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        bn_c = recurrent_batch_norm_step(c_new, t, *running_stats["c"], bn_c_weight, bn_c_bias, training, momentum, eps, m)
-        h_new = torch.sigmoid(o) * torch.tanh(bn_c)
+        h_new = torch.sigmoid(o) * torch.tanh(bn(c_new, t, "c", bn_c_weight, bn_c_bias, m))
         keep = m.unsqueeze(1)
         c = torch.where(keep, c_new, c)  # an ended sequence keeps its last valid state
         h = torch.where(keep, h_new, h)
