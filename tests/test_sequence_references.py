@@ -1,4 +1,4 @@
-"""The float64 references of the sequence norms (issue 16) in torchnorm.reference:
+"""The float64 references of the sequence norms in torchnorm.reference:
 recurrent_batch_norm_step, bn_lstm and sequence_batch_norm, against
 compositions of torch.nn.functional.batch_norm per step (over the (T*N, C)
 reshape for the sequence-wise BN), written here independently; the max_length

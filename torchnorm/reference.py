@@ -213,9 +213,9 @@ def instance_norm(
 
 
 # ---------------------------------------------------------------------------
-# Sequence norms (issue 16): recurrent BatchNorm and BN-LSTM (Cooijmans et al.
+# Sequence norms: recurrent BatchNorm and BN-LSTM (Cooijmans et al.
 # 2016, arXiv 1603.09025), sequence-wise BatchNorm of BN-RNNs (Laurent et al.
-# 2015, arXiv 1510.01378). The ground truth of the future kernels; built on
+# 2015, arXiv 1510.01378). The ground truth for their kernels; built on
 # one masked batch statistic, biased variance to normalize, unbiased for the
 # running average.
 # ---------------------------------------------------------------------------
@@ -382,6 +382,7 @@ def bn_lstm(
     w_ih, w_hh = weight_ih.double(), weight_hh.double()
     wx_all = xd @ w_ih.t()  # the input projection of every step at once
     outputs = []
+
     def bn(z, t, key, weight, bias, mask):
         return recurrent_batch_norm_step(z, t, *running_stats[key], weight, bias, training, momentum, eps, mask)
 
