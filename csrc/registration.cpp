@@ -121,6 +121,60 @@ TORCH_LIBRARY(torchnorm, m) {
       "float negative_slope, int[] stride, int[] padding, int[] dilation, int groups, bool transposed, "
       "int[] output_padding, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Sequence norms (docs/sequence_norms.md). Statistics are float32 (float64
+  // for float64 input); an output that is not produced is an empty tensor of
+  // shape (0,).
+  //
+  // BatchNorm of the rows of a 2-d (R, C) input where the bool (R,) `valid`
+  // is true (None: every row); the other rows take no part in the statistics
+  // and their output is 0. Training normalizes with the valid rows' mean and
+  // biased variance and updates the running statistics in place (as
+  // batch_norm_train: unbiased variance; one valid row updates them with its
+  // variance 0, no valid row leaves them alone). Evaluation normalizes with
+  // the running statistics. Running statistics are (C,), or (L, C) per time
+  // step, of which row min(step, L - 1) is used (recurrent BatchNorm: a step
+  // at or beyond L uses the last row). Returns (output, mean, rstd), the
+  // statistics that normalized (the running ones in evaluation).
+  m.def(
+      "masked_batch_norm(Tensor input, Tensor? valid, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, int step, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // Gradients of masked_batch_norm from the mean and rstd it returned:
+  // (grad_input, grad_weight, grad_bias); invalid rows get grad_input 0.
+  m.def(
+      "masked_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? valid, Tensor? weight, Tensor mean, "
+      "Tensor rstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // One layer of BN-LSTM (Cooijmans et al. 2016) over T steps from the input
+  // projection input_gates = x @ weight_ih.T, (T, N, 4H), with per-step
+  // BatchNorms (statistics over the batch, shared scales):
+  //   gates = BN_ih(input_gates[t]) + BN_hh(h @ weight_hh.T) + bias
+  //   c = sigmoid(f) * c + sigmoid(i) * tanh(g);  h = sigmoid(o) * tanh(BN_c(c))
+  // (gate order i, f, g, o; the gate BNs have no shift). Step t uses row
+  // first_step + t of the (L, F) running statistics, clamped to L - 1, as
+  // masked_batch_norm. lengths (N,) int64, any order (None: all T): a
+  // sequence that has ended is masked out of every later step (output 0, no
+  // part in statistics, state kept). Returns (output (T, N, H), h_n, c_n,
+  // hidden_gates (T, N, 4H), cells (T, N, H), stats (T, 2, 9H)): h_n and c_n
+  // are each sequence's state at its last valid step; the last three are what
+  // the backward needs (hidden_gates = h_{t-1} @ weight_hh.T, cells = c_t
+  // carried past a sequence's end, stats = per step [mean; rstd] of
+  // [ih (4H) | hh (4H) | c (H)]).
+  m.def(
+      "bn_lstm_layer(Tensor input_gates, Tensor hx, Tensor cx, Tensor weight_hh, Tensor? bias, "
+      "Tensor bn_ih_weight, Tensor bn_hh_weight, Tensor bn_c_weight, Tensor bn_c_bias, "
+      "Tensor(a!)? running_mean_ih, Tensor(b!)? running_var_ih, Tensor(c!)? running_mean_hh, "
+      "Tensor(d!)? running_var_hh, Tensor(e!)? running_mean_c, Tensor(f!)? running_var_c, Tensor? lengths, "
+      "int first_step, bool training, float momentum, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of bn_lstm_layer from what it returned: (input_gates, hx, cx,
+  // weight_hh, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias);
+  // grad_bias is empty (0,) without a bias. Absent incoming gradients are 0.
+  m.def(
+      "bn_lstm_layer_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input_gates, "
+      "Tensor hx, Tensor cx, Tensor weight_hh, Tensor? bias, Tensor bn_ih_weight, Tensor bn_hh_weight, "
+      "Tensor bn_c_weight, Tensor bn_c_bias, Tensor output, Tensor hidden_gates, Tensor cells, Tensor stats, "
+      "Tensor? lengths, bool training) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // Internal ops: the per-channel pieces of conv_bn_frozen and
   // conv_bn_frozen_backward, which call them through the dispatcher, and of
   // torchnorm.fx.fold_parameters, so that the fold's formula has one home.
@@ -156,6 +210,34 @@ TORCH_LIBRARY(torchnorm, m) {
   // dtype and the weight's layout; weight as _conv_weight_channel_dot's, or
   // a Linear's. One kernel for every backend (CompositeExplicitAutograd).
   m.def("_conv_weight_channel_scale(Tensor weight, Tensor scale, int groups, bool transposed) -> Tensor");
+
+  // Internal ops: one step of bn_lstm_layer and of its backward, the fused
+  // per-device kernels that bn_lstm_layer and bn_lstm_layer_backward (one
+  // composite for every backend, csrc/bn_lstm_layer.cpp) call once per step
+  // around the matrix products. They write into the given outputs, which are
+  // slices of the layer's (T, ...) tensors. Rows where `valid` is false get
+  // hy = 0 and cy = cx.
+  //
+  // Forward: both gate BNs (statistics of this step's valid rows, or the
+  // running row `step` in evaluation), the gates, the cell update, BN_c and
+  // h, and the running-statistics update; stats gets (2, 9H) [mean; rstd].
+  m.def(
+      "_bn_lstm_step(Tensor input_gates, Tensor hidden_gates, Tensor cx, Tensor? bias, Tensor bn_ih_weight, "
+      "Tensor bn_hh_weight, Tensor bn_c_weight, Tensor bn_c_bias, Tensor(a!)? running_mean_ih, "
+      "Tensor(b!)? running_var_ih, Tensor(c!)? running_mean_hh, Tensor(d!)? running_var_hh, "
+      "Tensor(e!)? running_mean_c, Tensor(f!)? running_var_c, int step, Tensor? valid, bool training, "
+      "float momentum, float eps, Tensor(g!) hy, Tensor(h!) cy, Tensor(i!) stats) -> ()");
+  // Backward of one step from grad_hy (all that reaches h_t) and grad_cy
+  // (what reaches c_t from later steps): writes grad_input_gates,
+  // grad_hidden_gates (N, 4H) and grad_cx (N, H), and adds the parameter
+  // gradients of this step to grad_params, a float32 (float64) (14H,) of
+  // [bias (4H) | bn_ih_weight (4H) | bn_hh_weight (4H) | bn_c_weight (H) |
+  // bn_c_bias (H)]. Invalid rows: zero gate gradients, grad_cx = grad_cy.
+  m.def(
+      "_bn_lstm_step_backward(Tensor grad_hy, Tensor grad_cy, Tensor input_gates, Tensor hidden_gates, "
+      "Tensor cx, Tensor cy, Tensor? bias, Tensor bn_ih_weight, Tensor bn_hh_weight, Tensor bn_c_weight, "
+      "Tensor bn_c_bias, Tensor stats, Tensor? valid, bool training, Tensor(a!) grad_input_gates, "
+      "Tensor(b!) grad_hidden_gates, Tensor(c!) grad_cx, Tensor(d!) grad_params) -> ()");
 }
 
 // torchnorm._C is imported only for its side effect of running the

@@ -1,0 +1,60 @@
+#pragma once
+// Host-side pieces of the sequence-norm ops (masked_batch_norm and the BN-LSTM
+// step) that every backend shares: the argument checks, which row of (L, C)
+// per-step running statistics a step uses, the statistics that normalize
+// (batch or running) and the running-statistics update. These run as ATen
+// ops on the input's device, so the CPU and CUDA kernels only compute the
+// column moments of the valid rows and the element-wise passes; nothing
+// here waits for the device (the valid-row count stays a device tensor).
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torchnorm {
+
+// The checks of masked_batch_norm: a 2-d (R, C) supported input; valid a bool
+// (R,); weight and bias (C,); running statistics both or neither, (C,) or
+// (L, C) with L >= 1, given in evaluation; step >= 0; every tensor on the
+// input's device.
+void check_masked_batch_norm(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& valid,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, int64_t step, bool training);
+
+// The checks of a valid-row mask: a bool (rows,) on the input's device.
+void check_valid_rows(const char* op, const std::optional<at::Tensor>& valid, const at::Tensor& input, int64_t rows);
+
+// Running statistics of `features` columns: both or neither, (features,) or
+// (L, features), on the input's device; required unless training.
+void check_running_stats(const char* op, const char* name, const std::optional<at::Tensor>& running_mean,
+                         const std::optional<at::Tensor>& running_var, const at::Tensor& input, int64_t features,
+                         bool training);
+
+// The row of (L, C) running statistics that step `step` uses, min(step, L - 1)
+// (a view); 1-d statistics are returned as they are.
+at::Tensor running_row(const at::Tensor& running, int64_t step);
+
+// Column moments of the valid rows, as the backends' kernels compute them:
+// mean and biased variance (C,) and the valid-row count (0-d), all in the
+// accumulation dtype.
+struct ColumnMoments {
+  at::Tensor mean, var, count;
+};
+
+// The (mean, rstd) that normalize, in the accumulation dtype: the batch's in
+// training, the running row's in evaluation (copies, never views: the running
+// statistics may change before a backward reads them).
+std::tuple<at::Tensor, at::Tensor> normalizing_stats(bool training, const std::optional<ColumnMoments>& batch,
+                                                     const std::optional<at::Tensor>& running_mean,
+                                                     const std::optional<at::Tensor>& running_var, int64_t step,
+                                                     double eps, at::ScalarType acc_type);
+
+// Training: running = (1 - momentum) * running + momentum * batch in the used
+// row, with the unbiased variance (the biased one, 0, for a single valid
+// row); no valid row leaves them alone. Nothing without running statistics.
+void update_running_stats(const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var, int64_t step, const ColumnMoments& batch,
+                          double momentum);
+
+}  // namespace torchnorm
