@@ -82,6 +82,13 @@ TN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
   return {k, -k * rstd * rstd * sum_dz_xc * inv_count, -k * sum_dz * inv_count};
 }
 
+// dx from dz and xc = x - mean with a column's coefficients (any lane type:
+// the CPU sequence kernels pass whole at::vec vectors).
+template <typename T>
+TN_HOST_DEVICE T input_grad(T dz, T xc, T dz_coef, T xc_coef, T const_coef) {
+  return dz * dz_coef + xc * xc_coef + const_coef;
+}
+
 // Running statistics exactly as torch.nn.BatchNorm updates them: an
 // exponential moving average whose variance term is the unbiased batch
 // variance (count / (count - 1)).

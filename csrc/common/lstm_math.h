@@ -17,9 +17,17 @@
 
 namespace torchnorm {
 
+// exp and tanh of one element. The CPU kernels specialize it for
+// at::vec::Vectorized, so the formulas below serve whole vectors there too.
+template <typename T>
+struct ElementMath {
+  static TN_HOST_DEVICE T exp(T x) { return ::exp(x); }
+  static TN_HOST_DEVICE T tanh(T x) { return ::tanh(x); }
+};
+
 template <typename acc_t>
 TN_HOST_DEVICE acc_t sigmoid(acc_t a) {
-  return acc_t(1) / (acc_t(1) + exp(-a));
+  return acc_t(1) / (acc_t(1) + ElementMath<acc_t>::exp(acc_t(0) - a));
 }
 
 template <typename acc_t>
@@ -36,7 +44,7 @@ struct LstmGates {
 
 template <typename acc_t>
 TN_HOST_DEVICE LstmGates<acc_t> lstm_gates(acc_t a_i, acc_t a_f, acc_t a_g, acc_t a_o) {
-  return {sigmoid(a_i), sigmoid(a_f), tanh(a_g), sigmoid(a_o)};
+  return {sigmoid(a_i), sigmoid(a_f), ElementMath<acc_t>::tanh(a_g), sigmoid(a_o)};
 }
 
 template <typename acc_t>

@@ -49,6 +49,48 @@ void check_masked_batch_norm(const char* op, const at::Tensor& input, const std:
   check_running_stats(op, "", running_mean, running_var, input, features, training);
 }
 
+void check_bn_lstm_step(const char* op, const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+                        const at::Tensor& cx, const std::optional<at::Tensor>& bias, const at::Tensor& bn_ih_weight,
+                        const at::Tensor& bn_hh_weight, const at::Tensor& bn_c_weight, const at::Tensor& bn_c_bias,
+                        const std::optional<at::Tensor>& valid) {
+  check_supported_input(op, input_gates);
+  TORCH_CHECK(cx.dim() == 2, op, ": expected a 2-d (batch, hidden_size) cell state, got shape ", cx.sizes());
+  const int64_t N = cx.size(0), H = cx.size(1);
+  TORCH_CHECK(input_gates.dim() == 2 && input_gates.size(0) == N && input_gates.size(1) == 4 * H, op,
+              ": expected input_gates of shape (", N, ", ", 4 * H, ") = (batch, 4 * hidden_size), got ",
+              input_gates.sizes());
+  check_like_input(op, "hidden_gates", hidden_gates, input_gates);
+  TORCH_CHECK(cx.scalar_type() == input_gates.scalar_type() && cx.device() == input_gates.device(), op,
+              ": expected the cell state in ", input_gates.scalar_type(), " on ", input_gates.device(),
+              " like the gates, got ", cx.scalar_type(), " on ", cx.device());
+  if (bias) check_parameter(op, "bias", *bias, input_gates, {4 * H}, "one per gate column");
+  check_parameter(op, "bn_ih_weight", bn_ih_weight, input_gates, {4 * H}, "one per gate column");
+  check_parameter(op, "bn_hh_weight", bn_hh_weight, input_gates, {4 * H}, "one per gate column");
+  check_parameter(op, "bn_c_weight", bn_c_weight, input_gates, {H}, "one per hidden unit");
+  check_parameter(op, "bn_c_bias", bn_c_bias, input_gates, {H}, "one per hidden unit");
+  check_valid_rows(op, valid, input_gates, N);
+}
+
+void check_step_outputs(const char* op, const at::Tensor& input_gates, const at::Tensor& cx,
+                        std::initializer_list<NamedOutput> outputs, const at::Tensor& stats, int64_t stats_width) {
+  for (const NamedOutput& out : outputs) {
+    const bool gate_sized = out.tensor->sizes() == input_gates.sizes();
+    check_like_input(op, out.name, *out.tensor, gate_sized ? input_gates : cx);
+    TORCH_CHECK(out.tensor->is_contiguous(), op, ": expected ", out.name, " to be contiguous");
+  }
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == stats_width && stats.is_contiguous(), op,
+              ": expected contiguous stats of shape (2, ", stats_width, "), got ", stats.sizes());
+  check_accumulator(op, "stats", stats.view({-1}), input_gates, 2 * stats_width);
+}
+
+void check_accumulator(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input, int64_t width) {
+  const auto acc = accumulate_type(input.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == width && t.is_contiguous() && t.scalar_type() == acc &&
+                  t.device() == input.device(),
+              op, ": expected ", name, " a contiguous ", acc, " tensor of shape (", width, ") on ", input.device(),
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
 at::Tensor running_row(const at::Tensor& running, int64_t step) {
   if (running.dim() == 1) return running;
   return running.select(0, std::min(step, running.size(0) - 1));

@@ -8,6 +8,7 @@
 // here waits for the device (the valid-row count stays a device tensor).
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -30,6 +31,27 @@ void check_valid_rows(const char* op, const std::optional<at::Tensor>& valid, co
 void check_running_stats(const char* op, const char* name, const std::optional<at::Tensor>& running_mean,
                          const std::optional<at::Tensor>& running_var, const at::Tensor& input, int64_t features,
                          bool training);
+
+// The checks of a BN-LSTM step (_bn_lstm_step and its backward): input_gates
+// and hidden_gates (N, 4H) of one supported dtype, cx (N, H) of that dtype,
+// bias (4H) and the BN parameters (4H, 4H, H, H), valid (N,), one device.
+void check_bn_lstm_step(const char* op, const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+                        const at::Tensor& cx, const std::optional<at::Tensor>& bias, const at::Tensor& bn_ih_weight,
+                        const at::Tensor& bn_hh_weight, const at::Tensor& bn_c_weight, const at::Tensor& bn_c_bias,
+                        const std::optional<at::Tensor>& valid);
+
+// Outputs a step writes into: each contiguous, of cx's shape (hy, cy,
+// grad_cx) or input_gates' (the gate gradients), named by the first of the
+// pair; stats a contiguous (2, stats_width) of the accumulation dtype.
+struct NamedOutput {
+  const char* name;
+  const at::Tensor* tensor;
+};
+void check_step_outputs(const char* op, const at::Tensor& input_gates, const at::Tensor& cx,
+                        std::initializer_list<NamedOutput> outputs, const at::Tensor& stats, int64_t stats_width);
+
+// An accumulation-dtype contiguous (width,) on the input's device.
+void check_accumulator(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input, int64_t width);
 
 // The row of (L, C) running statistics that step `step` uses, min(step, L - 1)
 // (a view); 1-d statistics are returned as they are.
