@@ -316,3 +316,76 @@ def _conv_weight_channel_dot(grad_weight, weight, scale, groups, transposed):
 def _conv_weight_channel_scale(weight, scale, groups, transposed):
     _check_weight_channels("torchnorm._conv_weight_channel_scale", weight, scale, groups, transposed)
     return torch.empty_like(weight, dtype=torch.promote_types(weight.dtype, scale.dtype))
+
+
+# Sequence norms.
+
+@torch.library.register_fake("torchnorm::masked_batch_norm")
+def _masked_batch_norm(input, valid, weight, bias, running_mean, running_var, step, training, momentum, eps):
+    _check_devices("torchnorm.masked_batch_norm", input, valid=valid, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var)
+    if input.dim() != 2:
+        raise RuntimeError(f"torchnorm.masked_batch_norm: expected a 2-d (rows, features) input, got shape "
+                           f"{list(input.shape)}")
+    stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
+    return _contiguous_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("torchnorm::masked_batch_norm_backward")
+def _masked_batch_norm_backward(grad_output, input, valid, weight, mean, rstd, training, output_mask):
+    _check_devices("torchnorm.masked_batch_norm_backward", input, grad_output=grad_output, valid=valid,
+                   weight=weight, mean=mean, rstd=rstd)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    features = input.shape[1]
+    grad_input = _contiguous_like(input) if output_mask[0] else input.new_empty((0,))
+    return (grad_input, *(input.new_empty((features if wanted else 0,), dtype=param_dtype)
+                          for wanted in output_mask[1:]))
+
+
+@torch.library.register_fake("torchnorm::bn_lstm_layer")
+def _bn_lstm_layer(input_gates, hx, cx, weight_hh, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
+                   running_mean_ih, running_var_ih, running_mean_hh, running_var_hh, running_mean_c, running_var_c,
+                   lengths, first_step, training, momentum, eps):
+    _check_devices("torchnorm.bn_lstm_layer", input_gates, hx=hx, cx=cx, weight_hh=weight_hh, bias=bias,
+                   bn_ih_weight=bn_ih_weight, bn_hh_weight=bn_hh_weight, bn_c_weight=bn_c_weight,
+                   bn_c_bias=bn_c_bias)
+    if input_gates.dim() != 3 or weight_hh.dim() != 2 or input_gates.shape[2] != 4 * weight_hh.shape[1]:
+        raise RuntimeError(f"torchnorm.bn_lstm_layer: expected input_gates (steps, batch, 4 * hidden_size) and "
+                           f"weight_hh (4 * hidden_size, hidden_size), got {list(input_gates.shape)} and "
+                           f"{list(weight_hh.shape)}")
+    T, N, G = input_gates.shape
+    H = G // 4
+    steps = input_gates.new_empty((T, N, H))
+    state = input_gates.new_empty((N, H))
+    stats = input_gates.new_empty((T, 2, 9 * H), dtype=_accumulate_dtype(input_gates.dtype))
+    return steps, state, torch.empty_like(state), input_gates.new_empty((T, N, G)), torch.empty_like(steps), stats
+
+
+@torch.library.register_fake("torchnorm::bn_lstm_layer_backward")
+def _bn_lstm_layer_backward(grad_output, grad_hy, grad_cy, input_gates, hx, cx, weight_hh, bias, bn_ih_weight,
+                            bn_hh_weight, bn_c_weight, bn_c_bias, output, hidden_gates, cells, stats, lengths,
+                            training):
+    _check_devices("torchnorm.bn_lstm_layer_backward", input_gates, grad_output=grad_output, grad_hy=grad_hy,
+                   grad_cy=grad_cy, hx=hx, cx=cx, weight_hh=weight_hh, bias=bias, output=output,
+                   hidden_gates=hidden_gates, cells=cells, stats=stats)
+    grad_bias = torch.empty_like(bias) if bias is not None else input_gates.new_empty((0,))
+    return (_contiguous_like(input_gates), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(weight_hh),
+            grad_bias, torch.empty_like(bn_ih_weight), torch.empty_like(bn_hh_weight), torch.empty_like(bn_c_weight),
+            torch.empty_like(bn_c_bias))
+
+
+@torch.library.register_fake("torchnorm::_bn_lstm_step")
+def _bn_lstm_step(input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
+                  running_mean_ih, running_var_ih, running_mean_hh, running_var_hh, running_mean_c, running_var_c,
+                  step, valid, training, momentum, eps, hy, cy, stats):
+    _check_devices("torchnorm._bn_lstm_step", input_gates, hidden_gates=hidden_gates, cx=cx, hy=hy, cy=cy,
+                   stats=stats)
+
+
+@torch.library.register_fake("torchnorm::_bn_lstm_step_backward")
+def _bn_lstm_step_backward(grad_hy, grad_cy, input_gates, hidden_gates, cx, cy, bias, bn_ih_weight, bn_hh_weight,
+                           bn_c_weight, bn_c_bias, stats, valid, training, grad_input_gates, grad_hidden_gates,
+                           grad_cx, grad_params):
+    _check_devices("torchnorm._bn_lstm_step_backward", input_gates, grad_hy=grad_hy, grad_cy=grad_cy,
+                   grad_input_gates=grad_input_gates, grad_hidden_gates=grad_hidden_gates, grad_cx=grad_cx,
+                   grad_params=grad_params)

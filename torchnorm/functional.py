@@ -6,7 +6,10 @@ from torch import Tensor
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu")
 
-__all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "ACTIVATIONS"]
+__all__ = [
+    "batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "ACTIVATIONS",
+    "recurrent_batch_norm_step", "sequence_batch_norm", "bn_lstm", "valid_steps",
+]
 
 
 def _activation_name(activation: Optional[str]) -> str:
@@ -188,3 +191,162 @@ def instance_norm(
     # inference kernel.
     return torch.ops.torchnorm.batch_norm_eval.default(
         input, running_mean, running_var, weight, bias, eps, "none", 0.0, None)
+
+
+# ---------------------------------------------------------------------------
+# Sequence norms: recurrent BatchNorm and BN-LSTM (Cooijmans et al. 2016),
+# sequence-wise BatchNorm of BN-RNNs (Laurent et al. 2015). The float64
+# references with the same signatures are in torchnorm.reference.
+# ---------------------------------------------------------------------------
+
+
+def recurrent_batch_norm_step(
+    x: Tensor,
+    t: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Recurrent BatchNorm of an ``(N, C)`` input at time step ``t``: BatchNorm
+    with statistics of its own for every step.
+
+    ``running_mean`` / ``running_var`` are ``(max_length, C)``; step ``t`` uses
+    row ``min(t, max_length - 1)``, so a step at or beyond ``max_length`` uses
+    (and, in training, updates) the last row. Training normalizes with the
+    batch statistics (biased variance) of the rows where the bool ``(N,)``
+    ``mask`` is True (None: all) and updates that row of the running
+    statistics in place with the unbiased variance, as torch.nn does.
+    Rows where ``mask`` is False output 0 and get gradient 0.
+
+    One valid row normalizes with variance 0: its normalized value is exactly
+    0, so its output is ``bias`` whatever the input, and its input gradient 0;
+    the running variance is then updated with 0. See
+    :func:`torchnorm.reference.recurrent_batch_norm_step`, which this matches.
+    """
+    if t < 0:
+        raise ValueError(f"time step t must be >= 0, got {t}")
+    out, _, _ = torch.ops.torchnorm.masked_batch_norm.default(
+        x, mask, weight, bias, running_mean, running_var, t, training, momentum, eps)
+    return out
+
+
+def valid_steps(lengths: Optional[Tensor], steps: int, batch: int, device=None,
+                batch_first: bool = False) -> Optional[Tensor]:
+    """The bool ``(steps, batch)`` of the positions ``t < lengths[n]``
+    (``(batch, steps)`` with ``batch_first``), or None without ``lengths``.
+    Raises ValueError for lengths of the wrong shape or outside ``[0, steps]``."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), one per sequence, got {tuple(lengths.shape)}")
+    if batch > 0 and not torch.compiler.is_compiling():
+        shortest, longest = int(lengths.min()), int(lengths.max())
+        if shortest < 0 or longest > steps:
+            raise ValueError(f"lengths must lie in [0, {steps}] (the input has {steps} steps), "
+                             f"got lengths from {shortest} to {longest}")
+    lengths = lengths.to(device=device, dtype=torch.long)
+    valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.unsqueeze(0)
+    return valid.t() if batch_first else valid
+
+
+def sequence_batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    lengths: Optional[Tensor] = None,
+    batch_first: bool = False,
+) -> Tensor:
+    """Sequence-wise BatchNorm of BN-RNNs: statistics over batch and time
+    together of a ``(T, N, C)`` input (``(N, T, C)`` with ``batch_first``).
+
+    Positions ``t >= lengths[n]`` (padding) take no part in the statistics and
+    output 0 (gradient 0). Without ``lengths`` it equals
+    :func:`torch.nn.functional.batch_norm` of the ``(T*N, C)`` reshape, running
+    statistics ``(C,)`` included (updated in place when training; they may be
+    None then). One valid position normalizes with variance 0 (output
+    ``bias``) and updates the running variance with 0, where torch.nn raises.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"sequence_batch_norm expects a 3-d {'(N, T, C)' if batch_first else '(T, N, C)'} input, "
+                         f"got shape {tuple(x.shape)}")
+    steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    valid = valid_steps(lengths, steps, batch, x.device, batch_first)
+    rows = x.reshape(-1, x.shape[2])
+    out, _, _ = torch.ops.torchnorm.masked_batch_norm.default(
+        rows, None if valid is None else valid.reshape(-1), weight, bias, running_mean, running_var, 0, training,
+        momentum, eps)
+    return out.view(x.shape)
+
+
+def bn_lstm(
+    x: Tensor,
+    h0: Optional[Tensor],
+    c0: Optional[Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias: Optional[Tensor],
+    bn_ih_weight: Tensor,
+    bn_hh_weight: Tensor,
+    bn_c_weight: Tensor,
+    bn_c_bias: Tensor,
+    running_stats: dict,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    lengths: Optional[Tensor] = None,
+    first_step: int = 0,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One layer of BN-LSTM (Cooijmans et al. 2016) over a ``(T, N, I)`` input::
+
+        gates = BN_hh(W_hh h_{t-1}) + BN_ih(W_ih x_t) + bias     (BN shifts fixed at 0)
+        i, f, g, o = gates.chunk(4)                               (torch.nn.LSTM's order)
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+        h_t = sigmoid(o) * tanh(BN_c(c_t))
+
+    with BatchNorm statistics of their own for every step. The input
+    projection of all steps is one matrix product; then each step is one
+    matrix product and one fused kernel (``torchnorm::bn_lstm_layer``).
+
+    ``running_stats`` maps "ih", "hh" and "c" to ``(running_mean,
+    running_var)`` of shape ``(max_length, 4H)``, ``(max_length, 4H)`` and
+    ``(max_length, H)``, updated in place when training (step ``first_step +
+    t`` uses row ``min(first_step + t, max_length - 1)``). ``lengths`` ``(N,)``
+    in any order: a sequence that has ended is masked out of every later step
+    (output 0, no part in the statistics, state kept). A step with one
+    sequence left normalizes it with variance 0: its gate BNs give 0 and its
+    cell BN ``bn_c_bias``, so ``h_t = sigmoid(o) * tanh(bn_c_bias)``.
+
+    Returns ``(output, (h_n, c_n))``: output ``(T, N, H)``; ``h_n`` and
+    ``c_n`` ``(N, H)``, each sequence's state at its last valid step. Same
+    signature as :func:`torchnorm.reference.bn_lstm` (plus ``first_step``).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"bn_lstm expects a (T, N, input_size) input, got shape {tuple(x.shape)}")
+    if x.shape[2] != weight_ih.shape[1]:
+        raise ValueError(f"bn_lstm: expected input_size {weight_ih.shape[1]} (weight_ih's columns), "
+                         f"got an input with {x.shape[2]} features")
+    steps, batch, hidden = x.shape[0], x.shape[1], weight_hh.shape[1]
+    if lengths is not None:
+        valid_steps(lengths, steps, batch)  # checks them with a clear message
+        lengths = torch.as_tensor(lengths).to(device=x.device, dtype=torch.long)
+    h0 = x.new_zeros(batch, hidden) if h0 is None else h0
+    c0 = x.new_zeros(batch, hidden) if c0 is None else c0
+    gates = torch.matmul(x, weight_ih.t())  # the input projection of every step at once
+    output, h_n, c_n, _, _, _ = torch.ops.torchnorm.bn_lstm_layer.default(
+        gates, h0, c0, weight_hh, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
+        *running_stats["ih"], *running_stats["hh"], *running_stats["c"], lengths, first_step, training, momentum,
+        eps)
+    return output, (h_n, c_n)

@@ -5,10 +5,12 @@ from .conv_bn import (ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTrans
 from .convert import convert
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
+from .sequence import BNLSTM, BNRNN, BNLSTMCell, RecurrentBatchNorm1d, SequenceBatchNorm1d
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "LayerNorm", "RMSNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "convert",
     "ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
     "conv_bn_forward", "rebuild_outputs", "save_memory_in",
+    "RecurrentBatchNorm1d", "BNLSTMCell", "BNLSTM", "SequenceBatchNorm1d", "BNRNN",
 ]
