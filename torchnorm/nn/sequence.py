@@ -140,6 +140,11 @@ class _SequenceInput:
 
 # ------------------------------------------------------------------ BN-LSTM --
 
+# Where the paper and its authors' Theano code (cooijmanstim/recurrent-batch-
+# normalization) differ, we follow the paper: the gate BNs have no shift of
+# their own (some of the code's scripts give them one; the LSTM bias covers
+# it), and population statistics are running averages per step as torch.nn
+# keeps them (the code estimates them in a separate pass after training).
 class _BNLSTMLayers(torch.nn.Module):
     """Parameters and per-step running statistics of BN-LSTM layers, named
     with ``suffix`` (``_l{k}`` for BNLSTM, empty for BNLSTMCell)."""
