@@ -112,6 +112,14 @@ void update_running_stats(const std::optional<at::Tensor>& running_mean,
   if (!running_mean) return;
   at::Tensor mean_row = running_row(*running_mean, step);
   at::Tensor var_row = running_row(*running_var, step);
+  if (batch.host_count) {
+    const int64_t n = *batch.host_count;
+    if (n == 0) return;
+    const double correction = n > 1 ? double(n) / double(n - 1) : 1.0;
+    mean_row.mul_(1 - momentum).add_(batch.mean, momentum);
+    var_row.mul_(1 - momentum).add_(batch.var, momentum * correction);
+    return;
+  }
   // count / (count - 1), or 1 where that is undefined (one row: variance 0).
   const at::Tensor correction = at::where(batch.count > 1, batch.count / (batch.count - 1), at::ones_like(batch.count));
   const at::Tensor any_row = batch.count > 0;

@@ -62,6 +62,9 @@ at::Tensor running_row(const at::Tensor& running, int64_t step);
 // accumulation dtype.
 struct ColumnMoments {
   at::Tensor mean, var, count;
+  // The count, when the host knows it without waiting (the CPU kernels):
+  // then the running update is four in-place ops instead of a dozen.
+  std::optional<int64_t> host_count = std::nullopt;
 };
 
 // The (mean, rstd) that normalize, in the accumulation dtype: the batch's in

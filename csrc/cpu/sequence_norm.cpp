@@ -132,7 +132,7 @@ ColumnMoments column_moments(const Tensor& x, const optional<Tensor>& valid) {
     }
   });
   for (int64_t j = 0; j < cols; ++j) v[j] *= inv_count;
-  return {mean, var, at::scalar_tensor(double(count), acc_options)};
+  return {mean, var, at::scalar_tensor(double(count), acc_options), count};
 }
 
 // Per column over the valid rows: sum(d) (unless sum_d is null) and
