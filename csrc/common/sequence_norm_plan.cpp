@@ -91,6 +91,76 @@ void check_accumulator(const char* op, const char* name, const at::Tensor& t, co
               ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
+namespace {
+
+// mean / rstd given to masked_batch_norm_backward: (C,), floating, on the
+// input's device (any floating dtype: the kernels read them as acc_t).
+void check_statistics(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input, int64_t C) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " of shape (", C, ",), one per feature, got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(),
+              " like the input, got it on ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name, ", got ",
+              t.scalar_type());
+}
+
+}  // namespace
+
+void check_masked_batch_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& valid,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& rstd) {
+  check_masked_batch_norm(op, input, valid, weight, std::nullopt, std::nullopt, std::nullopt, /*step=*/0,
+                          /*training=*/true);
+  check_like_input(op, "grad_output", grad_output, input);
+  check_statistics(op, "mean", mean, input, input.size(1));
+  check_statistics(op, "rstd", rstd, input, input.size(1));
+}
+
+void check_bn_lstm_step_forward(const char* op, const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+                                const at::Tensor& cx, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& bn_ih_weight, const at::Tensor& bn_hh_weight,
+                                const at::Tensor& bn_c_weight, const at::Tensor& bn_c_bias,
+                                const std::optional<at::Tensor>& running_mean_ih,
+                                const std::optional<at::Tensor>& running_var_ih,
+                                const std::optional<at::Tensor>& running_mean_hh,
+                                const std::optional<at::Tensor>& running_var_hh,
+                                const std::optional<at::Tensor>& running_mean_c,
+                                const std::optional<at::Tensor>& running_var_c, int64_t step,
+                                const std::optional<at::Tensor>& valid, bool training, const at::Tensor& hy,
+                                const at::Tensor& cy, const at::Tensor& stats) {
+  check_bn_lstm_step(op, input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
+                     valid);
+  TORCH_CHECK(step >= 0, op, ": expected time step >= 0, got ", step);
+  const int64_t H = cx.size(1);
+  check_running_stats(op, "ih", running_mean_ih, running_var_ih, input_gates, 4 * H, training);
+  check_running_stats(op, "hh", running_mean_hh, running_var_hh, input_gates, 4 * H, training);
+  check_running_stats(op, "c", running_mean_c, running_var_c, input_gates, H, training);
+  check_step_outputs(op, input_gates, cx, {{"hy", &hy}, {"cy", &cy}}, stats, 9 * H);
+}
+
+void check_bn_lstm_step_backward(const char* op, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                                 const at::Tensor& input_gates, const at::Tensor& hidden_gates, const at::Tensor& cx,
+                                 const at::Tensor& cy, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& bn_ih_weight, const at::Tensor& bn_hh_weight,
+                                 const at::Tensor& bn_c_weight, const at::Tensor& bn_c_bias, const at::Tensor& stats,
+                                 const std::optional<at::Tensor>& valid, const at::Tensor& grad_input_gates,
+                                 const at::Tensor& grad_hidden_gates, const at::Tensor& grad_cx,
+                                 const at::Tensor& grad_params) {
+  check_bn_lstm_step(op, input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
+                     valid);
+  const int64_t H = cx.size(1);
+  check_like_input(op, "cy", cy, cx);
+  check_like_input(op, "grad_hy", grad_hy, cx);
+  check_like_input(op, "grad_cy", grad_cy, cx);
+  check_step_outputs(op, input_gates, cx,
+                     {{"grad_input_gates", &grad_input_gates},
+                      {"grad_hidden_gates", &grad_hidden_gates},
+                      {"grad_cx", &grad_cx}},
+                     stats, 9 * H);
+  check_accumulator(op, "grad_params", grad_params, input_gates, 14 * H);
+}
+
 at::Tensor running_row(const at::Tensor& running, int64_t step) {
   if (running.dim() == 1) return running;
   return running.select(0, std::min(step, running.size(0) - 1));

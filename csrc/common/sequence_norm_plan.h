@@ -53,6 +53,37 @@ void check_step_outputs(const char* op, const at::Tensor& input_gates, const at:
 // An accumulation-dtype contiguous (width,) on the input's device.
 void check_accumulator(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input, int64_t width);
 
+// Every check of one op's entry, for both backends: masked_batch_norm_backward
+// (the forward's checks without running statistics, grad_output like the
+// input, mean and rstd (C,) floating on its device), _bn_lstm_step (the step,
+// step >= 0, the three running statistics, the outputs) and
+// _bn_lstm_step_backward (the step, cy and the incoming gradients like cx,
+// the gradient outputs, grad_params (14H,)).
+void check_masked_batch_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& valid,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& rstd);
+void check_bn_lstm_step_forward(const char* op, const at::Tensor& input_gates, const at::Tensor& hidden_gates,
+                                const at::Tensor& cx, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& bn_ih_weight, const at::Tensor& bn_hh_weight,
+                                const at::Tensor& bn_c_weight, const at::Tensor& bn_c_bias,
+                                const std::optional<at::Tensor>& running_mean_ih,
+                                const std::optional<at::Tensor>& running_var_ih,
+                                const std::optional<at::Tensor>& running_mean_hh,
+                                const std::optional<at::Tensor>& running_var_hh,
+                                const std::optional<at::Tensor>& running_mean_c,
+                                const std::optional<at::Tensor>& running_var_c, int64_t step,
+                                const std::optional<at::Tensor>& valid, bool training, const at::Tensor& hy,
+                                const at::Tensor& cy, const at::Tensor& stats);
+void check_bn_lstm_step_backward(const char* op, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                                 const at::Tensor& input_gates, const at::Tensor& hidden_gates, const at::Tensor& cx,
+                                 const at::Tensor& cy, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& bn_ih_weight, const at::Tensor& bn_hh_weight,
+                                 const at::Tensor& bn_c_weight, const at::Tensor& bn_c_bias, const at::Tensor& stats,
+                                 const std::optional<at::Tensor>& valid, const at::Tensor& grad_input_gates,
+                                 const at::Tensor& grad_hidden_gates, const at::Tensor& grad_cx,
+                                 const at::Tensor& grad_params);
+
 // The row of (L, C) running statistics that step `step` uses, min(step, L - 1)
 // (a view); 1-d statistics are returned as they are.
 at::Tensor running_row(const at::Tensor& running, int64_t step);

@@ -220,8 +220,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_batch_norm_backward_cpu(const Tensor& 
                                                                   const Tensor& rstd, bool training,
                                                                   std::array<bool, 3> output_mask) {
   const char* op = "torchnorm.masked_batch_norm_backward";
-  check_masked_batch_norm(op, input, valid, weight, std::nullopt, std::nullopt, std::nullopt, 0, true);
-  check_like_input(op, "grad_output", grad_output, input);
+  check_masked_batch_norm_backward(op, grad_output, input, valid, weight, mean, rstd);
   const Tensor x = input.contiguous(), dy = grad_output.contiguous();
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
@@ -418,13 +417,9 @@ void bn_lstm_step_cpu(const Tensor& input_gates, const Tensor& hidden_gates, con
                       const optional<Tensor>& rm_c, const optional<Tensor>& rv_c, int64_t step,
                       const optional<Tensor>& valid, bool training, double momentum, double eps, const Tensor& hy,
                       const Tensor& cy, const Tensor& stats) {
-  check_bn_lstm_step("torchnorm._bn_lstm_step", input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight,
-                     bn_c_weight, bn_c_bias, valid);
-  const int64_t H = cx.size(1);
-  check_running_stats("torchnorm._bn_lstm_step", "ih", rm_ih, rv_ih, input_gates, 4 * H, training);
-  check_running_stats("torchnorm._bn_lstm_step", "hh", rm_hh, rv_hh, input_gates, 4 * H, training);
-  check_running_stats("torchnorm._bn_lstm_step", "c", rm_c, rv_c, input_gates, H, training);
-  check_step_outputs("torchnorm._bn_lstm_step", input_gates, cx, {{"hy", &hy}, {"cy", &cy}}, stats, 9 * H);
+  check_bn_lstm_step_forward("torchnorm._bn_lstm_step", input_gates, hidden_gates, cx, bias, bn_ih_weight,
+                             bn_hh_weight, bn_c_weight, bn_c_bias, rm_ih, rv_ih, rm_hh, rv_hh, rm_c, rv_c, step, valid,
+                             training, hy, cy, stats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_gates.scalar_type(), "bn_lstm_step_cpu", [&] {
     bn_lstm_step_forward<scalar_t>(input_gates.contiguous(), hidden_gates.contiguous(), cx.contiguous(), bias,
                                    bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias, rm_ih, rv_ih, rm_hh, rv_hh,
@@ -572,17 +567,9 @@ void bn_lstm_step_backward_cpu(const Tensor& grad_hy, const Tensor& grad_cy, con
                                const Tensor& bn_c_weight, const Tensor& bn_c_bias, const Tensor& stats,
                                const optional<Tensor>& valid, bool training, const Tensor& grad_input_gates,
                                const Tensor& grad_hidden_gates, const Tensor& grad_cx, const Tensor& grad_params) {
-  const char* op = "torchnorm._bn_lstm_step_backward";
-  check_bn_lstm_step(op, input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
-                     valid);
-  const int64_t H = cx.size(1);
-  check_like_input(op, "cy", cy, cx);
-  check_like_input(op, "grad_hy", grad_hy, cx);
-  check_like_input(op, "grad_cy", grad_cy, cx);
-  check_step_outputs(op, input_gates, cx, {{"grad_input_gates", &grad_input_gates},
-                                       {"grad_hidden_gates", &grad_hidden_gates},
-                                       {"grad_cx", &grad_cx}}, stats, 9 * H);
-  check_accumulator(op, "grad_params", grad_params, input_gates, 14 * H);
+  check_bn_lstm_step_backward("torchnorm._bn_lstm_step_backward", grad_hy, grad_cy, input_gates, hidden_gates, cx, cy,
+                              bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias, stats, valid,
+                              grad_input_gates, grad_hidden_gates, grad_cx, grad_params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_gates.scalar_type(), "bn_lstm_step_backward_cpu",
                                   [&] {
                                     bn_lstm_step_backward_impl<scalar_t>(

@@ -954,18 +954,6 @@ const bool* valid_ptr(const at::Tensor& mask) {
   return mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
 }
 
-// mean / rstd given to masked_batch_norm_backward: (C,) on the input's device
-// (any floating dtype: they are read as the accumulation dtype, as the CPU
-// reads them). Checked here because a kernel would read C of each.
-void check_statistics(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input, int64_t C) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " of shape (", C, ",), one per feature, got ",
-              t.sizes());
-  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(),
-              " like the input, got it on ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name, ", got ",
-              t.scalar_type());
-}
-
 // ---------------------------------------------------------------------------
 // The ops
 // ---------------------------------------------------------------------------
@@ -1041,15 +1029,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_batch_norm_backward_cuda(
     std::array<bool, 3> output_mask) {
   constexpr const char* op = "torchnorm.masked_batch_norm_backward";
   c10::cuda::CUDAGuard guard(input.device());
-  // As the forward's checks (running statistics aside), then grad_output and
-  // the statistics.
-  check_masked_batch_norm(op, input, valid, weight, std::nullopt, std::nullopt, std::nullopt, /*step=*/0,
-                          /*training=*/true);
-  check_like_input(op, "grad_output", grad_output, input);
+  check_masked_batch_norm_backward(op, grad_output, input, valid, weight, mean, rstd);
   const int64_t R = input.size(0), C = input.size(1);
   const at::ScalarType acc = accumulate_type(input.scalar_type());
-  check_statistics(op, "mean", mean, input, C);
-  check_statistics(op, "rstd", rstd, input, C);
 
   const bool want_input = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2];
   const at::ScalarType param_type = parameter_type(input, weight);
@@ -1138,14 +1120,10 @@ void bn_lstm_step_cuda(
     const at::Tensor& stats) {
   constexpr const char* op = "torchnorm._bn_lstm_step";
   c10::cuda::CUDAGuard guard(input_gates.device());
-  // The CPU kernel's checks, in its order.
-  check_bn_lstm_step(op, input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
-                     valid);
+  check_bn_lstm_step_forward(op, input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight,
+                             bn_c_bias, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh,
+                             running_mean_c, running_var_c, step, valid, training, hy, cy, stats);
   const int64_t N = cx.size(0), H = cx.size(1), G = 4 * H;
-  check_running_stats(op, "ih", running_mean_ih, running_var_ih, input_gates, G, training);
-  check_running_stats(op, "hh", running_mean_hh, running_var_hh, input_gates, G, training);
-  check_running_stats(op, "c", running_mean_c, running_var_c, input_gates, H, training);
-  check_step_outputs(op, input_gates, cx, {{"hy", &hy}, {"cy", &cy}}, stats, 9 * H);
   if (H == 0) return;  // no column: nothing to compute, write or update
   const at::ScalarType acc = accumulate_type(input_gates.scalar_type());
 
@@ -1269,19 +1247,10 @@ void bn_lstm_step_backward_cuda(
     const at::Tensor& grad_params) {
   constexpr const char* op = "torchnorm._bn_lstm_step_backward";
   c10::cuda::CUDAGuard guard(input_gates.device());
-  // The CPU kernel's checks, in its order.
-  check_bn_lstm_step(op, input_gates, hidden_gates, cx, bias, bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias,
-                     valid);
+  check_bn_lstm_step_backward(op, grad_hy, grad_cy, input_gates, hidden_gates, cx, cy, bias, bn_ih_weight,
+                              bn_hh_weight, bn_c_weight, bn_c_bias, stats, valid, grad_input_gates,
+                              grad_hidden_gates, grad_cx, grad_params);
   const int64_t N = cx.size(0), H = cx.size(1), G = 4 * H;
-  check_like_input(op, "cy", cy, cx);
-  check_like_input(op, "grad_hy", grad_hy, cx);
-  check_like_input(op, "grad_cy", grad_cy, cx);
-  check_step_outputs(op, input_gates, cx,
-                     {{"grad_input_gates", &grad_input_gates},
-                      {"grad_hidden_gates", &grad_hidden_gates},
-                      {"grad_cx", &grad_cx}},
-                     stats, 9 * H);
-  check_accumulator(op, "grad_params", grad_params, input_gates, 14 * H);
   // No row: every gradient tensor is empty and grad_params gains 0.
   if (H == 0 || N == 0) return;
   const at::ScalarType acc = accumulate_type(input_gates.scalar_type());
