@@ -105,6 +105,40 @@ def padding_of(lengths, T, N):
 # ---------------------------------------------------------------------------
 
 
+# The issue's signatures: (constructor arguments with their defaults, forward
+# arguments), in order. Further arguments may follow them.
+ISSUE_SIGNATURES = {
+    "RecurrentBatchNorm1d": ([("num_features", None), ("max_length", None), ("eps", 1e-5), ("momentum", 0.1),
+                              ("affine", True)], ["x", "t"]),
+    "BNLSTMCell": ([("input_size", None), ("hidden_size", None), ("max_length", None), ("bias", True)],
+                   ["x", "t", "hx"]),
+    "BNLSTM": ([("input_size", None), ("hidden_size", None), ("max_length", None), ("num_layers", 1), ("bias", True),
+                ("batch_first", False), ("dropout", 0.0)], ["input", "hx", "lengths"]),
+    "SequenceBatchNorm1d": ([("num_features", None), ("eps", 1e-5), ("momentum", 0.1), ("affine", True),
+                             ("batch_first", False)], ["x", "lengths"]),
+    "BNRNN": ([("input_size", None), ("hidden_size", None), ("mode", "lstm"), ("num_layers", 1), ("bias", True),
+               ("batch_first", False)], ["input", "hx", "lengths"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ISSUE_SIGNATURES))
+def test_signatures_as_the_issue_lists_them(name):
+    """Constructor and forward arguments in the issue's order with its
+    defaults, so that positional calls written from the issue mean what they
+    say."""
+    import inspect
+
+    cls = getattr(tnn, name)
+    init, forward = ISSUE_SIGNATURES[name]
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    got = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params[: len(init)]]
+    assert got == init, f"{name}.__init__ starts {got}, the issue: {init}"
+    fparams = list(inspect.signature(cls.forward).parameters)[1:]
+    assert fparams[: len(forward)] == forward, f"{name}.forward{fparams}, the issue: {forward}"
+    for p in params[len(init):]:
+        assert p.default is not inspect.Parameter.empty, f"{name}: extra argument {p.name} without a default"
+
+
 def test_bnlstm_parameter_and_buffer_names():
     """The issue's names, torch.nn.LSTM's where they mean the same, with the
     issue's shapes; no bias without bias=True."""
@@ -232,7 +266,6 @@ def test_bnlstm_matches_reference(training, layers, batch_first, lengths):
         x, h0, c0 = leaves(*lstm_inputs(4 + call, T, N, I, H, layers, batch_first))
         expected, ref_params, ref_buffers = reference_bnlstm(m, x.transpose(0, 1) if batch_first else x, (h0, c0),
                                                              lens, training)
-        xr, h0r, c0r = leaves(x, h0, c0)
         m.zero_grad()
         out, (hn, cn) = m(x, (h0, c0), lengths=lens)
         out_e = expected[0].transpose(0, 1) if batch_first else expected[0]
@@ -781,7 +814,7 @@ class SequenceNet(torch.nn.Module):
         return self.head(y), h, c
 
 
-def _check_compiled(net, backend, with_lengths=True):
+def _check_compiled(net, backend, dynamic):
     torch._dynamo.reset()
     for m in net.modules():
         if m is not net and not isinstance(m, torch.nn.Linear):
@@ -789,12 +822,14 @@ def _check_compiled(net, backend, with_lengths=True):
     eager = copy.deepcopy(net)
     compiled = torch.compile(net, fullgraph=True, backend=backend)
     gen = torch.Generator().manual_seed(51)
-    lens = torch.tensor([5, 2, 4, 1, 5, 3]) if with_lengths else None
+    calls = [(5, torch.tensor([5, 2, 4, 1, 5, 3])), (5, torch.tensor([3, 5, 5, 2, 1, 4]))]
+    if dynamic:  # a second shape: the graph is compiled again, dynamic in T and N
+        calls[1] = (7, torch.tensor([2, 7, 6, 3]))
     for training in (True, False):
         net.train(training)
         eager.train(training)
-        for call in range(2):
-            x = rnd(gen, 5, 6, 3).float()
+        for call, (T, lens) in enumerate(calls):
+            x = rnd(gen, T, len(lens), 3).float()
             xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
             got, want = compiled(xa, lens), eager(xb, lens)
             for i, (g, w) in enumerate(zip(got, want)):
@@ -816,13 +851,15 @@ def _check_compiled(net, backend, with_lengths=True):
 
 def test_torch_compile_bnlstm_aot_eager():
     """Graph capture (fullgraph: the fake kernels, no graph break) and AOT
-    autograd of a BNLSTM model with lengths, training and eval."""
-    _check_compiled(SequenceNet(with_rnn=False), "aot_eager")
+    autograd of a BNLSTM model with lengths, training and eval: outputs,
+    gradients and running statistics equal eager's."""
+    _check_compiled(SequenceNet(with_rnn=False), "aot_eager", dynamic=False)
 
 
-@pytest.mark.slow  # inductor compiles the model's forward and backward: ~15 s
+@pytest.mark.slow  # inductor compiles forward and backward for two shapes: ~30 s
 def test_torch_compile_sequence_net_inductor():
     """The whole model (BNLSTM, SequenceBatchNorm1d, BNRNN) compiled with
-    inductor: outputs, gradients and running statistics equal eager's, in
-    training and eval."""
-    _check_compiled(SequenceNet(with_rnn=True), "inductor")
+    inductor, called with two input shapes (the second compiles a graph
+    dynamic in T and N): outputs, gradients and running statistics equal
+    eager's, in training and eval."""
+    _check_compiled(SequenceNet(with_rnn=True), "inductor", dynamic=True)
