@@ -32,6 +32,8 @@ from conftest import (
     row_norm_inputs,
 )
 from test_conv_bn_internal_ops import WEIGHT_CASES, _vector, _weight
+from test_sequence_references import NAMES as LSTM_PARAM_NAMES
+from test_sequence_references import lstm_case
 
 OPS = torch.ops.torchnorm
 EPS = 1e-5
@@ -439,4 +441,151 @@ SOURCES = [
     SampleSource(conv_bn_train_samples, on_every_device=True),
     SampleSource(conv_bn_backward_samples, on_every_device=True),
     SampleSource(conv_bn_internal_samples, on_every_device=True),
+]
+
+
+# ---------------------------------------------------------------------------
+# Sequence norms (cases of tests/test_sequence_references.lstm_case, cast and
+# moved to the device)
+# ---------------------------------------------------------------------------
+
+
+def _seq_on(device, dtype, *tensors, grad=False):
+    return tuple(None if t is None else t.to(device=device, dtype=dtype).detach().requires_grad_(grad)
+                 for t in tensors)
+
+
+def masked_batch_norm_samples(device):
+    """masked_batch_norm (training with per-step, shared and no running
+    statistics, a step past max_length, one valid row and none, eval) and
+    masked_batch_norm_backward from its forward's mean / rstd (each output
+    mask, eval, no weight)."""
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    samples = []
+    mask = torch.tensor([True, False, True, True, False, True], device=device)
+    one = torch.tensor([False, False, True, False, False, False], device=device)
+    x32 = make_input((6, 5), f32, device, seed=70, offset=False)
+    w32, b32, _, _ = make_params(5, f32, device, seed=71)
+    rm, rv = randn((3, 5), 72, f32, device, scale=0.5), randn((3, 5), 73, f32, device).abs() + 0.5
+
+    def leaves(*ts):
+        return tuple(None if t is None else t.detach().clone().requires_grad_() for t in ts)
+
+    def stats(dtype=f32, shared=False):
+        m, v = rm.to(dtype).clone(), rv.to(dtype).clone()
+        return (m[0].clone(), v[0].clone()) if shared else (m, v)
+
+    samples.append(("masked_batch_norm", "train-mask-per-step",
+                    (*leaves(x32), mask, *leaves(w32, b32), *stats(), 1, True, 0.1, EPS)))
+    samples.append(("masked_batch_norm", "train-beyond-max-length-f64-noaffine",
+                    (*leaves(x32.double()), None, None, None, *stats(f64), 7, True, 0.3, 1e-3)))
+    samples.append(("masked_batch_norm", "train-shared-stats-one-row",
+                    (*leaves(x32), one, *leaves(w32, b32), *stats(shared=True), 0, True, 0.1, EPS)))
+    samples.append(("masked_batch_norm", "train-no-row-nostats",
+                    (*leaves(x32), torch.zeros_like(mask), *leaves(w32, b32), None, None, 2, True, 0.1, EPS)))
+    samples.append(("masked_batch_norm", "eval-mask-per-step",
+                    (*leaves(x32), mask, *leaves(w32, b32), *stats(), 2, False, 0.1, EPS)))
+    samples.append(("masked_batch_norm", "train-bf16-f32params-nograd",
+                    (x32.to(bf16), mask, w32, b32, *stats(), 1, True, 0.1, EPS)))
+
+    gy = make_input((6, 5), f32, device, seed=74, offset=False)
+    _, mean, rstd = OPS.masked_batch_norm(x32, mask, w32, b32, None, None, 1, True, 0.1, EPS)
+    for sid, out_mask in (("all", [True] * 3), ("input-only", [True, False, False]),
+                          ("params-only", [False, True, True])):
+        samples.append(("masked_batch_norm_backward", f"train-{sid}",
+                        (gy, x32, mask, w32, mean, rstd, True, out_mask)))
+    _, mean, rstd = OPS.masked_batch_norm(x32, mask, w32, b32, *stats(), 2, False, 0.1, EPS)
+    samples.append(("masked_batch_norm_backward", "eval", (gy, x32, mask, w32, mean, rstd, False, [True] * 3)))
+    _, mean, rstd = OPS.masked_batch_norm(x32.double(), None, None, None, None, None, 0, True, 0.1, EPS)
+    samples.append(("masked_batch_norm_backward", "train-f64-noweight-nomask",
+                    (gy.double(), x32.double(), None, None, mean, rstd, True, [True, False, True])))
+    return samples
+
+
+def _bn_lstm_case(seed, T, N, H, L, dtype, device, grad=False, bias=True, track=True):
+    """bn_lstm_layer's tensor arguments: [input_gates, hx, cx, weight_hh, bias,
+    bn_ih_weight, bn_hh_weight, bn_c_weight, bn_c_bias] and the six running
+    statistics (None without track)."""
+    x, h0, c0, p, st = lstm_case(seed, T, N, 3, H, L)
+    tensors = list(_seq_on(device, dtype, x @ p["w_ih"].t(), h0, c0, *[p[k] for k in LSTM_PARAM_NAMES[1:]],
+                           grad=grad))
+    if not bias:
+        tensors[4] = None
+    running = [t.to(device=device, dtype=dtype) if track else None for k in ("ih", "hh", "c") for t in st[k]]
+    return tensors, running
+
+
+def bn_lstm_layer_samples(device):
+    """bn_lstm_layer (training with unsorted lengths, a length 0 and steps
+    with one sequence left, T > max_length, first_step; eval; no bias; no
+    running statistics; bfloat16) and bn_lstm_layer_backward from its
+    forward's outputs (every incoming gradient, some absent)."""
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    lengths = torch.tensor([2, 0, 4, 1], device=device)
+    samples = []
+    t, r = _bn_lstm_case(80, 4, 4, 3, 2, f32, device, grad=True)
+    samples.append(("bn_lstm_layer", "train-lengths", (*t, *r, lengths, 0, True, 0.1, EPS)))
+    t, r = _bn_lstm_case(81, 3, 3, 2, 4, f64, device, grad=True, bias=False)
+    samples.append(("bn_lstm_layer", "train-f64-nobias-first-step", (*t, *r, None, 2, True, 0.2, 1e-3)))
+    t, r = _bn_lstm_case(82, 4, 3, 2, 2, f32, device, grad=True, track=False)
+    samples.append(("bn_lstm_layer", "train-nostats", (*t, *r, None, 0, True, 0.1, EPS)))
+    t, r = _bn_lstm_case(83, 4, 4, 3, 2, f32, device, grad=True)
+    samples.append(("bn_lstm_layer", "eval-lengths", (*t, *r, lengths, 0, False, 0.1, EPS)))
+    t, r = _bn_lstm_case(84, 4, 4, 2, 3, bf16, device)
+    samples.append(("bn_lstm_layer", "train-bf16-nograd", (*t, *r, lengths, 1, True, 0.1, EPS)))
+
+    for sid, dtype, training, lens, which in (
+        ("train-lengths-all", f32, True, lengths, (True, True, True)),
+        ("train-output-only", f32, True, None, (True, False, False)),
+        ("train-lengths-state-only", f64, True, lengths, (False, True, True)),
+        ("eval-lengths-hy-only", f32, False, lengths, (False, True, False)),
+    ):
+        t, r = _bn_lstm_case(85, 4, 4, 3, 2, dtype, device)
+        with torch.no_grad():
+            output, hy, cy, hidden_gates, cells, stats = OPS.bn_lstm_layer(*t, *r, lens, 0, training, 0.1, EPS)
+        grads = [make_input(tuple(v.shape), dtype, device, seed=86 + i, scale=1.0, offset=False) if w else None
+                 for i, (v, w) in enumerate(zip((output, hy, cy), which))]
+        samples.append(("bn_lstm_layer_backward", sid,
+                        (*grads, *t, output, hidden_gates, cells, stats, lens, training)))
+    return samples
+
+
+def bn_lstm_step_samples(device):
+    """The internal per-step kernels, out-variant (writing into given tensors,
+    returning ()): _bn_lstm_step in training (a mask, a step past max_length,
+    one valid row) and eval, and _bn_lstm_step_backward from its outputs."""
+    f32, f64 = torch.float32, torch.float64
+    samples = []
+    N, H = 4, 3
+    for sid, dtype, training, valid, step in (
+        ("train-mask", f32, True, [True, False, True, True], 1),
+        ("train-f64-beyond-max-length", f64, True, None, 5),
+        ("train-one-row", f32, True, [False, False, True, False], 0),
+        ("eval-mask", f32, False, [True, True, False, True], 1),
+    ):
+        t, r = _bn_lstm_case(90 + len(samples), 1, N, H, 2, dtype, device)
+        gx, hx, cx, w_hh, bias, *bn = t
+        gh = hx @ w_hh.t()
+        valid = None if valid is None else torch.tensor(valid, device=device)
+        acc = torch.float64 if dtype == f64 else torch.float32
+        hy, cy = torch.empty(N, H, dtype=dtype, device=device), torch.empty(N, H, dtype=dtype, device=device)
+        stats = torch.empty(2, 9 * H, dtype=acc, device=device)
+        samples.append(("_bn_lstm_step", sid, (gx[0], gh, cx, bias, *bn, *r, step, valid, training, 0.1, EPS, hy, cy,
+                                               stats)))
+        with torch.no_grad():
+            OPS._bn_lstm_step(gx[0], gh, cx, bias, *bn, *[v.clone() for v in r], step, valid, training, 0.1, EPS,
+                              hy, cy, stats)
+        grad_hy = make_input((N, H), dtype, device, seed=95, scale=1.0, offset=False)
+        grad_cy = make_input((N, H), dtype, device, seed=96, scale=1.0, offset=False)
+        outs = (torch.empty(N, 4 * H, dtype=dtype, device=device), torch.empty(N, 4 * H, dtype=dtype, device=device),
+                torch.empty(N, H, dtype=dtype, device=device), torch.zeros(14 * H, dtype=acc, device=device))
+        samples.append(("_bn_lstm_step_backward", sid, (grad_hy, grad_cy, gx[0], gh, cx, hy.clone(), bias, *bn,
+                                                        stats.clone(), valid, training, *outs)))
+    return samples
+
+
+SOURCES += [
+    SampleSource(masked_batch_norm_samples, on_every_device=True),
+    SampleSource(bn_lstm_layer_samples, on_every_device=True),
+    SampleSource(bn_lstm_step_samples, on_every_device=True),
 ]

@@ -59,7 +59,8 @@ def test_registered_ops_are_listed():
     empty or partial list cannot make the coverage test pass)."""
     ops = registered_ops()
     for op in ("batch_norm_train", "batch_norm_backward", "batch_norm_apply", "layer_norm_backward",
-               "group_norm_backward", "instance_norm", "conv_bn_frozen_backward", "conv_bn_train_backward"):
+               "group_norm_backward", "instance_norm", "conv_bn_frozen_backward", "conv_bn_train_backward",
+               "masked_batch_norm_backward", "bn_lstm_layer_backward", "_bn_lstm_step_backward"):
         assert op in ops, f"{op} missing from {ops}"
 
 

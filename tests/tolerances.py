@@ -44,6 +44,19 @@ TOLERANCES = {
 # computation is off by ~1e-6 here; E[x^2] - E[x]^2 in float32 is off by ~10.
 LARGE_MEAN_VARIANCE = dict(atol=1e-3, rtol=1e-3)
 
+# bfloat16 BN-LSTM gradients (tests/test_sequence_ops.py) against the float64
+# reference run on the same rounded inputs, compared norm-wise:
+# |got - expected| <= atol_scale * max|expected| + rtol * |expected|.
+# Every step stores W_hh h, c and h in bfloat16 (relative 2**-9) and feeds
+# them to the next step; the training BatchNorms' backward divides by the
+# batch's std (a batch of 16 here) and the recurrence carries the error over
+# the T=5 steps, so a gradient, a sum over T*N such terms, is off by a fraction
+# of its largest entry, not of each entry: on these cases the fused kernels
+# are off by up to 3.4% of the largest entry, and torch's own bfloat16
+# composition of the same model (F.batch_norm per step, autograd) by up to
+# 4.2%. Outputs and running statistics keep the table's bfloat16 entries.
+BN_LSTM_BF16_GRAD = dict(atol_scale=6e-2, rtol=4e-2)
+
 # torch.autograd.gradcheck in float64 (finite differences with eps=1e-6).
 GRADCHECK = dict(eps=1e-6, atol=1e-5, rtol=1e-3)
 
