@@ -171,7 +171,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   }
   const int64_t G = 4 * H;
   auto param_grad = [&](int64_t offset, int64_t width, const Tensor& param) {
-    return grad_params.narrow(0, offset, width).to(param.scalar_type());
+    // A copy even where the dtype matches: each gradient is a tensor of its own.
+    return grad_params.narrow(0, offset, width).to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   };
   Tensor grad_bias = bias ? param_grad(0, G, *bias) : empty_placeholder(gates, gates.scalar_type());
   return {grad_gates,

@@ -548,6 +548,26 @@ def test_results_are_bitwise_repeatable(device):
     assert all(torch.equal(u, v) for u, v in zip(*runs)), "bn_lstm not repeatable"
 
 
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """The CPU column sums take row chunks set by the sizes alone: one thread
+    and two give bitwise equal outputs, statistics and gradients."""
+    gen = torch.Generator().manual_seed(58)
+    x = rnd(gen, 8192, 64).float()
+    mask = torch.rand(8192, generator=gen) < 0.5
+    w, b = rnd(gen, 64).float(), rnd(gen, 64).float()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xa, wa, ba = (v.clone().requires_grad_() for v in (x, w, b))
+            y, mean, rstd = OPS.masked_batch_norm(xa, mask, wa, ba, None, None, 0, True, 0.1, 1e-5)
+            runs.append((y, mean, rstd, *torch.autograd.grad(y, [xa, wa, ba], torch.ones_like(y))))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(*runs)), "masked_batch_norm depends on the thread count"
+
+
 # ---------------------------------------------------------------------------
 # gradcheck (float64, small)
 # ---------------------------------------------------------------------------

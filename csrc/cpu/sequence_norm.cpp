@@ -77,12 +77,15 @@ void for_each_row(int64_t rows, int64_t width, const Body& body) {
 
 // out[0, width) = sum over the valid rows r of add_row(r, partial): each
 // chunk of rows sums into its own partial, then the chunks are added in
-// order, so the result does not depend on which thread ran which chunk.
+// order. The chunks depend on the sizes only, so the result depends neither
+// on which thread ran which chunk nor on the number of threads.
+constexpr int64_t kMaxRowChunks = 16;
+
 template <typename acc_t, typename AddRow>
 void sum_valid_rows(int64_t rows, const bool* valid, int64_t width, acc_t* out, const AddRow& add_row) {
   const int64_t work = rows * width;
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>({rows, int64_t(at::get_num_threads()) * 4, work / kMinTaskElements}));
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>({rows, kMaxRowChunks, work / kMinTaskElements}));
   std::vector<acc_t> partial(chunks * width, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {

@@ -301,10 +301,12 @@ class SequenceBatchNorm1d(torch.nn.BatchNorm1d):
     lengths[n]``) take no part and output 0. Without padding it equals
     torch.nn.BatchNorm1d on the ``(T*N, C)`` reshape, running statistics
     included; its parameters, buffers and state_dict are BatchNorm1d's.
+    Arguments: BatchNorm1d's first four, ``batch_first``, then torch.nn's
+    ``track_running_stats``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, batch_first: bool = False, device=None, dtype=None) -> None:
+                 batch_first: bool = False, track_running_stats: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.batch_first = batch_first
 
