@@ -6,7 +6,7 @@
 # benchmarks/results/gpu_check): the step profile <card>-conv-bn-profile.md,
 # the benchmark reports (<card>.csv/.md/.png, <card>-conv-bn-cuda.csv/.md)
 # and logs.tar.gz (env.txt, build.log, tests.log, sanitizer.log,
-# sanitizer_conv_bn.log, racecheck.log, packed into one file so that the
+# sanitizer_conv_bn.log, sanitizer_sequence.log, racecheck.log, packed into one file so that the
 # reports and logs stay few). Commit them, logs unpacked, under
 # benchmarks/results/gpu_check/.
 #
@@ -66,6 +66,11 @@ limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exi
   $PY -m pytest tests/test_conv_bn_internal_ops.py tests/test_conv_bn_frozen.py -q -x -p no:cacheprovider -k cuda \
   > "$OUT/sanitizer_conv_bn.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer_conv_bn.log"
+# The sequence norms' CUDA kernels (masked BatchNorm, the BN-LSTM step).
+limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY -m pytest tests/test_sequence_ops.py -q -x -p no:cacheprovider -k "cuda and not gradcheck" \
+  > "$OUT/sanitizer_sequence.log" 2>&1 || status=1
+tail -5 "$OUT/sanitizer_sequence.log"
 limited "${RACECHECK_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 \
   $PY -m pytest $NORM_TESTS -q -x -p no:cacheprovider \
   -k "cuda and test_op_ and f32 and not f64" \
@@ -84,6 +89,6 @@ limited "${BENCH_TIMEOUT:-3600}" $PY -m benchmarks --device cuda ${BENCH_ARGS:-}
 
 step done
 # The logs as one file (see the header).
-logs=$(cd "$OUT" && ls env.txt build.log tests.log sanitizer.log sanitizer_conv_bn.log racecheck.log 2>/dev/null)
+logs=$(cd "$OUT" && ls env.txt build.log tests.log sanitizer.log sanitizer_conv_bn.log sanitizer_sequence.log racecheck.log 2>/dev/null)
 (cd "$OUT" && tar czf logs.tar.gz $logs && rm -f $logs)
 exit $status
