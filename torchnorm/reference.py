@@ -435,3 +435,93 @@ def sequence_batch_norm(
         xd.reshape(T * N, C), valid, running_mean, running_var, weight, bias, training, momentum, eps
     ).reshape(T, N, C)
     return y.transpose(0, 1) if batch_first else y
+
+
+# ---------------------------------------------------------------------------
+# Online Normalization (Chiley et al. 2019, arXiv 1905.05894): per channel,
+# samples in order, with state carried across batches; its backward is the
+# paper's control process, not the derivative of the forward.
+# ---------------------------------------------------------------------------
+
+__all__ += ["online_norm"]
+
+
+class _OnlineNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mu, var, u, v, alpha_fwd, alpha_bkw, eps):
+        flat = x.double().reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions)
+        m_state, v_state = mu.double().clone(), var.double().clone()
+        ys, variances = [], []
+        for sample in flat:
+            # Normalize with the statistics from before this sample.
+            y = (sample - m_state[:, None]) / torch.sqrt(v_state[:, None] + eps)
+            ys.append(y)
+            variances.append(v_state)
+            m = sample.mean(1)
+            s2 = ((sample - m[:, None]) ** 2).mean(1)
+            v_state = alpha_fwd * v_state + (1 - alpha_fwd) * s2 + alpha_fwd * (1 - alpha_fwd) * (m - m_state) ** 2
+            m_state = m_state + (1 - alpha_fwd) * (m - m_state)
+        mu.copy_(m_state)
+        var.copy_(v_state)
+        y = torch.stack(ys) if ys else flat.clone()
+        ctx.save_for_backward(y, torch.stack(variances) if variances else flat.new_zeros(0, x.shape[1]))
+        ctx.state, ctx.alpha_bkw, ctx.eps, ctx.shape = (u, v), alpha_bkw, eps, x.shape
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        y, variances = ctx.saved_tensors
+        u_buf, v_buf = ctx.state
+        a = 1 - ctx.alpha_bkw
+        u, v = u_buf.double().clone(), v_buf.double().clone()
+        dys = grad_output.double().reshape(y.shape)
+        dxs = []
+        for y_n, dy_n, var_n in zip(y, dys, variances):
+            g = dy_n - a * v[:, None] * y_n
+            v = v + (g * y_n).mean(1)
+            g = g / torch.sqrt(var_n[:, None] + ctx.eps)
+            dx = g - a * u[:, None]
+            u = u + dx.mean(1)
+            dxs.append(dx)
+        u_buf.copy_(u)
+        v_buf.copy_(v)
+        dx = torch.stack(dxs) if dxs else dys.clone()
+        return dx.reshape(ctx.shape), None, None, None, None, None, None, None
+
+
+def online_norm(
+    x: Tensor,
+    mu: Tensor,
+    var: Tensor,
+    u: Tensor,
+    v: Tensor,
+    alpha_fwd: float = 0.999,
+    alpha_bkw: float = 0.99,
+    eps: float = 1e-5,
+    training: bool = True,
+) -> Tensor:
+    """float64 Online Normalization of an ``(N, C, *)`` input, samples in order.
+
+    Forward, per channel, for each sample n: ``y_n = (x_n - mu) / sqrt(var +
+    eps)`` with the state from before sample n; then, with ``m_n`` and ``s2_n``
+    the mean and biased variance of sample n over its positions (one value for
+    ``(N, C)`` input: ``s2_n = 0``)::
+
+        var <- a_f var + (1 - a_f) s2_n + a_f (1 - a_f) (m_n - mu)^2
+        mu  <- mu + (1 - a_f) (m_n - mu)
+
+    ``mu`` and ``var`` ``(C,)`` are updated in place (start: 0 and 1).
+    Backward is the paper's control process, not the forward's derivative,
+    for each sample n in order (means over the sample's positions)::
+
+        g = dy_n - (1 - a_b) v y_n;   v += mean(g y_n);   g = g / sqrt(var_n + eps)
+        dx_n = g - (1 - a_b) u;        u += mean(dx_n)
+
+    ``u`` and ``v`` ``(C,)`` are updated in place by the backward (start: 0).
+    Evaluation (``training=False``) normalizes with the state, updates
+    nothing, and differentiates plainly.
+    """
+    if not training:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return (x.double() - mu.double().view(shape)) / torch.sqrt(var.double().view(shape) + eps)
+    return _OnlineNorm.apply(x, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
