@@ -7,6 +7,7 @@ Examples::
     python -m benchmarks --providers torch,torch_compile   # without torchnorm
     python -m benchmarks --device cpu --quick --out benchmarks/results/local/quick.csv   # smoke test
     python -m benchmarks --suite conv_bn                   # model-level Conv+BN only
+    python -m benchmarks --suite sequence                  # BN-LSTM against its composition and torch.nn.LSTM
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
 """
 from __future__ import annotations
@@ -18,10 +19,10 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from . import conv_bn, harness, report, suites
+from . import conv_bn, harness, report, sequence, suites
 
 # Model-level suites, with their own report (a .md and .csv beside the op CSV).
-MODEL_SUITES = ("conv_bn",)
+MODEL_SUITES = ("conv_bn", "sequence")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
         if "conv_bn" in args.suites:
             for device in path_devices:
                 conv_bn.run(device, args.quick, os.path.splitext(path)[0] + f"-conv-bn-{device}.md")
+        if "sequence" in args.suites:
+            for device in path_devices:
+                failures += sequence.run(device, args.quick, os.path.splitext(path)[0] + f"-sequence-{device}.md")[1]
         if not op_suites:
             continue
         writer = harness.CsvWriter(path)

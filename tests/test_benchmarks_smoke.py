@@ -4,8 +4,13 @@ The batch_norm suite runs with the torch provider only (no build needed); the
 per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
 with every provider (torch, torch_compile, torchnorm), so they need the built
 extension (skipped when torchnorm._C is not built; a missing op fails).
+The model-level suites (conv_bn, sequence) and examples/sequence_norms.py run
+at their --quick sizes; the sequence suite's baseline, the per-step
+composition, is checked to compute what torchnorm.nn.BNLSTM computes.
 """
+import copy
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -199,3 +204,93 @@ def test_warm_pages_env(monkeypatch):
     for key, value in cli.WARM_PAGES_ENV.items():
         monkeypatch.setenv(key, value)
     assert cli.warm_pages_env(["--device", "cpu"]) is None  # already in place: no restart
+
+
+def test_quick_sequence(tmp_path):
+    """The BN-LSTM suite: forward and forward+backward rows with the times of all
+    three models and both ratios, measured in the run, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "sequence",
+         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "sequence BN-LSTM forward (batch 4, input 8, hidden 16, 5 steps, cpu): timing" in proc.stderr
+    with open(tmp_path / "bench-sequence-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["benchmark"] for r in rows] == ["BN-LSTM forward", "BN-LSTM forward+backward"]
+    for r in rows:
+        times = {p: float(r[f"{p}_ms"]) for p in ("torchnorm", "composition", "lstm")}
+        assert all(t > 0 for t in times.values()), r
+        # The ratios are those of this run's medians, and each says whether its goal was met.
+        assert float(r["vs_composition"]) == pytest.approx(times["torchnorm"] / times["composition"], rel=2e-3)
+        assert float(r["vs_lstm"]) == pytest.approx(times["torchnorm"] / times["lstm"], rel=2e-3)
+        assert r["goal_vs_composition"].startswith(("met", "NOT met"))
+        assert r["goal_vs_lstm"].startswith(("met", "NOT met"))
+    md = (tmp_path / "bench-sequence-cpu.md").read_text()
+    assert "| BN-LSTM forward+backward |" in md and "torchnorm / composition" in md
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sequence_composition_equals_bnlstm(training):
+    """The benchmark's per-step composition computes what torchnorm.nn.BNLSTM
+    computes (float64, same parameters): outputs, final state, running
+    statistics of every step, and the gradients of the input and every
+    parameter. Sequence longer than max_length, so its last-row rule is used."""
+    import torch
+    import torchnorm.nn
+    from benchmarks.sequence import bn_lstm_composition
+    from tolerances import tol
+
+    torch.manual_seed(3)
+    T, N, I, H, max_length = 6, 5, 3, 4, 4
+    ours = torchnorm.nn.BNLSTM(I, H, max_length, momentum=0.2, eps=1e-4, dtype=torch.float64).train(training)
+    with torch.no_grad():  # parameters and statistics away from their initial constants
+        for name, t in list(ours.named_parameters()) + list(ours.named_buffers()):
+            t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else 0.5 * torch.randn_like(t))
+    theirs = copy.deepcopy(ours)
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    h0, c0 = torch.randn(1, N, H, dtype=torch.float64), torch.randn(1, N, H, dtype=torch.float64)
+    leaves = [[t.clone().requires_grad_() for t in (x, h0, c0)] for _ in range(2)]
+
+    out, (hn, cn) = ours(leaves[0][0], (leaves[0][1], leaves[0][2]))
+    out_c, (hn_c, cn_c) = bn_lstm_composition(leaves[1][0], theirs, (leaves[1][1][0], leaves[1][2][0]))
+    close = tol(torch.float64)
+    torch.testing.assert_close(out_c, out, **close)
+    torch.testing.assert_close(hn_c, hn[0], **close)
+    torch.testing.assert_close(cn_c, cn[0], **close)
+    for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
+        torch.testing.assert_close(b, a, **tol(torch.float64, "stats"), msg=name)
+
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves[0] + list(ours.parameters()), dy)
+    grads_c = torch.autograd.grad(out_c, leaves[1] + list(theirs.parameters()), dy)
+    names = ["x", "h0", "c0"] + [n for n, _ in ours.named_parameters()]
+    for name, g, g_c in zip(names, grads, grads_c):
+        torch.testing.assert_close(g_c, g, **tol(torch.float64, "grad"), msg=name)
+
+
+def test_sequence_norms_example_quick(tmp_path):
+    """examples/sequence_norms.py --quick: the three models train a few steps,
+    and the plot and its JSON (curves and summary) are written."""
+    pytest.importorskip("torchnorm._C")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sequence_norms.png"
+    proc = subprocess.run([sys.executable, "-m", "examples.sequence_norms", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    models = ["LSTM", "BN-LSTM", "BN-RNN (LSTM)"]
+    for name in models:  # progress lines: model, step, loss, accuracy, elapsed
+        assert any(line.startswith(name + " ") and "step     6/6" in line and "val acc" in line
+                   for line in proc.stdout.splitlines()), proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "sequence_norms.json").read_text())
+    assert list(results["curves"]) == models and list(results["summary"]) == models
+    for name, curve in results["curves"].items():
+        assert curve["step"] == [3, 6]
+        assert all(0 < loss < 10 for loss in curve["train_loss"])
+        assert all(0 <= acc <= 100 for acc in curve["val_acc"])
+        # Batch-statistics accuracy exists for the BN models only.
+        assert all((acc is None) == (name == "LSTM") for acc in curve["val_acc_batch_stats"])
+        assert results["summary"][name]["final_val_acc"] == curve["val_acc"][-1]
