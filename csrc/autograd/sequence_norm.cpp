@@ -97,6 +97,9 @@ struct BNLSTMLayer : public torch::autograd::Function<BNLSTMLayer> {
                                                   {kSavedLengths, or_undefined(lengths)}}));
     ctx->saved_data["training"] = training;
     ctx->mark_non_differentiable({hidden_gates, cells, stats});
+    // Absent gradients stay undefined (the backward op takes them as None):
+    // zeros for the non-differentiable outputs alone would be a (T, N, 4H) fill.
+    ctx->set_materialize_grads(false);
     return {output, hy, cy, hidden_gates, cells, stats};
   }
 

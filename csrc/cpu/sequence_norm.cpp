@@ -138,20 +138,37 @@ ColumnMoments column_moments(const Tensor& x, const optional<Tensor>& valid) {
   return {mean, var, at::scalar_tensor(double(count), acc_options), count};
 }
 
-// Per column over the valid rows: sum(d) (unless sum_d is null) and
-// sum(d * (x - mean)), d of
-// type d_t (an incoming gradient or an acc_t scratch), x of scalar_t.
+// One input a gradient is centred against: sum(d * (x - mean)) goes to out.
+template <typename acc_t, typename scalar_t>
+struct Centred {
+  const scalar_t* x;
+  const acc_t* mean;
+  acc_t* out;
+};
+
+// Per column over the valid rows, in one pass over d (an incoming gradient
+// or an acc_t scratch): sum(d) into sum_d and, for each Centred input,
+// sum(d * (x - mean)).
 template <typename acc_t, typename d_t, typename scalar_t>
-void gradient_sums(const d_t* d, const scalar_t* x, const acc_t* mean, int64_t rows, int64_t cols, const bool* valid,
-                   acc_t* sum_d, acc_t* sum_d_xc) {
-  if (sum_d != nullptr) {
-    sum_valid_rows<acc_t>(rows, valid, cols, sum_d, [&](int64_t r, acc_t* p) {
-      for (int64_t j = 0; j < cols; ++j) p[j] += acc_t(d[r * cols + j]);
-    });
-  }
-  sum_valid_rows<acc_t>(rows, valid, cols, sum_d_xc, [&](int64_t r, acc_t* p) {
-    for (int64_t j = 0; j < cols; ++j) p[j] += acc_t(d[r * cols + j]) * (acc_t(x[r * cols + j]) - mean[j]);
+void gradient_sums(const d_t* d, int64_t rows, int64_t cols, const bool* valid, acc_t* sum_d,
+                   std::initializer_list<Centred<acc_t, scalar_t>> centred) {
+  const std::vector<Centred<acc_t, scalar_t>> inputs(centred);
+  const int64_t k = int64_t(inputs.size());
+  std::vector<acc_t> sums((1 + k) * cols);
+  sum_valid_rows<acc_t>(rows, valid, (1 + k) * cols, sums.data(), [&](int64_t r, acc_t* p) {
+    const d_t* d_row = d + r * cols;
+    for (int64_t j = 0; j < cols; ++j) p[j] += acc_t(d_row[j]);
+    for (int64_t i = 0; i < k; ++i) {
+      const scalar_t* x_row = inputs[i].x + r * cols;
+      const acc_t* mean = inputs[i].mean;
+      acc_t* q = p + (1 + i) * cols;
+      for (int64_t j = 0; j < cols; ++j) q[j] += acc_t(d_row[j]) * (acc_t(x_row[j]) - mean[j]);
+    }
   });
+  std::copy(sums.begin(), sums.begin() + cols, sum_d);
+  for (int64_t i = 0; i < k; ++i) {
+    std::copy(sums.begin() + (1 + i) * cols, sums.begin() + (2 + i) * cols, inputs[i].out);
+  }
 }
 
 // The (C,) acc_t values of an optional per-column parameter (fill when
@@ -237,8 +254,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_batch_norm_backward_cpu(const Tensor& 
     const scalar_t *xd = x.const_data_ptr<scalar_t>(), *dyd = dy.const_data_ptr<scalar_t>();
     const Tensor mean_acc = mean.to(acc_type).contiguous(), rstd_acc = rstd.to(acc_type).contiguous();
     const acc_t *m = mean_acc.const_data_ptr<acc_t>(), *rs = rstd_acc.const_data_ptr<acc_t>();
-    gradient_sums<acc_t>(dyd, xd, m, rows, cols, ok, sum_dy.mutable_data_ptr<acc_t>(),
-                         sum_dy_xc.mutable_data_ptr<acc_t>());
+    gradient_sums<acc_t, scalar_t, scalar_t>(dyd, rows, cols, ok, sum_dy.mutable_data_ptr<acc_t>(),
+                         {{xd, m, sum_dy_xc.mutable_data_ptr<acc_t>()}});
     if (!output_mask[0]) return;
     const Tensor w = column_values<acc_t>(weight, cols, 1.0, acc_options);
     const ColumnBackward<acc_t> coef(cols, training, rs, w.const_data_ptr<acc_t>(), sum_dy.const_data_ptr<acc_t>(),
@@ -481,8 +498,9 @@ void bn_lstm_step_backward_impl(const Tensor& grad_hy, const Tensor& grad_cy, co
   // BN_c's backward: column sums of dz, then its coefficients.
   const Tensor mean_c_acc = coef.mean_c.contiguous();
   std::vector<acc_t> sum_dz(H), sum_dz_xc(H);
-  gradient_sums<acc_t>(dz.data(), cy.const_data_ptr<scalar_t>(), mean_c_acc.const_data_ptr<acc_t>(), N, H, ok,
-                       sum_dz.data(), sum_dz_xc.data());
+  gradient_sums<acc_t, acc_t, scalar_t>(dz.data(), N, H, ok, sum_dz.data(),
+                                        {{cy.const_data_ptr<scalar_t>(), mean_c_acc.const_data_ptr<acc_t>(),
+                                          sum_dz_xc.data()}});
   const ColumnBackward<acc_t> bn_c(H, training, rstd_c.const_data_ptr<acc_t>(), w_c.const_data_ptr<acc_t>(),
                                    sum_dz.data(), sum_dz_xc.data(), count);
 
@@ -516,9 +534,10 @@ void bn_lstm_step_backward_impl(const Tensor& grad_hy, const Tensor& grad_cy, co
 
   // The gate BNs' backward: column sums of da against both inputs.
   std::vector<acc_t> sum_da(G), sum_da_xc(G), sum_da_hc(G);
-  gradient_sums<acc_t>(da.data(), gx.const_data_ptr<scalar_t>(), p.mean_ih, N, G, ok, sum_da.data(),
-                       sum_da_xc.data());
-  gradient_sums<acc_t>(da.data(), gh.const_data_ptr<scalar_t>(), p.mean_hh, N, G, ok, nullptr, sum_da_hc.data());
+  gradient_sums<acc_t, acc_t, scalar_t>(
+      da.data(), N, G, ok, sum_da.data(),
+      {{gx.const_data_ptr<scalar_t>(), p.mean_ih, sum_da_xc.data()}, {gh.const_data_ptr<scalar_t>(), p.mean_hh,
+                                                                          sum_da_hc.data()}});
   const ColumnBackward<acc_t> bn_ih(G, training, rstd_ih.const_data_ptr<acc_t>(), w_ih.const_data_ptr<acc_t>(),
                                     sum_da.data(), sum_da_xc.data(), count);
   const ColumnBackward<acc_t> bn_hh(G, training, rstd_hh.const_data_ptr<acc_t>(), w_hh.const_data_ptr<acc_t>(),
