@@ -42,9 +42,18 @@ struct LstmGates {
   acc_t i, f, g, o;  // sigmoid(a_i), sigmoid(a_f), tanh(a_g), sigmoid(a_o)
 };
 
+// The gates the cell update needs (i, f, g; o left 0): all a backward's cell
+// part recomputes.
+template <typename acc_t>
+TN_HOST_DEVICE LstmGates<acc_t> lstm_cell_gates(acc_t a_i, acc_t a_f, acc_t a_g) {
+  return {sigmoid(a_i), sigmoid(a_f), ElementMath<acc_t>::tanh(a_g), acc_t(0)};
+}
+
 template <typename acc_t>
 TN_HOST_DEVICE LstmGates<acc_t> lstm_gates(acc_t a_i, acc_t a_f, acc_t a_g, acc_t a_o) {
-  return {sigmoid(a_i), sigmoid(a_f), ElementMath<acc_t>::tanh(a_g), sigmoid(a_o)};
+  LstmGates<acc_t> gates = lstm_cell_gates(a_i, a_f, a_g);
+  gates.o = sigmoid(a_o);
+  return gates;
 }
 
 template <typename acc_t>

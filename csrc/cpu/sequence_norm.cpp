@@ -318,6 +318,14 @@ auto gates_at(const Lanes& lanes, const acc_t* gx, const acc_t* gh, const StepPo
                     pre_activation_at(lanes, gx, gh, p, 2 * H + j), pre_activation_at(lanes, gx, gh, p, 3 * H + j));
 }
 
+// Gates i, f and g of hidden units [j, j + lanes) of one row.
+template <typename Lanes, typename acc_t>
+auto cell_gates_at(const Lanes& lanes, const acc_t* gx, const acc_t* gh, const StepPointers<acc_t>& p, int64_t j,
+                   int64_t H) {
+  return lstm_cell_gates(pre_activation_at(lanes, gx, gh, p, j), pre_activation_at(lanes, gx, gh, p, H + j),
+                         pre_activation_at(lanes, gx, gh, p, 2 * H + j));
+}
+
 // One row of a (rows, width) tensor as acc_t: in place for float/double, else
 // converted into buf.
 template <typename scalar_t, typename acc_t>
@@ -382,7 +390,9 @@ void bn_lstm_step_forward(const Tensor& gx, const Tensor& gh, const Tensor& cx, 
   coef.bias = column_values<acc_t>(bias, G, 0.0, acc_options);
   coef.shift_c = column_values<acc_t>(bn_c_bias, H, 0.0, acc_options);
 
-  // Pass 1: the cell. Ended rows keep their cell and output 0.
+  // Pass 1: the cell, and sigmoid(a_o) for pass 2. Ended rows keep their
+  // cell and output 0.
+  std::vector<acc_t> gate_o(N * H);
   {
     const StepPointers<acc_t> p(coef);
     for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
@@ -399,6 +409,7 @@ void bn_lstm_step_forward(const Tensor& gx, const Tensor& gh, const Tensor& cx, 
       lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
         const auto gates = gates_at(lanes, x, h, p, j, H);
         lanes.store(lstm_cell(gates, lanes.load(cp + j)), buf.c.data() + j);
+        lanes.store(gates.o, gate_o.data() + r * H + j);
       });
       write_row<scalar_t, acc_t>(buf.c.data(), cy, r);
     });
@@ -412,16 +423,13 @@ void bn_lstm_step_forward(const Tensor& gx, const Tensor& gh, const Tensor& cx, 
     const StepPointers<acc_t> p(coef);
     for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
       if (!row_is_valid(ok, r)) return;
-      const acc_t* x = row_as_acc<scalar_t, acc_t>(gx, r, buf.gx);
-      const acc_t* h = row_as_acc<scalar_t, acc_t>(gh, r, buf.gh);
       const acc_t* c = row_as_acc<scalar_t, acc_t>(cy, r, buf.c);
       buf.out.resize(H);
       lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
         using Lane = decltype(lanes.load(c));
-        const Lane gate_o = sigmoid(pre_activation_at(lanes, x, h, p, 3 * H + j));
         const Lane z = pre_activation(lanes.load(c + j) - lanes.load(p.mean_c + j), lanes.load(p.scale_c + j),
                                       lanes.load(p.shift_c + j));
-        lanes.store(gate_o * ElementMath<Lane>::tanh(z), buf.out.data() + j);
+        lanes.store(lanes.load(gate_o.data() + r * H + j) * ElementMath<Lane>::tanh(z), buf.out.data() + j);
       });
       write_row<scalar_t, acc_t>(buf.out.data(), hy, r);
     });
@@ -476,10 +484,12 @@ void bn_lstm_step_backward_impl(const Tensor& grad_hy, const Tensor& grad_cy, co
   coef.shift_c = column_values<acc_t>(bn_c_bias, H, 0.0, acc_options);
   const StepPointers<acc_t> p(coef);
 
-  // Pass A: dz and da_o from dh, per valid row (acc_t scratch).
-  std::vector<acc_t> dz(N * H, acc_t(0)), da(N * G, acc_t(0));
-  for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
-    if (!row_is_valid(ok, r)) return;
+  // Pass A: dz and da_o from dh per valid row (acc_t scratch), with BN_c's
+  // column sums of dz and dz * (c - mean_c) taken in the same pass.
+  std::vector<acc_t> dz(N * H), da(N * G);
+  std::vector<acc_t> bn_c_sums(2 * H);  // [sum dz | sum dz * (c - mean_c)]
+  sum_valid_rows<acc_t>(N, ok, 2 * H, bn_c_sums.data(), [&](int64_t r, acc_t* sums) {
+    thread_local RowBuffers<acc_t> buf;
     const acc_t* x = row_as_acc<scalar_t, acc_t>(gx, r, buf.gx);
     const acc_t* h = row_as_acc<scalar_t, acc_t>(gh, r, buf.gh);
     const acc_t* c = row_as_acc<scalar_t, acc_t>(cy, r, buf.c);
@@ -487,61 +497,62 @@ void bn_lstm_step_backward_impl(const Tensor& grad_hy, const Tensor& grad_cy, co
     lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
       using Lane = decltype(lanes.load(c));
       const Lane gate_o = sigmoid(pre_activation_at(lanes, x, h, p, 3 * H + j));
-      const Lane z = pre_activation(lanes.load(c + j) - lanes.load(p.mean_c + j), lanes.load(p.scale_c + j),
-                                    lanes.load(p.shift_c + j));
+      const Lane c_centred = lanes.load(c + j) - lanes.load(p.mean_c + j);
+      const Lane z = pre_activation(c_centred, lanes.load(p.scale_c + j), lanes.load(p.shift_c + j));
       const auto g = lstm_output_grads(lanes.load(dh + j), gate_o, ElementMath<Lane>::tanh(z));
       lanes.store(g.dz, dz.data() + r * H + j);
       lanes.store(g.da_o, da.data() + r * G + 3 * H + j);
+      lanes.store(lanes.load(sums + j) + g.dz, sums + j);
+      lanes.store(lanes.load(sums + H + j) + g.dz * c_centred, sums + H + j);
     });
   });
+  const acc_t *sum_dz = bn_c_sums.data(), *sum_dz_xc = bn_c_sums.data() + H;
+  const ColumnBackward<acc_t> bn_c(H, training, rstd_c.const_data_ptr<acc_t>(), w_c.const_data_ptr<acc_t>(), sum_dz,
+                                   sum_dz_xc, count);
 
-  // BN_c's backward: column sums of dz, then its coefficients.
-  const Tensor mean_c_acc = coef.mean_c.contiguous();
-  std::vector<acc_t> sum_dz(H), sum_dz_xc(H);
-  gradient_sums<acc_t, acc_t, scalar_t>(dz.data(), N, H, ok, sum_dz.data(),
-                                        {{cy.const_data_ptr<scalar_t>(), mean_c_acc.const_data_ptr<acc_t>(),
-                                          sum_dz_xc.data()}});
-  const ColumnBackward<acc_t> bn_c(H, training, rstd_c.const_data_ptr<acc_t>(), w_c.const_data_ptr<acc_t>(),
-                                   sum_dz.data(), sum_dz_xc.data(), count);
-
-  // Pass B: dc, the cell's gate gradients and grad_cx.
-  for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
+  // Pass B: dc, the cell's gate gradients and grad_cx per valid row, with
+  // the gate BNs' column sums of da, da * (gx - mean_ih) and da * (gh -
+  // mean_hh) taken in the same pass. An ended sequence's cell gradient
+  // passes through.
+  for (int64_t r = 0; r < N; ++r) {
+    if (!row_is_valid(ok, r)) grad_cx.select(0, r).copy_(grad_cy.select(0, r));
+  }
+  std::vector<acc_t> gate_sums(3 * G);  // [sum da | sum da * (gx - mean_ih) | sum da * (gh - mean_hh)]
+  sum_valid_rows<acc_t>(N, ok, 3 * G, gate_sums.data(), [&](int64_t r, acc_t* sums) {
+    thread_local RowBuffers<acc_t> buf;
     const acc_t* dc_next = row_as_acc<scalar_t, acc_t>(grad_cy, r, buf.dc);
-    if (!row_is_valid(ok, r)) {  // an ended sequence: its cell passes through
-      write_row<scalar_t, acc_t>(dc_next, grad_cx, r);
-      return;
-    }
     const acc_t* x = row_as_acc<scalar_t, acc_t>(gx, r, buf.gx);
     const acc_t* h = row_as_acc<scalar_t, acc_t>(gh, r, buf.gh);
     const acc_t* c = row_as_acc<scalar_t, acc_t>(cy, r, buf.c);
     const acc_t* cp = row_as_acc<scalar_t, acc_t>(cx, r, buf.c_prev);
     buf.out.resize(H);
+    acc_t* da_row = da.data() + r * G;
     lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
-      const auto gates = gates_at(lanes, x, h, p, j, H);
+      const auto gates = cell_gates_at(lanes, x, h, p, j, H);
       const auto dc = lanes.load(dc_next + j) +
                       input_grad(lanes.load(dz.data() + r * H + j), lanes.load(c + j) - lanes.load(p.mean_c + j),
                                  lanes.load(bn_c.dz_coef.data() + j), lanes.load(bn_c.xc_coef.data() + j),
                                  lanes.load(bn_c.const_coef.data() + j));
       const auto g = lstm_cell_grads(gates, dc, lanes.load(cp + j));
-      acc_t* da_row = da.data() + r * G;
       lanes.store(g.da_i, da_row + j);
       lanes.store(g.da_f, da_row + H + j);
       lanes.store(g.da_g, da_row + 2 * H + j);
       lanes.store(g.dc_prev, buf.out.data() + j);
     });
     write_row<scalar_t, acc_t>(buf.out.data(), grad_cx, r);
+    lane_loop<acc_t>(G, [&](int64_t k, auto lanes) {
+      const auto d = lanes.load(da_row + k);
+      lanes.store(lanes.load(sums + k) + d, sums + k);
+      lanes.store(lanes.load(sums + G + k) + d * (lanes.load(x + k) - lanes.load(p.mean_ih + k)), sums + G + k);
+      lanes.store(lanes.load(sums + 2 * G + k) + d * (lanes.load(h + k) - lanes.load(p.mean_hh + k)),
+                  sums + 2 * G + k);
+    });
   });
-
-  // The gate BNs' backward: column sums of da against both inputs.
-  std::vector<acc_t> sum_da(G), sum_da_xc(G), sum_da_hc(G);
-  gradient_sums<acc_t, acc_t, scalar_t>(
-      da.data(), N, G, ok, sum_da.data(),
-      {{gx.const_data_ptr<scalar_t>(), p.mean_ih, sum_da_xc.data()}, {gh.const_data_ptr<scalar_t>(), p.mean_hh,
-                                                                          sum_da_hc.data()}});
+  const acc_t *sum_da = gate_sums.data(), *sum_da_xc = gate_sums.data() + G, *sum_da_hc = gate_sums.data() + 2 * G;
   const ColumnBackward<acc_t> bn_ih(G, training, rstd_ih.const_data_ptr<acc_t>(), w_ih.const_data_ptr<acc_t>(),
-                                    sum_da.data(), sum_da_xc.data(), count);
+                                    sum_da, sum_da_xc, count);
   const ColumnBackward<acc_t> bn_hh(G, training, rstd_hh.const_data_ptr<acc_t>(), w_hh.const_data_ptr<acc_t>(),
-                                    sum_da.data(), sum_da_hc.data(), count);
+                                    sum_da, sum_da_hc, count);
 
   // Pass C: the gradients of both gate inputs.
   for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
