@@ -175,6 +175,28 @@ TORCH_LIBRARY(torchnorm, m) {
       "Tensor? lengths, bool training) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Online Normalization (Chiley et al. 2019), training, of an (N, C, *)
+  // input: per channel, samples in order, each normalized with the state from
+  // before it, y_n = (x_n - mu) / sqrt(var + eps); then, with m_n and s2_n the
+  // mean and biased variance of sample n over its positions,
+  //   var <- a_f var + (1 - a_f) s2_n + a_f (1 - a_f) (m_n - mu)^2
+  //   mu  <- mu + (1 - a_f) (m_n - mu)          (mu, var (C,), in place)
+  // Returns (out, mean, rstd): the (N, C) statistics each sample was
+  // normalized with. u, v and alpha_bkw, the backward's state and rate, are
+  // not used here: they are inputs so that autograd can hand them to the
+  // backward.
+  m.def(
+      "online_norm(Tensor input, Tensor(a!) mu, Tensor(b!) var, Tensor u, Tensor v, float alpha_fwd, "
+      "float alpha_bkw, float eps) -> (Tensor, Tensor, Tensor)");
+  // The paper's backward, a control process rather than the forward's
+  // derivative: per channel, for each sample n in order, with y_n the
+  // forward's output (means over the sample's positions),
+  //   g = dy_n - (1 - a_b) v y_n;  v += mean(g y_n);  g = g * rstd_n
+  //   dx_n = g - (1 - a_b) u;      u += mean(dx_n)   (u, v (C,), in place)
+  m.def(
+      "online_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor(a!) u, "
+      "Tensor(b!) v, float alpha_bkw) -> Tensor");
+
   // Internal ops: the per-channel pieces of conv_bn_frozen and
   // conv_bn_frozen_backward, which call them through the dispatcher, and of
   // torchnorm.fx.fold_parameters, so that the fold's formula has one home.

@@ -389,3 +389,20 @@ def _bn_lstm_step_backward(grad_hy, grad_cy, input_gates, hidden_gates, cx, cy, 
     _check_devices("torchnorm._bn_lstm_step_backward", input_gates, grad_hy=grad_hy, grad_cy=grad_cy,
                    grad_input_gates=grad_input_gates, grad_hidden_gates=grad_hidden_gates, grad_cx=grad_cx,
                    grad_params=grad_params)
+
+
+# Online Normalization.
+
+@torch.library.register_fake("torchnorm::online_norm")
+def _online_norm(input, mu, var, u, v, alpha_fwd, alpha_bkw, eps):
+    _check_devices("torchnorm.online_norm", input, mu=mu, var=var, u=u, v=v)
+    if input.dim() < 2:
+        raise RuntimeError(f"torchnorm.online_norm: expected an (N, C, *) input, got shape {list(input.shape)}")
+    stats = input.new_empty(input.shape[:2], dtype=_accumulate_dtype(input.dtype))
+    return _contiguous_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("torchnorm::online_norm_backward")
+def _online_norm_backward(grad_output, input, mean, rstd, u, v, alpha_bkw):
+    _check_devices("torchnorm.online_norm_backward", input, grad_output=grad_output, mean=mean, rstd=rstd, u=u, v=v)
+    return _contiguous_like(input)

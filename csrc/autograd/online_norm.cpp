@@ -1,0 +1,58 @@
+// Autograd of Online Normalization: online_norm's backward is the paper's
+// control process (online_norm_backward), which updates the state u, v. So a
+// graph's backward may run once: a second run over the same graph (e.g. with
+// retain_graph=True) raises instead of updating the state twice. The shared
+// pieces are in csrc/autograd/common.h.
+#include <torch/library.h>
+
+#include "autograd/common.h"
+#include "ops/online_norm.h"
+
+namespace torchnorm::autograd {
+namespace {
+
+struct OnlineNorm : public torch::autograd::Function<OnlineNorm> {
+  using Op = ops::OnlineNorm;
+  enum Input { kInput, kMu, kVar, kU, kV, kAlphaFwd, kAlphaBkw, kEps, kNumInputs };
+  enum Saved { kSavedInput, kSavedMean, kSavedRstd, kNumSaved };
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& mu, const Tensor& var,
+                               const Tensor& u, const Tensor& v, double alpha_fwd, double alpha_bkw, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = ops::handle<Op>().call(input, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
+    ctx->save_for_backward(tensors_of<kNumSaved>({{kSavedInput, input}, {kSavedMean, mean}, {kSavedRstd, rstd}}));
+    // Held without a version check: the backward updates them in place, and
+    // another forward's backward may have done so first.
+    ctx->saved_data["u"] = u;
+    ctx->saved_data["v"] = v;
+    ctx->saved_data["alpha_bkw"] = alpha_bkw;
+    ctx->saved_data["backward_ran"] = false;
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!ctx->saved_data["backward_ran"].toBool(),
+                "torchnorm.online_norm: this graph's backward already ran. Online Normalization's backward "
+                "updates its state (u, v), so it runs once per forward: do not backpropagate twice through the "
+                "same graph (retain_graph=True, or torch.autograd.grad called twice)");
+    ctx->saved_data["backward_ran"] = true;
+    const auto saved = ctx->get_saved_variables();
+    Tensor grad_input = ops::handle<ops::OnlineNormBackward>().call(
+        grad_outputs[0], saved[kSavedInput], saved[kSavedMean], saved[kSavedRstd], ctx->saved_data["u"].toTensor(),
+        ctx->saved_data["v"].toTensor(), ctx->saved_data["alpha_bkw"].toDouble());
+    return tensors_of<kNumInputs>({{kInput, grad_input}});
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> online_norm_autograd(const Tensor& input, const Tensor& mu, const Tensor& var,
+                                                        const Tensor& u, const Tensor& v, double alpha_fwd,
+                                                        double alpha_bkw, double eps) {
+  return updating_running_stats<OnlineNorm>(needs_autograd(input), mu, var, input, mu, var, u, v, alpha_fwd,
+                                            alpha_bkw, eps);
+}
+
+}  // namespace
+}  // namespace torchnorm::autograd
+
+TORCH_LIBRARY_IMPL(torchnorm, Autograd, m) { m.impl("online_norm", &torchnorm::autograd::online_norm_autograd); }

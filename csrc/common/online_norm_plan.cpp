@@ -1,0 +1,62 @@
+#include "common/online_norm_plan.h"
+
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <utility>
+
+#include "common/input_checks.h"
+
+namespace torchnorm {
+namespace {
+
+void check_input(const char* op, const at::Tensor& input) {
+  check_supported_input(op, input);
+  TORCH_CHECK(input.dim() >= 2, op, ": expected an (N, C, *) input, got shape ", input.sizes());
+}
+
+void check_state(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> state,
+                 const at::Tensor& input) {
+  const int64_t C = input.size(1);
+  for (const auto& [name, t] : state) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": expected the state ", name, " of shape (", C,
+                ",), one per channel, got ", t->sizes());
+    TORCH_CHECK(t->device() == input.device(), op, ": expected the state ", name, " on ", input.device(),
+                " like the input, got it on ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": expected the state ",
+                name, " in float32 or float64 (half state would round the running statistics away), got ",
+                t->scalar_type());
+  }
+}
+
+void check_alpha(const char* op, const char* name, double alpha) {
+  TORCH_CHECK(alpha >= 0.0 && alpha < 1.0, op, ": expected 0 <= ", name, " < 1, got ", alpha);
+}
+
+}  // namespace
+
+void check_online_norm(const char* op, const at::Tensor& input, const at::Tensor& mu, const at::Tensor& var,
+                       const at::Tensor& u, const at::Tensor& v, double alpha_fwd, double alpha_bkw, double eps) {
+  check_input(op, input);
+  check_state(op, {{"mu", &mu}, {"var", &var}, {"u", &u}, {"v", &v}}, input);
+  check_alpha(op, "alpha_fwd", alpha_fwd);
+  check_alpha(op, "alpha_bkw", alpha_bkw);
+  TORCH_CHECK(eps > 0.0, op, ": expected eps > 0, got ", eps);
+}
+
+void check_online_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& u,
+                                const at::Tensor& v, double alpha_bkw) {
+  check_input(op, input);
+  check_like_input(op, "grad_output", grad_output, input);
+  check_state(op, {{"u", &u}, {"v", &v}}, input);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == input.size(0) && t->size(1) == input.size(1) &&
+                    at::isFloatingType(t->scalar_type()) && t->device() == input.device(),
+                op, ": expected ", name, " a floating (N, C) = (", input.size(0), ", ", input.size(1),
+                ") tensor on ", input.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  check_alpha(op, "alpha_bkw", alpha_bkw);
+}
+
+}  // namespace torchnorm

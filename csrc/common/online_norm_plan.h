@@ -1,0 +1,21 @@
+#pragma once
+// Host-side checks of the Online Normalization ops, shared by the CPU and CUDA
+// entry points; each op runs them before writing anything, so a bad call
+// leaves the state untouched.
+#include <ATen/ATen.h>
+
+namespace torchnorm {
+
+// online_norm: an (N, C, *) supported input; mu, var, u, v floating (C,) on
+// its device, float32 or wider (the state must not round to half);
+// 0 <= alpha_fwd, alpha_bkw < 1; eps > 0.
+void check_online_norm(const char* op, const at::Tensor& input, const at::Tensor& mu, const at::Tensor& var,
+                       const at::Tensor& u, const at::Tensor& v, double alpha_fwd, double alpha_bkw, double eps);
+
+// online_norm_backward: grad_output like the input; mean and rstd (N, C);
+// u, v as above; 0 <= alpha_bkw < 1.
+void check_online_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& u,
+                                const at::Tensor& v, double alpha_bkw);
+
+}  // namespace torchnorm

@@ -1,0 +1,165 @@
+// CPU kernels of Online Normalization (online_norm, online_norm_backward).
+// Each direction is three steps: the per-(sample, channel) moments over the
+// sample's positions, in parallel; the per-channel recurrence over the
+// samples (common/online_norm_math.h), a few flops per (sample, channel), in
+// parallel over channels; and the element-wise pass, in parallel. The
+// published kernel instead walks the data sample by sample, one channel per
+// block, and takes the variance as E[x^2] - E[x]^2; here each sample's
+// variance is two-pass (exact however large its mean). Input is taken as
+// contiguous (N, C, positions): a channels-last input is copied first.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "common/input_checks.h"
+#include "common/online_norm_math.h"
+#include "common/online_norm_plan.h"
+#include "cpu/kernel_helpers.h"
+
+namespace torchnorm::cpu {
+namespace {
+
+using at::Tensor;
+
+// body(plane) for each of the N * C planes of `positions` elements, in parallel.
+template <typename Body>
+void for_each_plane(int64_t planes, int64_t positions, const Body& body) {
+  at::parallel_for(0, planes, grain_for(positions), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(i);
+  });
+}
+
+// The state as acc_t values, and back.
+template <typename acc_t>
+std::vector<acc_t> state_values(const Tensor& state) {
+  const Tensor s = state.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  return std::vector<acc_t>(s.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>() + s.numel());
+}
+
+template <typename acc_t>
+void store_state(const std::vector<acc_t>& values, const Tensor& state) {
+  const auto options = state.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  state.copy_(at::from_blob(const_cast<acc_t*>(values.data()), {int64_t(values.size())}, options));
+}
+
+std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const Tensor& mu, const Tensor& var,
+                                                   const Tensor& u, const Tensor& v, double alpha_fwd,
+                                                   double alpha_bkw, double eps) {
+  check_online_norm("torchnorm.online_norm", input, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
+  const Tensor x = input.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0;
+  const auto acc_type = accumulate_type(x.scalar_type());
+  Tensor out = at::empty_like(x);
+  Tensor mean = at::empty({N, C}, x.options().dtype(acc_type)), rstd = at::empty({N, C}, x.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    // 1. Each sample's mean and biased variance per channel, two-pass.
+    std::vector<acc_t> sample_mean(N * C), sample_var(N * C);
+    for_each_plane(N * C, P, [&](int64_t i) {
+      const scalar_t* plane = xd + i * P;
+      acc_t sum = 0;
+      for (int64_t p = 0; p < P; ++p) sum += acc_t(plane[p]);
+      const acc_t m = P > 0 ? sum / acc_t(P) : acc_t(0);
+      acc_t m2 = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t d = acc_t(plane[p]) - m;
+        m2 += d * d;
+      }
+      sample_mean[i] = m;
+      sample_var[i] = P > 0 ? m2 / acc_t(P) : acc_t(0);
+    });
+    // 2. The recurrence over the samples, channel by channel.
+    std::vector<acc_t> mu_c = state_values<acc_t>(mu), var_c = state_values<acc_t>(var);
+    acc_t* mean_d = mean.mutable_data_ptr<acc_t>();
+    acc_t* rstd_d = rstd.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, C, grain_for(N), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t n = 0; n < N; ++n) {
+          mean_d[n * C + c] = mu_c[c];
+          rstd_d[n * C + c] = acc_t(1) / std::sqrt(var_c[c] + acc_t(eps));
+          online_state_update(mu_c[c], var_c[c], sample_mean[n * C + c], sample_var[n * C + c], acc_t(alpha_fwd));
+        }
+      }
+    });
+    // 3. y = (x - mean) * rstd with each sample's statistics.
+    scalar_t* yd = out.mutable_data_ptr<scalar_t>();
+    for_each_plane(N * C, P, [&](int64_t i) {
+      const acc_t m = mean_d[i], r = rstd_d[i];
+      for (int64_t p = 0; p < P; ++p) yd[i * P + p] = scalar_t((acc_t(xd[i * P + p]) - m) * r);
+    });
+    store_state(mu_c, mu);
+    store_state(var_c, var);
+  });
+  return {out, mean, rstd};
+}
+
+Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
+                                const Tensor& rstd, const Tensor& u, const Tensor& v, double alpha_bkw) {
+  check_online_norm_backward("torchnorm.online_norm_backward", grad_output, input, mean, rstd, u, v, alpha_bkw);
+  const Tensor x = input.contiguous(), dy = grad_output.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0;
+  const auto acc_type = accumulate_type(x.scalar_type());
+  Tensor grad_input = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor mean_acc = mean.to(acc_type).contiguous(), rstd_acc = rstd.to(acc_type).contiguous();
+    const acc_t *m = mean_acc.const_data_ptr<acc_t>(), *r = rstd_acc.const_data_ptr<acc_t>();
+    const scalar_t *xd = x.const_data_ptr<scalar_t>(), *dyd = dy.const_data_ptr<scalar_t>();
+    // 1. Per (sample, channel): the means of dy * y, y^2, dy and y, with y
+    //    recomputed from the input as the forward computed it.
+    std::vector<acc_t> moments(4 * N * C);
+    for_each_plane(N * C, P, [&](int64_t i) {
+      acc_t dy_y = 0, y2 = 0, sum_dy = 0, sum_y = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t y = (acc_t(xd[i * P + p]) - m[i]) * r[i], g = acc_t(dyd[i * P + p]);
+        dy_y += g * y;
+        y2 += y * y;
+        sum_dy += g;
+        sum_y += y;
+      }
+      const acc_t inv = P > 0 ? acc_t(1) / acc_t(P) : acc_t(0);
+      moments[4 * i] = dy_y * inv;
+      moments[4 * i + 1] = y2 * inv;
+      moments[4 * i + 2] = sum_dy * inv;
+      moments[4 * i + 3] = sum_y * inv;
+    });
+    // 2. The control process over the samples, channel by channel.
+    std::vector<acc_t> u_c = state_values<acc_t>(u), v_c = state_values<acc_t>(v);
+    std::vector<OnlineGradCoefficients<acc_t>> coef(N * C);
+    at::parallel_for(0, C, grain_for(N), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t i = n * C + c;
+          coef[i] = online_backward_step(u_c[c], v_c[c], moments[4 * i], moments[4 * i + 1], moments[4 * i + 2],
+                                         moments[4 * i + 3], r[i], acc_t(alpha_bkw));
+        }
+      }
+    });
+    // 3. dx = dy * k_dy + y * k_y + k_const.
+    scalar_t* dxd = grad_input.mutable_data_ptr<scalar_t>();
+    for_each_plane(N * C, P, [&](int64_t i) {
+      const auto& k = coef[i];
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t y = (acc_t(xd[i * P + p]) - m[i]) * r[i];
+        dxd[i * P + p] = scalar_t(online_input_grad(k, acc_t(dyd[i * P + p]), y));
+      }
+    });
+    store_state(u_c, u);
+    store_state(v_c, v);
+  });
+  return grad_input;
+}
+
+}  // namespace
+}  // namespace torchnorm::cpu
+
+TORCH_LIBRARY_IMPL(torchnorm, CPU, m) {
+  m.impl("online_norm", &torchnorm::cpu::online_norm_cpu);
+  m.impl("online_norm_backward", &torchnorm::cpu::online_norm_backward_cpu);
+}
