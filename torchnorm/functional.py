@@ -8,7 +8,7 @@ ACTIVATIONS = ("relu", "leaky_relu", "silu")
 
 __all__ = [
     "batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "ACTIVATIONS",
-    "recurrent_batch_norm_step", "sequence_batch_norm", "bn_lstm", "valid_steps",
+    "recurrent_batch_norm_step", "sequence_batch_norm", "bn_lstm", "valid_steps", "online_norm",
 ]
 
 
@@ -350,3 +350,38 @@ def bn_lstm(
         *running_stats["ih"], *running_stats["hh"], *running_stats["c"], lengths, first_step, training, momentum,
         eps)
     return output, (h_n, c_n)
+
+
+# ---------------------------------------------------------------------------
+# Online Normalization (Chiley et al. 2019). The float64 reference with the
+# same signature is torchnorm.reference.online_norm.
+# ---------------------------------------------------------------------------
+
+
+def online_norm(
+    x: Tensor,
+    mu: Tensor,
+    var: Tensor,
+    u: Tensor,
+    v: Tensor,
+    alpha_fwd: float = 0.999,
+    alpha_bkw: float = 0.99,
+    eps: float = 1e-5,
+    training: bool = True,
+) -> Tensor:
+    """Online Normalization of an ``(N, C, *)`` input, samples in order, with
+    state carried across batches (``torchnorm::online_norm``).
+
+    Training normalizes each sample with the running ``mu``, ``var`` ``(C,)``
+    from before it and then updates them with the sample's own mean and
+    variance (in place); the backward is the paper's control process, which
+    updates ``u``, ``v`` ``(C,)`` in place, so a batch of N gives exactly what
+    N batches of one give. The backward of one forward may run once only.
+    Evaluation normalizes with ``mu``, ``var`` and updates nothing. The state
+    is float32 (or float64) whatever the input's dtype. See
+    :func:`torchnorm.reference.online_norm` for the equations.
+    """
+    if not training:
+        return batch_norm(x, mu, var, training=False, eps=eps)
+    out, _, _ = torch.ops.torchnorm.online_norm.default(x, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
+    return out

@@ -5,6 +5,7 @@ from .conv_bn import (ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTrans
 from .convert import convert
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
+from .online_norm import OnlineNorm1d, OnlineNorm2d
 from .sequence import BNLSTM, BNRNN, BNLSTMCell, RecurrentBatchNorm1d, SequenceBatchNorm1d
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
     "conv_bn_forward", "rebuild_outputs", "save_memory_in",
     "RecurrentBatchNorm1d", "BNLSTMCell", "BNLSTM", "SequenceBatchNorm1d", "BNRNN",
+    "OnlineNorm1d", "OnlineNorm2d",
 ]
