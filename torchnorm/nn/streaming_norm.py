@@ -144,9 +144,9 @@ class _StreamingNorm(torch.nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         alpha = tuple(float(a) for a in alpha)
-        beta = (alpha[0], alpha[1], 0.0) if beta is None else tuple(float(b) for b in beta)
         if len(alpha) != 2:
             raise ValueError(f"alpha must be (long-term, short-term) weights, got {alpha}")
+        beta = (alpha[0], alpha[1], 0.0) if beta is None else tuple(float(b) for b in beta)
         if len(beta) != 3:
             raise ValueError(f"beta must be (long-term, short-term, current) weights, got {beta}")
         k3 = k1 if k3 is None else k3
