@@ -186,10 +186,16 @@ def test_checkpoint_recomputation_raises(use_reentrant):
     (lambda x, s: (x[0, 0], *s), r"\(N, C, \*\)"),
     (lambda x, s: (x, s[0][:2], *s[1:]), "mu of shape"),
     (lambda x, s: (x, s[0], s[1].half(), *s[2:]), "float32 or float64"),
-], ids=["channels", "1-d", "state-shape", "half-state"])
+    (lambda x, s: (x[:, :, :0], *s), "at least one position"),
+    (lambda x, s: (x, s[0], torch.ones(1).expand(3), *s[2:]), "overlap|single memory location"),
+    (lambda x, s: (x, s[0], s[0], s[2], s[2]), None),
+], ids=["channels", "1-d", "state-shape", "half-state", "no-positions", "expanded-state", "shared-state-ok"])
 def test_bad_input_raises_and_leaves_the_state(args, match):
     x = make_input((2, 3, 4), torch.float32, seed=10)
     state = fresh_state(3)
+    if match is None:  # the same tensor as mu and var is allowed, as on the CPU's copy_ back
+        OPS.online_norm(*args(x, state), 0.9, 0.8, 1e-5)
+        return
     guard = StatsUnchanged(*state)
     expect_error(lambda: OPS.online_norm(*args(x, state), 0.9, 0.8, 1e-5), match, guard)
 

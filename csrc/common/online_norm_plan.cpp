@@ -1,5 +1,6 @@
 #include "common/online_norm_plan.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
@@ -13,6 +14,19 @@ namespace {
 void check_input(const char* op, const at::Tensor& input) {
   check_supported_input(op, input);
   TORCH_CHECK(input.dim() >= 2, op, ": expected an (N, C, *) input, got shape ", input.sizes());
+  // A sample with no positions has no mean or variance to update the state with.
+  TORCH_CHECK(input.size(0) * input.size(1) == 0 || input.numel() > 0, op,
+              ": expected at least one position per sample, got shape ", input.sizes());
+}
+
+// The kernels write the state in place, element by element (CUDA) or with
+// copy_ (CPU, which refuses internal overlap only once it is writing): refuse
+// a state tensor with internal overlap (an expanded view), or two that partly
+// overlap, before anything is written. The same tensor twice is fine.
+void check_state_writable(const at::Tensor& first, const at::Tensor& second) {
+  at::assert_no_internal_overlap(first);
+  at::assert_no_internal_overlap(second);
+  at::assert_no_partial_overlap(first, second);
 }
 
 void check_state(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> state,
@@ -39,6 +53,7 @@ void check_online_norm(const char* op, const at::Tensor& input, const at::Tensor
                        const at::Tensor& u, const at::Tensor& v, double alpha_fwd, double alpha_bkw, double eps) {
   check_input(op, input);
   check_state(op, {{"mu", &mu}, {"var", &var}, {"u", &u}, {"v", &v}}, input);
+  check_state_writable(mu, var);
   check_alpha(op, "alpha_fwd", alpha_fwd);
   check_alpha(op, "alpha_bkw", alpha_bkw);
   TORCH_CHECK(eps > 0.0, op, ": expected eps > 0, got ", eps);
@@ -50,6 +65,7 @@ void check_online_norm_backward(const char* op, const at::Tensor& grad_output, c
   check_input(op, input);
   check_like_input(op, "grad_output", grad_output, input);
   check_state(op, {{"u", &u}, {"v", &v}}, input);
+  check_state_writable(u, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == input.size(0) && t->size(1) == input.size(1) &&
                     at::isFloatingType(t->scalar_type()) && t->device() == input.device(),

@@ -6,8 +6,10 @@
 
 namespace torchnorm {
 
-// online_norm: an (N, C, *) supported input; mu, var, u, v floating (C,) on
+// online_norm: an (N, C, *) supported input with at least one position per
+// sample; mu, var, u, v floating (C,) on
 // its device, float32 or wider (the state must not round to half);
+// mu and var (u and v) neither overlapping in part nor internally;
 // 0 <= alpha_fwd, alpha_bkw < 1; eps > 0.
 void check_online_norm(const char* op, const at::Tensor& input, const at::Tensor& mu, const at::Tensor& var,
                        const at::Tensor& u, const at::Tensor& v, double alpha_fwd, double alpha_bkw, double eps);

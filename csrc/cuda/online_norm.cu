@@ -50,14 +50,12 @@
 // (N, C, S): a channels-last tensor is copied first, as on the CPU, and the
 // outputs are contiguous.
 //
-// Host side, as the CPU kernels: the shared check first (common/
-// online_norm_plan.h), then the state's overlap checks that the CPU's
-// copy_ back into it makes; mean and rstd (N, C) in the accumulation dtype;
-// the state (mu, var, u, v: float32 or float64 (C,), any stride) is read as
-// acc_t and written back in place, mu before var and u before v. Empty
-// tensors: N * C == 0 returns empty outputs and leaves the state as it is;
-// S == 0 gives every sample mean 0 and variance 0 (backward: zero means), and
-// the recurrence runs as on the CPU.
+// Host side, as the CPU kernels: the shared checks first (common/
+// online_norm_plan.h: shapes, dtypes, the state's overlap, at least one
+// position per sample); mean and rstd (N, C) in the accumulation dtype; the
+// state (mu, var, u, v: float32 or float64 (C,), any stride) is read as acc_t
+// and written back in place, mu before var and u before v. Empty tensors:
+// N * C == 0 returns empty outputs and leaves the state as it is.
 //
 // Launches: online_norm: moments (1, +1 finalize when split) + recurrence (1)
 // + normalize (1, when the input has elements); online_norm_backward: the
@@ -136,18 +134,6 @@ StateRef state_ref(const Tensor& t) {
   s.stride = t.stride(0);
   s.is_double = t.scalar_type() == at::kDouble;
   return s;
-}
-
-// The CPU kernels write the state back with copy_, which refuses a tensor
-// with internal overlap (an expanded (C,) view); here each channel's thread
-// writes its element in place, so the same tensors are refused, before
-// anything is written. Two state tensors that are the same tensor are fine
-// (the second write wins, as on the CPU); partly overlapping ones would race
-// and are refused.
-void check_state_writable(const Tensor& first, const Tensor& second) {
-  at::assert_no_internal_overlap(first);
-  at::assert_no_internal_overlap(second);
-  at::assert_no_partial_overlap(first, second);
 }
 
 // ---------------------------------------------------------------------------
@@ -658,7 +644,6 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const T
                                                     double alpha_bkw, double eps) {
   constexpr const char* op = "torchnorm.online_norm";
   check_online_norm(op, input, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
-  check_state_writable(mu, var);
   // After the check, which puts the state on the input's device: the input is
   // a CUDA tensor (a CPU input with CUDA state fails the check).
   c10::cuda::CUDAGuard guard(input.device());
@@ -716,7 +701,6 @@ Tensor online_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                  const Tensor& rstd, const Tensor& u, const Tensor& v, double alpha_bkw) {
   constexpr const char* op = "torchnorm.online_norm_backward";
   check_online_norm_backward(op, grad_output, input, mean, rstd, u, v, alpha_bkw);
-  check_state_writable(u, v);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous(), dy = grad_output.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = N * C > 0 ? x.numel() / (N * C) : 0;
