@@ -66,9 +66,11 @@ limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exi
   $PY -m pytest tests/test_conv_bn_internal_ops.py tests/test_conv_bn_frozen.py -q -x -p no:cacheprovider -k cuda \
   > "$OUT/sanitizer_conv_bn.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer_conv_bn.log"
-# The sequence norms' CUDA kernels (masked BatchNorm, the BN-LSTM step).
+# The sequence norms' CUDA kernels (masked BatchNorm, the BN-LSTM step) and
+# Online Normalization's.
 limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-  $PY -m pytest tests/test_sequence_ops.py -q -x -p no:cacheprovider -k "cuda and not gradcheck" \
+  $PY -m pytest tests/test_sequence_ops.py tests/test_online_norm.py -q -x -p no:cacheprovider \
+  -k "cuda and not gradcheck" \
   > "$OUT/sanitizer_sequence.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer_sequence.log"
 limited "${RACECHECK_TIMEOUT:-300}" compute-sanitizer --tool racecheck --error-exitcode 9 \
