@@ -215,7 +215,8 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
              "shape and mode, in the same run (the models timed in turns), from the medians and, in brackets, "
              f"the median of the per-round ratios. Goal: at most {GOAL_VS_BATCH_NORM:.2f}x BatchNorm2d. "
              'OnlineNorm2d (ecm=None) is the normalization plus its affine; ecm="ls" (the default) adds '
-             "layer scaling; affine=False is the op alone (the module applies its affine with two torch ops). StreamingNorm2d's calls each end with its `weight_update()`.", "",
+             "layer scaling; affine=False is the op alone (the module applies its affine with two torch ops). "
+             "StreamingNorm2d's calls each end with its `weight_update()`.", "",
              "| shape | mode | " + " | ".join(f"{LABELS[n]} ms" for n in PROVIDERS) + " | "
              + " | ".join(f"{LABELS[n]} / BatchNorm2d" for n in others) + " |",
              "|---" * (2 + len(PROVIDERS) + len(others)) + "|"]

@@ -149,13 +149,15 @@ def plot(results: dict, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(12, 3.8), sharey=True)
     for ax, batch in zip(axes, BATCHES):
         for (name, runs), color in zip(results.items(), ("C0", "C1", "C2")):
             c = runs[str(batch)]["curve"]
             ax.plot(c["samples"], c["test_acc"], color=color, marker=".", label=name)
-        ax.set(title=f"batch size {batch}", xlabel="training samples seen", ylim=(0, 100))
+        ax.set(title=f"batch size {batch}", xlabel="training samples seen (thousands)", ylim=(0, 100))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy, eval mode (%)")
     axes[-1].legend(fontsize=8, loc="lower right")
