@@ -525,3 +525,130 @@ def online_norm(
         shape = [1, -1] + [1] * (x.dim() - 2)
         return (x.double() - mu.double().view(shape)) / torch.sqrt(var.double().view(shape) + eps)
     return _OnlineNorm.apply(x, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
+
+
+# ---------------------------------------------------------------------------
+# Streaming Normalization (Liao, Kawaguchi and Poggio 2016, arXiv 1610.06160):
+# per-channel batch statistics s = (mean, std) averaged into a short-term
+# history (since the last weight update) and a long-term one (updated at each
+# weight update); the gradient with respect to the statistics is streamed the
+# same way. See docs/streaming_norm.md.
+# ---------------------------------------------------------------------------
+
+__all__ += ["streaming_norm_state", "streaming_norm", "streaming_norm_weight_update"]
+
+
+def streaming_norm_state(num_features: int, dtype=torch.float64) -> dict:
+    """A fresh state, named as StreamingNorm1d/2d's buffers: rows (mean, std)
+    of the short- and long-term statistics and of the short- and long-term
+    gradient histories, each (2, C), and how many batches (short) or weight
+    updates (long) each holds. The long-term statistics start at mean 0,
+    std 1 (what evaluation uses before the first weight update)."""
+    C = num_features
+    return dict(
+        short_stats=torch.zeros(2, C, dtype=dtype), short_count=torch.zeros((), dtype=dtype),
+        long_stats=torch.stack([torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)]),
+        long_count=torch.zeros((), dtype=dtype),
+        grad_short=torch.zeros(2, C, dtype=dtype), grad_short_count=torch.zeros((), dtype=dtype),
+        grad_long=torch.zeros(2, C, dtype=dtype), grad_long_count=torch.zeros((), dtype=dtype),
+    )
+
+
+def _push(avg: Tensor, count: Tensor, value: Tensor) -> None:
+    """avg <- the mean of the count + 1 values pushed since it was cleared."""
+    avg.copy_((avg.double() * count.double() + value) / (count.double() + 1))
+    count.add_(1)
+
+
+def _long_or_short(long: Tensor, long_count: Tensor, short: Tensor) -> Tensor:
+    """The long-term average, or, before the first weight update has set it,
+    the short-term one in its place."""
+    return long.double() if long_count.item() > 0 else short.double()
+
+
+class _Streaming(torch.autograd.Function):
+    """s (2, C) -> s_hat = a1 long + a2 short, after pushing s into the
+    short-term history; backward pushes g = dL/ds_hat into the short-term
+    gradient history and returns g_hat = b1 long_g + b2 short_g + b3 g as the
+    gradient of s (the paper's streaming gradient, not the derivative)."""
+
+    @staticmethod
+    def forward(ctx, s, state, alpha, beta):
+        _push(state["short_stats"], state["short_count"], s)
+        ctx.state, ctx.beta = state, beta
+        short = state["short_stats"].double()
+        return alpha[0] * _long_or_short(state["long_stats"], state["long_count"], short) + alpha[1] * short
+
+    @staticmethod
+    def backward(ctx, g):
+        state, beta = ctx.state, ctx.beta
+        _push(state["grad_short"], state["grad_short_count"], g)
+        short = state["grad_short"].double()
+        long = _long_or_short(state["grad_long"], state["grad_long_count"], short)
+        return beta[0] * long + beta[1] * short + beta[2] * g, None, None, None
+
+
+def streaming_norm(
+    x: Tensor,
+    state: dict,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    alpha=(0.5, 0.5),
+    beta=None,
+    eps: float = 1e-5,
+    training: bool = True,
+) -> Tensor:
+    """float64 Streaming Normalization of an ``(N, C, *)`` input.
+
+    Training, per channel, with the batch statistics s = (mean, std), std =
+    sqrt(biased variance + eps) over N and the positions: s is pushed into the
+    short-term average ``short_stats`` (state, updated in place), and the
+    input is normalized with s_hat = alpha[0] long + alpha[1] short (long: the
+    long-term statistics, or the short-term ones before the first weight
+    update)::
+
+        y = (x - mean_hat) / std_hat * weight + bias
+
+    The gradient dL/ds_hat of this batch is pushed into ``grad_short`` by the
+    backward, and s receives, instead of its derivative, g_hat = beta[0]
+    grad_long + beta[1] grad_short + beta[2] dL/ds_hat (beta None: (alpha[0],
+    alpha[1], 0)), which autograd carries to x through mean and std. Eval
+    normalizes with ``long_stats`` and changes nothing. alpha = (0, 1) with
+    beta = (0, 0, 1), or with one weight update per batch, is training-mode
+    BatchNorm.
+    """
+    beta = (alpha[0], alpha[1], 0.0) if beta is None else beta
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xd = x.double()
+    if training:
+        dims = [0] + list(range(2, x.dim()))
+        mean = xd.mean(dims)
+        std = torch.sqrt(((xd - mean.view(shape)) ** 2).mean(dims) + eps)
+        s_hat = _Streaming.apply(torch.stack([mean, std]), state, alpha, beta)
+    else:
+        s_hat = state["long_stats"].double()
+    y = (xd - s_hat[0].view(shape)) / s_hat[1].view(shape)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    return y
+
+
+def streaming_norm_weight_update(state: dict, k1: float = 0.7, k3: Optional[float] = None) -> None:
+    """At a weight update: long <- k1 long + (1 - k1) short (the first time:
+    long <- short) and the short-term history is cleared; the same for the
+    gradient histories with k3 (None: k1). A history with nothing pushed
+    since the last update leaves its long-term average alone."""
+    k3 = k1 if k3 is None else k3
+    for short, count, long, long_count, k in (
+            ("short_stats", "short_count", "long_stats", "long_count", k1),
+            ("grad_short", "grad_short_count", "grad_long", "grad_long_count", k3)):
+        if state[count].item() == 0:
+            continue
+        s = state[short].double()
+        new = s if state[long_count].item() == 0 else k * state[long].double() + (1 - k) * s
+        state[long].copy_(new)
+        state[long_count].add_(1)
+        state[short].zero_()
+        state[count].zero_()

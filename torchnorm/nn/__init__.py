@@ -16,3 +16,6 @@ __all__ = [
     "RecurrentBatchNorm1d", "BNLSTMCell", "BNLSTM", "SequenceBatchNorm1d", "BNRNN",
     "OnlineNorm1d", "OnlineNorm2d",
 ]
+from .streaming_norm import StreamingNorm1d, StreamingNorm2d, streaming_norm_hook
+
+__all__ += ["StreamingNorm1d", "StreamingNorm2d", "streaming_norm_hook"]
