@@ -8,6 +8,7 @@ Examples::
     python -m benchmarks --device cpu --quick --out benchmarks/results/local/quick.csv   # smoke test
     python -m benchmarks --suite conv_bn                   # model-level Conv+BN only
     python -m benchmarks --suite sequence                  # BN-LSTM against its composition and torch.nn.LSTM
+    python -m benchmarks --suite small_batch               # OnlineNorm2d, StreamingNorm2d against BatchNorm2d
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
 """
 from __future__ import annotations
@@ -19,10 +20,10 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from . import conv_bn, harness, report, sequence, suites
+from . import conv_bn, harness, report, sequence, small_batch, suites
 
 # Model-level suites, with their own report (a .md and .csv beside the op CSV).
-MODEL_SUITES = ("conv_bn", "sequence")
+MODEL_SUITES = ("conv_bn", "sequence", "small_batch")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -144,6 +145,10 @@ def main(argv=None) -> int:
         if "sequence" in args.suites:
             for device in path_devices:
                 failures += sequence.run(device, args.quick, os.path.splitext(path)[0] + f"-sequence-{device}.md")[1]
+        if "small_batch" in args.suites:
+            for device in path_devices:
+                failures += small_batch.run(device, args.quick,
+                                            os.path.splitext(path)[0] + f"-small-batch-{device}.md")[1]
         if not op_suites:
             continue
         writer = harness.CsvWriter(path)

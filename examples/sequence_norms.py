@@ -39,21 +39,19 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import torchnorm
 
+try:  # python -m examples.sequence_norms, from the repository root
+    from examples.digits import FONTS, digit_images, glyphs
+except ImportError:  # python examples/sequence_norms.py
+    from digits import FONTS, digit_images, glyphs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "docs", "images", "sequence_norms.png")
 
-# Fonts of matplotlib's own data directory with ordinary digit glyphs (its
-# symbol-only fonts are left out). Variety of shapes stands in for handwriting.
-FONTS = ["DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSansMono",
-         "DejaVuSansMono-Bold", "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
-         "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta", "cmr10", "cmss10", "cmtt10",
-         "cmb10", "cmti10"]
 SIDE = 8  # image side: sequences of SIDE * SIDE steps
 THRESHOLDS = (50, 80, 90)  # validation accuracy (%) whose first step is reported
 LOSS_THRESHOLDS = (1.0, 0.5, 0.25)  # training loss whose first step is reported
@@ -61,58 +59,11 @@ LOSS_THRESHOLDS = (1.0, 0.5, 0.25)  # training loss whose first step is reported
 
 # ------------------------------------------------------------------- data --
 
-def glyphs(size: int = 32) -> torch.Tensor:
-    """``(len(FONTS), 10, size, size)`` images of the digits, ink 1 on 0, each
-    digit's outline scaled to the middle 80% of the box."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.patches import PathPatch
-    from matplotlib.textpath import TextPath
-
-    font_dir = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-    out = np.zeros((len(FONTS), 10, size, size), dtype=np.float32)
-    for f, font in enumerate(FONTS):
-        prop = FontProperties(fname=os.path.join(font_dir, font + ".ttf"))
-        for d in range(10):
-            path = TextPath((0, 0), str(d), size=1, prop=prop)
-            (x0, y0), (x1, y1) = path.get_extents().get_points()
-            half = max(x1 - x0, y1 - y0) / 2 / 0.8
-            fig = Figure(figsize=(1, 1), dpi=size)
-            canvas = FigureCanvasAgg(fig)
-            ax = fig.add_axes((0, 0, 1, 1))
-            ax.axis("off")
-            ax.add_patch(PathPatch(path, facecolor="black", edgecolor="none"))
-            ax.set_xlim((x0 + x1) / 2 - half, (x0 + x1) / 2 + half)
-            ax.set_ylim((y0 + y1) / 2 - half, (y0 + y1) / 2 + half)
-            canvas.draw()
-            out[f, d] = 1 - np.asarray(canvas.buffer_rgba())[..., 0] / 255.0
-    return torch.from_numpy(out)
-
-
 def make_digits(templates: torch.Tensor, count: int, seed: int, noise: float = 0.0):
-    """``count`` distorted digits as ``(64, count, 1)`` pixel sequences (row
-    by row) and their labels: a random font and digit, a random affine map
-    (rotation up to 15 degrees, scale 0.8-1.1, shear up to 0.25, shift up to
-    12% of the side), shrunk to 8x8 by averaging, plus Gaussian noise of std
-    ``noise``. Without noise the background is 0, as in MNIST."""
-    g = torch.Generator().manual_seed(seed)
-    fonts, size = templates.shape[0], templates.shape[-1]
-    font = torch.randint(fonts, (count,), generator=g)
-    label = torch.randint(10, (count,), generator=g)
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(count, generator=g)  # noqa: E731
-    angle, scale, shear = u(-0.26, 0.26), u(0.8, 1.1), u(-0.25, 0.25)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin + shear, u(-0.12, 0.12)], 1),
-                         torch.stack([sin, cos, u(-0.12, 0.12)], 1)], 1)
-    images = templates[font, label].unsqueeze(1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, align_corners=False)
-    images = F.adaptive_avg_pool2d(images, SIDE).reshape(count, SIDE * SIDE)
-    images = images + noise * torch.randn(images.shape, generator=g)
-    return images.t().unsqueeze(2).contiguous(), label
+    """``count`` distorted digits (:func:`digits.digit_images`, 8x8) as
+    ``(64, count, 1)`` pixel sequences, row by row, and their labels."""
+    images, label = digit_images(templates, count, seed, noise, SIDE)
+    return images.reshape(count, SIDE * SIDE).t().unsqueeze(2).contiguous(), label
 
 
 # ----------------------------------------------------------------- models --

@@ -4,9 +4,10 @@ The batch_norm suite runs with the torch provider only (no build needed); the
 per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
 with every provider (torch, torch_compile, torchnorm), so they need the built
 extension (skipped when torchnorm._C is not built; a missing op fails).
-The model-level suites (conv_bn, sequence) and examples/sequence_norms.py run
-at their --quick sizes; the sequence suite's baseline, the per-step
-composition, is checked to compute what torchnorm.nn.BNLSTM computes.
+The model-level suites (conv_bn, sequence, small_batch) and the examples
+(sequence_norms.py, small_batch_norms.py) run at their --quick sizes; the
+sequence suite's baseline, the per-step composition, is checked to compute
+what torchnorm.nn.BNLSTM computes.
 """
 import copy
 import csv
@@ -118,6 +119,7 @@ def test_suite_option():
     assert cli.parse_args([]).suites == every  # default: every suite, op suites first
     assert cli.parse_args(["--suite", "all"]).suites == every
     assert cli.parse_args(["--suite", "conv_bn"]).suites == ["conv_bn"]
+    assert "small_batch" in every  # make bench runs it
     assert list(suites.SUITES)[0] == "batch_norm" and set(NORM_SUITES) <= set(suites.SUITES)
     assert cli.parse_args(["--suite", "rms_norm,layer_norm"]).suites == ["rms_norm", "layer_norm"]
     with pytest.raises(SystemExit):
@@ -294,3 +296,67 @@ def test_sequence_norms_example_quick(tmp_path):
         # Batch-statistics accuracy exists for the BN models only.
         assert all((acc is None) == (name == "LSTM") for acc in curve["val_acc_batch_stats"])
         assert results["summary"][name]["final_val_acc"] == curve["val_acc"][-1]
+
+
+def test_quick_small_batch(tmp_path):
+    """The small-batch suite: forward and forward+backward rows of both shapes
+    with OnlineNorm2d's (and StreamingNorm2d's, where torchnorm has it) time
+    and ratio to BatchNorm2d's, measured in the run, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    import torchnorm.nn
+    from benchmarks import small_batch
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "small_batch",
+         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "small_batch forward (2x8x8x8 float32, cpu): timing" in proc.stderr  # progress lines
+    with open(tmp_path / "bench-small-batch-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["shape"], r["mode"]) for r in rows] == [
+        (s, m) for s in ("2x8x8x8", "8x8x4x4") for m in ("forward", "forward+backward")]
+    streaming = hasattr(torchnorm.nn, "StreamingNorm2d")
+    md = (tmp_path / "bench-small-batch-cpu.md").read_text()
+    for r in rows:
+        bn = float(r["batch_norm_ms"])
+        assert bn > 0, r
+        for name in ("online_norm", "online_norm_ls", "online_norm_no_affine", "streaming_norm"):
+            if name == "streaming_norm" and not streaming:
+                assert r["streaming_norm_ms"] == r["streaming_norm_goal"] == small_batch.NOT_AVAILABLE
+                continue
+            # The ratios are those of this run's medians, and each says whether its goal was met.
+            assert float(r[f"{name}_vs_bn"]) == pytest.approx(float(r[f"{name}_ms"]) / bn, rel=2e-3)
+            assert r[f"{name}_goal"].startswith(("met", "NOT met"))
+    assert "| 8x8x4x4 | forward+backward |" in md and "OnlineNorm2d (ecm=None) / BatchNorm2d" in md
+    assert ("not available" in md) != streaming
+
+
+def test_small_batch_norms_example_quick(tmp_path):
+    """examples/small_batch_norms.py --quick: every norm trains at batch sizes
+    1, 4 and 32 on the same samples, and the plot and its JSON are written."""
+    pytest.importorskip("torchnorm._C")
+    pytest.importorskip("matplotlib")
+    import torchnorm.nn
+
+    out = tmp_path / "small_batch_norms.png"
+    proc = subprocess.run([sys.executable, "-m", "examples.small_batch_norms", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    norms = ["BatchNorm2d", "OnlineNorm2d"] + (["StreamingNorm2d"] if hasattr(torchnorm.nn, "StreamingNorm2d")
+                                               else [])
+    for name in norms:  # progress lines: norm, batch, step, samples, loss, accuracy, elapsed
+        for batch, steps in ((1, 64), (4, 16), (32, 2)):
+            assert any(line.startswith(f"{name} ") and f"batch {batch:2d}  step {steps:6d}/{steps}" in line
+                       and "test acc" in line for line in proc.stdout.splitlines()), proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "small_batch_norms.json").read_text())["results"]
+    assert list(results) == norms
+    for runs in results.values():
+        assert list(runs) == ["1", "4", "32"]
+        for batch, run in runs.items():
+            assert run["steps"] == 64 // int(batch)
+            assert run["curve"]["samples"][-1] == 64  # the same samples seen at every batch size
+            assert all(0 <= acc <= 100 for acc in run["curve"]["test_acc"])
+            assert run["final_test_acc"] == run["curve"]["test_acc"][-1]
