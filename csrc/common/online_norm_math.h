@@ -42,9 +42,10 @@ TN_HOST_DEVICE OnlineGradCoefficients<acc_t> online_backward_step(acc_t& u, acc_
   return k;
 }
 
-template <typename acc_t>
-TN_HOST_DEVICE acc_t online_input_grad(const OnlineGradCoefficients<acc_t>& k, acc_t dy, acc_t y) {
-  return dy * k.dy + y * k.y + k.constant;
+// T: acc_t, or a whole vector of them on the CPU.
+template <typename T, typename acc_t>
+TN_HOST_DEVICE T online_input_grad(const OnlineGradCoefficients<acc_t>& k, T dy, T y) {
+  return dy * T(k.dy) + y * T(k.y) + T(k.constant);
 }
 
 }  // namespace torchnorm

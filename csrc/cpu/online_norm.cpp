@@ -26,12 +26,24 @@ namespace {
 
 using at::Tensor;
 
-// body(plane) for each of the N * C planes of `positions` elements, in parallel.
-template <typename Body>
+// body(plane, scratch) for each of the N * C planes of `positions` elements,
+// in parallel, with staging buffers for float16/bfloat16 planes.
+template <typename scalar_t, typename acc_t, typename Body>
 void for_each_plane(int64_t planes, int64_t positions, const Body& body) {
   at::parallel_for(0, planes, grain_for(positions), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) body(i);
+    Scratch<acc_t> scratch = scratch_for<scalar_t, acc_t>(kSegment);
+    for (int64_t i = begin; i < end; ++i) body(i, scratch);
   });
+}
+
+// y = (x - mean) * rstd of n elements into y (acc_t), vectorized.
+template <typename acc_t>
+void standardize_segment(const acc_t* x, acc_t mean, acc_t rstd, acc_t* y, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vm(mean), vr(rstd);
+  int64_t p = 0;
+  for (; p + Vec::size() <= n; p += Vec::size()) ((Vec::loadu(x + p) - vm) * vr).store(y + p);
+  for (; p < n; ++p) y[p] = (x[p] - mean) * rstd;
 }
 
 // The state as acc_t values, and back.
@@ -59,20 +71,13 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
-    // 1. Each sample's mean and biased variance per channel, two-pass.
+    // 1. Each sample's mean and biased variance per channel: two passes per
+    //    L1-sized segment, segments merged with Chan's formula.
     std::vector<acc_t> sample_mean(N * C), sample_var(N * C);
-    for_each_plane(N * C, P, [&](int64_t i) {
-      const scalar_t* plane = xd + i * P;
-      acc_t sum = 0;
-      for (int64_t p = 0; p < P; ++p) sum += acc_t(plane[p]);
-      const acc_t m = P > 0 ? sum / acc_t(P) : acc_t(0);
-      acc_t m2 = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        const acc_t d = acc_t(plane[p]) - m;
-        m2 += d * d;
-      }
-      sample_mean[i] = m;
-      sample_var[i] = P > 0 ? m2 / acc_t(P) : acc_t(0);
+    for_each_plane<scalar_t, acc_t>(N * C, P, [&](int64_t i, Scratch<acc_t>& scratch) {
+      const MeanM2<acc_t> moments = range_mean_m2<scalar_t, acc_t>(xd + i * P, P, scratch);
+      sample_mean[i] = moments.mean;
+      sample_var[i] = moments.m2 / acc_t(P);
     });
     // 2. The recurrence over the samples, channel by channel.
     std::vector<acc_t> mu_c = state_values<acc_t>(mu), var_c = state_values<acc_t>(var);
@@ -89,9 +94,13 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const Te
     });
     // 3. y = (x - mean) * rstd with each sample's statistics.
     scalar_t* yd = out.mutable_data_ptr<scalar_t>();
-    for_each_plane(N * C, P, [&](int64_t i) {
-      const acc_t m = mean_d[i], r = rstd_d[i];
-      for (int64_t p = 0; p < P; ++p) yd[i * P + p] = scalar_t((acc_t(xd[i * P + p]) - m) * r);
+    for_each_plane<scalar_t, acc_t>(N * C, P, [&](int64_t i, Scratch<acc_t>& scratch) {
+      for_each_segment(P, [&](int64_t offset, int64_t n) {
+        scalar_t* dst = yd + i * P + offset;
+        acc_t* y = write_target(dst, scratch.out.data());
+        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), mean_d[i], rstd_d[i], y, n);
+        write_back(y, dst, n);
+      });
     });
     store_state(mu_c, mu);
     store_state(var_c, var);
@@ -114,20 +123,20 @@ Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, 
     // 1. Per (sample, channel): the means of dy * y, y^2, dy and y, with y
     //    recomputed from the input as the forward computed it.
     std::vector<acc_t> moments(4 * N * C);
-    for_each_plane(N * C, P, [&](int64_t i) {
-      acc_t dy_y = 0, y2 = 0, sum_dy = 0, sum_y = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        const acc_t y = (acc_t(xd[i * P + p]) - m[i]) * r[i], g = acc_t(dyd[i * P + p]);
-        dy_y += g * y;
-        y2 += y * y;
-        sum_dy += g;
-        sum_y += y;
-      }
-      const acc_t inv = P > 0 ? acc_t(1) / acc_t(P) : acc_t(0);
-      moments[4 * i] = dy_y * inv;
-      moments[4 * i + 1] = y2 * inv;
-      moments[4 * i + 2] = sum_dy * inv;
-      moments[4 * i + 3] = sum_y * inv;
+    for_each_plane<scalar_t, acc_t>(N * C, P, [&](int64_t i, Scratch<acc_t>& scratch) {
+      acc_t sums[4] = {0, 0, 0, 0};
+      thread_local std::vector<acc_t> y_buffer;
+      y_buffer.resize(kSegment);
+      acc_t* y = y_buffer.data();
+      for_each_segment(P, [&](int64_t offset, int64_t n) {
+        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), m[i], r[i], y, n);
+        const acc_t* g = read_as_acc(dyd + i * P + offset, n, scratch.dy.data());
+        sums[0] += sum_segment<acc_t>(g, y, n);
+        sums[1] += sum_segment<acc_t>(y, y, n);
+        sums[2] += sum_segment<acc_t>(g, nullptr, n);
+        sums[3] += sum_segment<acc_t>(y, nullptr, n);
+      });
+      for (int k = 0; k < 4; ++k) moments[4 * i + k] = sums[k] / acc_t(P);
     });
     // 2. The control process over the samples, channel by channel.
     std::vector<acc_t> u_c = state_values<acc_t>(u), v_c = state_values<acc_t>(v);
@@ -141,14 +150,26 @@ Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, 
         }
       }
     });
-    // 3. dx = dy * k_dy + y * k_y + k_const.
+    // 3. dx = dy * k_dy + y * k_y + k_const, y recomputed as in step 1.
     scalar_t* dxd = grad_input.mutable_data_ptr<scalar_t>();
-    for_each_plane(N * C, P, [&](int64_t i) {
+    for_each_plane<scalar_t, acc_t>(N * C, P, [&](int64_t i, Scratch<acc_t>& scratch) {
+      using Vec = Vectorized<acc_t>;
       const auto& k = coef[i];
-      for (int64_t p = 0; p < P; ++p) {
-        const acc_t y = (acc_t(xd[i * P + p]) - m[i]) * r[i];
-        dxd[i * P + p] = scalar_t(online_input_grad(k, acc_t(dyd[i * P + p]), y));
-      }
+      thread_local std::vector<acc_t> y_buffer;
+      y_buffer.resize(kSegment);
+      acc_t* y = y_buffer.data();
+      for_each_segment(P, [&](int64_t offset, int64_t n) {
+        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), m[i], r[i], y, n);
+        const acc_t* g = read_as_acc(dyd + i * P + offset, n, scratch.dy.data());
+        scalar_t* dst = dxd + i * P + offset;
+        acc_t* dx = write_target(dst, scratch.out.data());
+        int64_t p = 0;
+        for (; p + Vec::size() <= n; p += Vec::size()) {
+          online_input_grad(k, Vec::loadu(g + p), Vec::loadu(y + p)).store(dx + p);
+        }
+        for (; p < n; ++p) dx[p] = online_input_grad(k, g[p], y[p]);
+        write_back(dx, dst, n);
+      });
     });
     store_state(u_c, u);
     store_state(v_c, v);
