@@ -177,7 +177,8 @@ TORCH_LIBRARY(torchnorm, m) {
 
   // Online Normalization (Chiley et al. 2019), training, of an (N, C, *)
   // input: per channel, samples in order, each normalized with the state from
-  // before it, y_n = (x_n - mu) / sqrt(var + eps); then, with m_n and s2_n the
+  // before it, y_n = (x_n - mu) / sqrt(var + eps), out = y_n * weight + bias
+  // (absent: 1 and 0); then, with m_n and s2_n the
   // mean and biased variance of sample n over its positions,
   //   var <- a_f var + (1 - a_f) s2_n + a_f (1 - a_f) (m_n - mu)^2
   //   mu  <- mu + (1 - a_f) (m_n - mu)          (mu, var (C,), in place)
@@ -186,16 +187,18 @@ TORCH_LIBRARY(torchnorm, m) {
   // not used here: they are inputs so that autograd can hand them to the
   // backward.
   m.def(
-      "online_norm(Tensor input, Tensor(a!) mu, Tensor(b!) var, Tensor u, Tensor v, float alpha_fwd, "
-      "float alpha_bkw, float eps) -> (Tensor, Tensor, Tensor)");
+      "online_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) mu, Tensor(b!) var, Tensor u, "
+      "Tensor v, float alpha_fwd, float alpha_bkw, float eps) -> (Tensor, Tensor, Tensor)");
   // The paper's backward, a control process rather than the forward's
   // derivative: per channel, for each sample n in order, with y_n the
   // forward's output (means over the sample's positions),
-  //   g = dy_n - (1 - a_b) v y_n;  v += mean(g y_n);  g = g * rstd_n
-  //   dx_n = g - (1 - a_b) u;      u += mean(dx_n)   (u, v (C,), in place)
+  //   g = weight dy_n - (1 - a_b) v y_n;  v += mean(g y_n);  g = g * rstd_n
+  //   dx_n = g - (1 - a_b) u;             u += mean(dx_n)   (u, v (C,), in place)
+  // Returns (grad_input, grad_weight = sum dy y, grad_bias = sum dy); an
+  // output whose output_mask entry is false is an empty tensor of shape (0,).
   m.def(
-      "online_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor(a!) u, "
-      "Tensor(b!) v, float alpha_bkw) -> Tensor");
+      "online_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, "
+      "Tensor(a!) u, Tensor(b!) v, float alpha_bkw, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // Internal ops: the per-channel pieces of conv_bn_frozen and
   // conv_bn_frozen_backward, which call them through the dispatcher, and of

@@ -593,25 +593,30 @@ SOURCES += [
 
 def online_norm_samples(device):
     """Online Normalization in training (1-d, spatial, float64, bfloat16 with
-    float32 state; the input requiring grad so autograd is checked), and its
-    backward op from the forward's statistics."""
+    float32 state; with and without the fused affine; the input requiring grad
+    so autograd is checked), and its backward op from the forward's
+    statistics, with and without the weight and output masks."""
     samples = []
-    for sid, shape, dtype, state_dtype in (
-        ("NC-f32", (4, 3), torch.float32, torch.float32),
-        ("NCHW-f32", (3, 2, 4, 5), torch.float32, torch.float32),
-        ("NCL-f64", (3, 2, 6), torch.float64, torch.float64),
-        ("NCHW-bf16", (2, 3, 3, 3), torch.bfloat16, torch.float32),
+    for sid, shape, dtype, state_dtype, affine in (
+        ("NC-f32", (4, 3), torch.float32, torch.float32, False),
+        ("NCHW-f32-affine", (3, 2, 4, 5), torch.float32, torch.float32, True),
+        ("NCL-f64-affine", (3, 2, 6), torch.float64, torch.float64, True),
+        ("NCHW-bf16", (2, 3, 3, 3), torch.bfloat16, torch.float32, False),
     ):
         C = shape[1]
         x = make_input(shape, dtype, device, seed=120 + len(samples))
+        grad = dtype != torch.bfloat16
+        w, b = (make_params(C, dtype, device, seed=140 + len(samples))[:2] if affine else (None, None))
         state = [torch.zeros(C, dtype=state_dtype, device=device), torch.ones(C, dtype=state_dtype, device=device),
                  torch.zeros(C, dtype=state_dtype, device=device), torch.zeros(C, dtype=state_dtype, device=device)]
-        samples.append(("online_norm", sid, (x.clone().requires_grad_(dtype != torch.bfloat16), *state, 0.9, 0.8,
-                                             EPS)))
+        leaf_or_none = [None if t is None else t.clone().requires_grad_(grad) for t in (x, w, b)]
+        samples.append(("online_norm", sid, (*leaf_or_none, *state, 0.9, 0.8, EPS)))
         with torch.no_grad():
-            _, mean, rstd = OPS.online_norm(x, *[s.clone() for s in state], 0.9, 0.8, EPS)
+            _, mean, rstd = OPS.online_norm(x, w, b, *[s.clone() for s in state], 0.9, 0.8, EPS)
         dy = make_input(shape, dtype, device, seed=130 + len(samples), scale=1.0, offset=False)
-        samples.append(("online_norm_backward", sid, (dy, x, mean, rstd, state[2].clone(), state[3].clone(), 0.8)))
+        mask = [True, affine, affine] if sid != "NCL-f64-affine" else [False, True, False]
+        samples.append(("online_norm_backward", sid, (dy, x, w, mean, rstd, state[2].clone(), state[3].clone(), 0.8,
+                                                      mask)))
     return samples
 
 

@@ -33,7 +33,7 @@ def batches(shape, count, seed):
 def run_op(state, x, dy, dtype, device):
     """One training forward and backward of the op; returns (y, dx)."""
     xa = x.detach().to(device, dtype).clone().requires_grad_()
-    y, _, _ = OPS.online_norm(xa, *state, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
+    y, _, _ = OPS.online_norm(xa, None, None, *state, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
     y.backward(dy.to(device, dtype))
     return y, xa.grad
 
@@ -67,6 +67,36 @@ def test_matches_reference_over_batches(shape, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_affine_matches_reference(shape, dtype, device):
+    """The op with weight and bias: out = y * weight + bias in the same pass,
+    and the control process on weight * dy; against the reference followed by
+    the affine map in float64, two batches: output, the input, weight and bias
+    gradients, the state."""
+    C = shape[1]
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ours, ref = fresh_state(C, device, state_dtype), fresh_state(C, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(13)
+    w64, b64 = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5, torch.randn(C, generator=gen, dtype=torch.float64)
+    pshape = (1, -1) + (1,) * (len(shape) - 2)
+    for i, (x, dy) in enumerate(batches(shape, 2, seed=14)):
+        x, dy = x.to(dtype).double(), dy.to(dtype).double()
+        xa, w, b = (t.to(device, dtype).clone().requires_grad_() for t in (x, w64, b64))
+        y, _, _ = OPS.online_norm(xa, w, b, *ours, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
+        y.backward(dy.to(device, dtype))
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w64, b64))
+        z = reference.online_norm(xr, *ref, **ALPHAS) * wr.view(pshape) + br.view(pshape)
+        z.backward(dy)
+        assert_close(y, z, dtype, "forward", f"batch {i} output")
+        for name, got, want in (("input", xa.grad, xr.grad), ("weight", w.grad, wr.grad), ("bias", b.grad, br.grad)):
+            assert got.dtype == dtype, f"{name} grad dtype {got.dtype}"
+            assert_close(got, want, dtype, "grad", f"batch {i} {name} grad")
+        for name, a, e in zip("mu var u v".split(), ours, ref):
+            assert_close(a, e, state_dtype, "stats", f"batch {i} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_one_batch_of_n_equals_n_batches_of_one(shape, device):
     """The samples are processed in order, so batching does not matter:
@@ -88,7 +118,7 @@ def test_large_mean_keeps_the_variance():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(8, 2, 16, 16, generator=gen, dtype=torch.float64) + 1e4
     ours, ref = fresh_state(2), fresh_state(2, dtype=torch.float64)
-    OPS.online_norm(x.float(), *ours, 0.5, 0.8, 1e-5)
+    OPS.online_norm(x.float(), None, None, *ours, 0.5, 0.8, 1e-5)
     with torch.no_grad():
         reference.online_norm(x.float().double(), *ref, alpha_fwd=0.5, alpha_bkw=0.8, eps=1e-5)
     assert_close(ours[1], ref[1], torch.float32, "stats", "var")
@@ -161,7 +191,7 @@ def test_half_modules_keep_float32_state():
 def test_backward_twice_raises_and_leaves_the_state():
     x = make_input((3, 2, 4), torch.float32, seed=8).requires_grad_()
     state = fresh_state(2)
-    y, _, _ = OPS.online_norm(x, *state, 0.9, 0.8, 1e-5)
+    y, _, _ = OPS.online_norm(x, None, None, *state, 0.9, 0.8, 1e-5)
     y.sum().backward(retain_graph=True)
     after_first = [s.clone() for s in state]
     with pytest.raises(RuntimeError, match="backward already ran"):
@@ -194,10 +224,11 @@ def test_bad_input_raises_and_leaves_the_state(args, match):
     x = make_input((2, 3, 4), torch.float32, seed=10)
     state = fresh_state(3)
     if match is None:  # the same tensor as mu and var is allowed, as on the CPU's copy_ back
-        OPS.online_norm(*args(x, state), 0.9, 0.8, 1e-5)
+        OPS.online_norm(x, None, None, *args(x, state)[1:], 0.9, 0.8, 1e-5)
         return
     guard = StatsUnchanged(*state)
-    expect_error(lambda: OPS.online_norm(*args(x, state), 0.9, 0.8, 1e-5), match, guard)
+    inputs = args(x, state)
+    expect_error(lambda: OPS.online_norm(inputs[0], None, None, *inputs[1:], 0.9, 0.8, 1e-5), match, guard)
 
 
 @pytest.mark.parametrize("name,value", [("alpha_fwd", 1.0), ("alpha_bkw", -0.1)])
@@ -208,7 +239,8 @@ def test_bad_rates_raise(name, value):
     rates[name] = value
     state = fresh_state(3)
     guard = StatsUnchanged(*state)
-    expect_error(lambda: OPS.online_norm(make_input((2, 3), torch.float32, seed=11), *state, rates["alpha_fwd"],
+    expect_error(lambda: OPS.online_norm(make_input((2, 3), torch.float32, seed=11), None, None, *state,
+                                         rates["alpha_fwd"],
                                          rates["alpha_bkw"], 1e-5), name, guard)
 
 

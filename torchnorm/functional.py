@@ -368,9 +368,12 @@ def online_norm(
     alpha_bkw: float = 0.99,
     eps: float = 1e-5,
     training: bool = True,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Online Normalization of an ``(N, C, *)`` input, samples in order, with
-    state carried across batches (``torchnorm::online_norm``).
+    state carried across batches (``torchnorm::online_norm``), then the affine
+    map ``y * weight + bias`` in the same pass when given.
 
     Training normalizes each sample with the running ``mu``, ``var`` ``(C,)``
     from before it and then updates them with the sample's own mean and
@@ -382,6 +385,6 @@ def online_norm(
     :func:`torchnorm.reference.online_norm` for the equations.
     """
     if not training:
-        return batch_norm(x, mu, var, training=False, eps=eps)
-    out, _, _ = torch.ops.torchnorm.online_norm.default(x, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
+        return batch_norm(x, mu, var, weight, bias, training=False, eps=eps)
+    out, _, _ = torch.ops.torchnorm.online_norm.default(x, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
     return out

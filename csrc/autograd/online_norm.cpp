@@ -13,20 +13,28 @@ namespace {
 
 struct OnlineNorm : public torch::autograd::Function<OnlineNorm> {
   using Op = ops::OnlineNorm;
-  enum Input { kInput, kMu, kVar, kU, kV, kAlphaFwd, kAlphaBkw, kEps, kNumInputs };
-  enum Saved { kSavedInput, kSavedMean, kSavedRstd, kNumSaved };
+  using Grad = ops::OnlineNormBackward::Grad;
+  enum Input { kInput, kWeight, kBias, kMu, kVar, kU, kV, kAlphaFwd, kAlphaBkw, kEps, kNumInputs };
+  enum Saved { kSavedInput, kSavedWeight, kSavedMean, kSavedRstd, kNumSaved };
 
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& mu, const Tensor& var,
-                               const Tensor& u, const Tensor& v, double alpha_fwd, double alpha_bkw, double eps) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias, const Tensor& mu, const Tensor& var, const Tensor& u,
+                               const Tensor& v, double alpha_fwd, double alpha_bkw, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] = ops::handle<Op>().call(input, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
-    ctx->save_for_backward(tensors_of<kNumSaved>({{kSavedInput, input}, {kSavedMean, mean}, {kSavedRstd, rstd}}));
+    auto [out, mean, rstd] = ops::handle<Op>().call(input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
+    ctx->save_for_backward(tensors_of<kNumSaved>({{kSavedInput, input},
+                                                  {kSavedWeight, or_undefined(weight)},
+                                                  {kSavedMean, mean},
+                                                  {kSavedRstd, rstd}}));
     // Held without a version check: the backward updates them in place, and
     // another forward's backward may have done so first.
     ctx->saved_data["u"] = u;
     ctx->saved_data["v"] = v;
     ctx->saved_data["alpha_bkw"] = alpha_bkw;
     ctx->saved_data["backward_ran"] = false;
+    save_grad_wanted(ctx, mask_of<Grad::kNumGrads>({{Grad::kInput, input.requires_grad()},
+                                                    {Grad::kWeight, requires_grad(weight)},
+                                                    {Grad::kBias, requires_grad(bias)}}));
     ctx->mark_non_differentiable({mean, rstd});
     return {out, mean, rstd};
   }
@@ -38,18 +46,24 @@ struct OnlineNorm : public torch::autograd::Function<OnlineNorm> {
                 "same graph (retain_graph=True, or torch.autograd.grad called twice)");
     ctx->saved_data["backward_ran"] = true;
     const auto saved = ctx->get_saved_variables();
-    Tensor grad_input = ops::handle<ops::OnlineNormBackward>().call(
-        grad_outputs[0], saved[kSavedInput], saved[kSavedMean], saved[kSavedRstd], ctx->saved_data["u"].toTensor(),
-        ctx->saved_data["v"].toTensor(), ctx->saved_data["alpha_bkw"].toDouble());
-    return tensors_of<kNumInputs>({{kInput, grad_input}});
+    // The control process runs (and updates u, v) whatever is wanted.
+    const auto wanted = grad_wanted<Grad::kNumGrads>(ctx);
+    auto [gi, gw, gb] = ops::handle<ops::OnlineNormBackward>().call(
+        grad_outputs[0], saved[kSavedInput], as_optional(saved[kSavedWeight]), saved[kSavedMean], saved[kSavedRstd],
+        ctx->saved_data["u"].toTensor(), ctx->saved_data["v"].toTensor(), ctx->saved_data["alpha_bkw"].toDouble(),
+        wanted);
+    return tensors_of<kNumInputs>({{kInput, wanted[Grad::kInput] ? gi : Tensor()},
+                                   {kWeight, wanted[Grad::kWeight] ? gw : Tensor()},
+                                   {kBias, wanted[Grad::kBias] ? gb : Tensor()}});
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> online_norm_autograd(const Tensor& input, const Tensor& mu, const Tensor& var,
-                                                        const Tensor& u, const Tensor& v, double alpha_fwd,
-                                                        double alpha_bkw, double eps) {
-  return updating_running_stats<OnlineNorm>(needs_autograd(input), mu, var, input, mu, var, u, v, alpha_fwd,
-                                            alpha_bkw, eps);
+std::tuple<Tensor, Tensor, Tensor> online_norm_autograd(const Tensor& input, const optional<Tensor>& weight,
+                                                        const optional<Tensor>& bias, const Tensor& mu,
+                                                        const Tensor& var, const Tensor& u, const Tensor& v,
+                                                        double alpha_fwd, double alpha_bkw, double eps) {
+  return updating_running_stats<OnlineNorm>(needs_autograd(input, weight, bias), mu, var, input, weight, bias, mu,
+                                            var, u, v, alpha_fwd, alpha_bkw, eps);
 }
 
 }  // namespace

@@ -26,18 +26,19 @@ struct OnlineGradCoefficients {
   acc_t dy, y, constant;
 };
 
-// One sample of the backward's control process. With a = 1 - a_b and the
-// sample's means over its positions mean_dy_y = mean(dy y), mean_y2 =
-// mean(y^2), mean_dy, mean_y:
-//   g = dy - a v y;  v += mean(g y);  g = g * rstd;  dx = g - a u;  u += mean(dx)
+// One sample of the backward's control process, on the gradient of the
+// normalized output, weight * dy (the affine map after it is fused). With
+// a = 1 - a_b and the sample's means over its positions of dy y, y^2, dy and
+// y (y the normalized output, dy the incoming gradient):
+//   g = weight dy - a v y;  v += mean(g y);  g = g * rstd;  dx = g - a u;  u += mean(dx)
 // Returns dx's coefficients (from u and v before this sample) and updates u, v.
 template <typename acc_t>
 TN_HOST_DEVICE OnlineGradCoefficients<acc_t> online_backward_step(acc_t& u, acc_t& v, acc_t mean_dy_y,
                                                                   acc_t mean_y2, acc_t mean_dy, acc_t mean_y,
-                                                                  acc_t rstd, acc_t alpha_bkw) {
+                                                                  acc_t rstd, acc_t weight, acc_t alpha_bkw) {
   const acc_t a = acc_t(1) - alpha_bkw;
-  const OnlineGradCoefficients<acc_t> k{rstd, -rstd * a * v, -a * u};
-  v = v + (mean_dy_y - a * v * mean_y2);
+  const OnlineGradCoefficients<acc_t> k{rstd * weight, -rstd * a * v, -a * u};
+  v = v + (weight * mean_dy_y - a * v * mean_y2);
   u = u + (k.dy * mean_dy + k.y * mean_y + k.constant);
   return k;
 }

@@ -49,9 +49,12 @@ void check_alpha(const char* op, const char* name, double alpha) {
 
 }  // namespace
 
-void check_online_norm(const char* op, const at::Tensor& input, const at::Tensor& mu, const at::Tensor& var,
+void check_online_norm(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& mu, const at::Tensor& var,
                        const at::Tensor& u, const at::Tensor& v, double alpha_fwd, double alpha_bkw, double eps) {
   check_input(op, input);
+  if (weight) check_parameter(op, "weight", *weight, input, {input.size(1)}, "one per channel");
+  if (bias) check_parameter(op, "bias", *bias, input, {input.size(1)}, "one per channel");
   check_state(op, {{"mu", &mu}, {"var", &var}, {"u", &u}, {"v", &v}}, input);
   check_state_writable(mu, var);
   check_alpha(op, "alpha_fwd", alpha_fwd);
@@ -60,10 +63,11 @@ void check_online_norm(const char* op, const at::Tensor& input, const at::Tensor
 }
 
 void check_online_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
-                                const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& u,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& u,
                                 const at::Tensor& v, double alpha_bkw) {
   check_input(op, input);
   check_like_input(op, "grad_output", grad_output, input);
+  if (weight) check_parameter(op, "weight", *weight, input, {input.size(1)}, "one per channel");
   check_state(op, {{"u", &u}, {"v", &v}}, input);
   check_state_writable(u, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {

@@ -12,10 +12,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
+#include "common/batch_norm_math.h"
 #include "common/input_checks.h"
 #include "common/online_norm_math.h"
 #include "common/online_norm_plan.h"
@@ -36,14 +39,16 @@ void for_each_plane(int64_t planes, int64_t positions, const Body& body) {
   });
 }
 
-// y = (x - mean) * rstd of n elements into y (acc_t), vectorized.
+// y = (x - mean) * scale + shift of n elements into y (acc_t), vectorized:
+// the normalized value (scale = rstd, shift = 0) or the module's output
+// (scale = rstd * weight, shift = bias).
 template <typename acc_t>
-void standardize_segment(const acc_t* x, acc_t mean, acc_t rstd, acc_t* y, int64_t n) {
+void standardize_segment(const acc_t* x, acc_t mean, acc_t scale, acc_t shift, acc_t* y, int64_t n) {
   using Vec = Vectorized<acc_t>;
-  const Vec vm(mean), vr(rstd);
+  const Vec vm(mean), vs(scale), vb(shift);
   int64_t p = 0;
-  for (; p + Vec::size() <= n; p += Vec::size()) ((Vec::loadu(x + p) - vm) * vr).store(y + p);
-  for (; p < n; ++p) y[p] = (x[p] - mean) * rstd;
+  for (; p + Vec::size() <= n; p += Vec::size()) pre_activation(Vec::loadu(x + p) - vm, vs, vb).store(y + p);
+  for (; p < n; ++p) y[p] = pre_activation(x[p] - mean, scale, shift);
 }
 
 // The state as acc_t values, and back.
@@ -59,10 +64,11 @@ void store_state(const std::vector<acc_t>& values, const Tensor& state) {
   state.copy_(at::from_blob(const_cast<acc_t*>(values.data()), {int64_t(values.size())}, options));
 }
 
-std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const Tensor& mu, const Tensor& var,
-                                                   const Tensor& u, const Tensor& v, double alpha_fwd,
-                                                   double alpha_bkw, double eps) {
-  check_online_norm("torchnorm.online_norm", input, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
+std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                   const std::optional<Tensor>& bias, const Tensor& mu,
+                                                   const Tensor& var, const Tensor& u, const Tensor& v,
+                                                   double alpha_fwd, double alpha_bkw, double eps) {
+  check_online_norm("torchnorm.online_norm", input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
   const Tensor x = input.contiguous();
   const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0;
   const auto acc_type = accumulate_type(x.scalar_type());
@@ -92,13 +98,16 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const Te
         }
       }
     });
-    // 3. y = (x - mean) * rstd with each sample's statistics.
+    // 3. out = (x - mean) * rstd * weight + bias with each sample's statistics.
+    const std::vector<acc_t> w = channel_values<acc_t>(weight, C, acc_t(1)), b = channel_values<acc_t>(bias, C, acc_t(0));
     scalar_t* yd = out.mutable_data_ptr<scalar_t>();
     for_each_plane<scalar_t, acc_t>(N * C, P, [&](int64_t i, Scratch<acc_t>& scratch) {
+      const int64_t c = i % C;
       for_each_segment(P, [&](int64_t offset, int64_t n) {
         scalar_t* dst = yd + i * P + offset;
         acc_t* y = write_target(dst, scratch.out.data());
-        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), mean_d[i], rstd_d[i], y, n);
+        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), mean_d[i], rstd_d[i] * w[c], b[c],
+                            y, n);
         write_back(y, dst, n);
       });
     });
@@ -108,13 +117,17 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, const Te
   return {out, mean, rstd};
 }
 
-Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
-                                const Tensor& rstd, const Tensor& u, const Tensor& v, double alpha_bkw) {
-  check_online_norm_backward("torchnorm.online_norm_backward", grad_output, input, mean, rstd, u, v, alpha_bkw);
+std::tuple<Tensor, Tensor, Tensor> online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                            const std::optional<Tensor>& weight, const Tensor& mean,
+                                                            const Tensor& rstd, const Tensor& u, const Tensor& v,
+                                                            double alpha_bkw, std::array<bool, 3> output_mask) {
+  check_online_norm_backward("torchnorm.online_norm_backward", grad_output, input, weight, mean, rstd, u, v,
+                             alpha_bkw);
   const Tensor x = input.contiguous(), dy = grad_output.contiguous();
   const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0;
   const auto acc_type = accumulate_type(x.scalar_type());
   Tensor grad_input = at::empty_like(x);
+  Tensor grad_weight = at::empty({C}, x.options().dtype(acc_type)), grad_bias = at::empty_like(grad_weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Tensor mean_acc = mean.to(acc_type).contiguous(), rstd_acc = rstd.to(acc_type).contiguous();
@@ -129,7 +142,7 @@ Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, 
       y_buffer.resize(kSegment);
       acc_t* y = y_buffer.data();
       for_each_segment(P, [&](int64_t offset, int64_t n) {
-        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), m[i], r[i], y, n);
+        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), m[i], r[i], acc_t(0), y, n);
         const acc_t* g = read_as_acc(dyd + i * P + offset, n, scratch.dy.data());
         sums[0] += sum_segment<acc_t>(g, y, n);
         sums[1] += sum_segment<acc_t>(y, y, n);
@@ -139,15 +152,25 @@ Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, 
       for (int k = 0; k < 4; ++k) moments[4 * i + k] = sums[k] / acc_t(P);
     });
     // 2. The control process over the samples, channel by channel.
+    //    The affine map's gradients, sum dy y and sum dy, come from the same
+    //    per-sample means.
     std::vector<acc_t> u_c = state_values<acc_t>(u), v_c = state_values<acc_t>(v);
+    const std::vector<acc_t> w = channel_values<acc_t>(weight, C, acc_t(1));
     std::vector<OnlineGradCoefficients<acc_t>> coef(N * C);
+    acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
+    acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
     at::parallel_for(0, C, grain_for(N), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
+        acc_t sum_dy_y = 0, sum_dy = 0;
         for (int64_t n = 0; n < N; ++n) {
           const int64_t i = n * C + c;
           coef[i] = online_backward_step(u_c[c], v_c[c], moments[4 * i], moments[4 * i + 1], moments[4 * i + 2],
-                                         moments[4 * i + 3], r[i], acc_t(alpha_bkw));
+                                         moments[4 * i + 3], r[i], w[c], acc_t(alpha_bkw));
+          sum_dy_y += moments[4 * i];
+          sum_dy += moments[4 * i + 2];
         }
+        gw[c] = sum_dy_y * acc_t(P);
+        gb[c] = sum_dy * acc_t(P);
       }
     });
     // 3. dx = dy * k_dy + y * k_y + k_const, y recomputed as in step 1.
@@ -159,7 +182,7 @@ Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, 
       y_buffer.resize(kSegment);
       acc_t* y = y_buffer.data();
       for_each_segment(P, [&](int64_t offset, int64_t n) {
-        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), m[i], r[i], y, n);
+        standardize_segment(read_as_acc(xd + i * P + offset, n, scratch.x.data()), m[i], r[i], acc_t(0), y, n);
         const acc_t* g = read_as_acc(dyd + i * P + offset, n, scratch.dy.data());
         scalar_t* dst = dxd + i * P + offset;
         acc_t* dx = write_target(dst, scratch.out.data());
@@ -174,7 +197,10 @@ Tensor online_norm_backward_cpu(const Tensor& grad_output, const Tensor& input, 
     store_state(u_c, u);
     store_state(v_c, v);
   });
-  return grad_input;
+  const auto param_type = parameter_type(input, weight);
+  return {output_mask[0] ? grad_input : empty_placeholder(input, input.scalar_type()),
+          output_mask[1] ? grad_weight.to(param_type) : empty_placeholder(input, param_type),
+          output_mask[2] ? grad_bias.to(param_type) : empty_placeholder(input, param_type)};
 }
 
 }  // namespace

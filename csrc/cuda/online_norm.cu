@@ -69,9 +69,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "common/batch_norm_math.h"
@@ -418,25 +420,34 @@ __global__ void __launch_bounds__(kRecurrenceThreads) backward_recurrence_kernel
     const acc_t* __restrict__ rstd,     // (N, C)
     int64_t N,
     int64_t C,
+    int64_t S,
+    const acc_t* __restrict__ weight,  // (C,)
     StateRef u_state,
     StateRef v_state,
     acc_t alpha_bkw,
-    acc_t* __restrict__ coef) {  // (kNumGradCoef, N * C)
+    acc_t* __restrict__ coef,         // (kNumGradCoef, N * C)
+    acc_t* __restrict__ grad_weight,  // (C,): sum dy y
+    acc_t* __restrict__ grad_bias) {  // (C,): sum dy
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const int64_t NC = N * C;
   acc_t u = u_state.load<acc_t>(c);
   acc_t v = v_state.load<acc_t>(c);
+  acc_t sum_dy_y = 0, sum_dy = 0;
 #pragma unroll 4
   for (int64_t n = 0; n < N; ++n) {
     const int64_t i = n * C + c;
     const OnlineGradCoefficients<acc_t> k =
         online_backward_step(u, v, moments[kMeanDyY * NC + i], moments[kMeanY2 * NC + i],
-                             moments[kMeanDy * NC + i], moments[kMeanY * NC + i], rstd[i], alpha_bkw);
+                             moments[kMeanDy * NC + i], moments[kMeanY * NC + i], rstd[i], weight[c], alpha_bkw);
     coef[kCoefDy * NC + i] = k.dy;
     coef[kCoefY * NC + i] = k.y;
     coef[kCoefConst * NC + i] = k.constant;
+    sum_dy_y += moments[kMeanDyY * NC + i];
+    sum_dy += moments[kMeanDy * NC + i];
   }
+  grad_weight[c] = sum_dy_y * static_cast<acc_t>(S);
+  grad_bias[c] = sum_dy * static_cast<acc_t>(S);
   u_state.store(c, u);
   v_state.store(c, v);
 }
@@ -453,13 +464,14 @@ __global__ void __launch_bounds__(kRecurrenceThreads) backward_recurrence_kernel
 // (gather_sample_channels: one broadcast load unless the G elements cross a
 // plane boundary). A tail of < VEC elements is done one per thread.
 
-// out = (x - mean) * rstd.
+// out = (x - mean) * scale + shift (scale = rstd * weight, shift = bias).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) normalize_kernel(
     const scalar_t* __restrict__ x,
     scalar_t* __restrict__ out,
-    const acc_type_of<scalar_t>* __restrict__ mean,  // (N * C)
-    const acc_type_of<scalar_t>* __restrict__ rstd,  // (N * C)
+    const acc_type_of<scalar_t>* __restrict__ mean,   // (N * C)
+    const acc_type_of<scalar_t>* __restrict__ rstd,   // (N * C): the scale
+    const acc_type_of<scalar_t>* __restrict__ shift,  // (N * C)
     int64_t numel,
     int64_t C,
     int64_t S) {
@@ -476,12 +488,13 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(
     int64_t q = walk.q, p = walk.p, n = walk.n;  // (position, channel, sample) of element k0
 #pragma unroll
     for (int k0 = 0; k0 < VEC; k0 += G) {
-      acc_t m[G], r[G];
+      acc_t m[G], r[G], b[G];
       gather_sample_channels<G>(mean, q, p, n, S, C, C, /*planar=*/true, /*packed=*/false, m);
       gather_sample_channels<G>(rstd, q, p, n, S, C, C, /*planar=*/true, /*packed=*/false, r);
+      gather_sample_channels<G>(shift, q, p, n, S, C, C, /*planar=*/true, /*packed=*/false, b);
 #pragma unroll
       for (int k = 0; k < G; ++k) {
-        ov.v[k0 + k] = static_cast<scalar_t>((static_cast<acc_t>(xv.v[k0 + k]) - m[k]) * r[k]);
+        ov.v[k0 + k] = static_cast<scalar_t>(pre_activation(static_cast<acc_t>(xv.v[k0 + k]) - m[k], r[k], b[k]));
       }
       if (k0 + G < VEC) {
 #pragma unroll
@@ -496,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(
     const int64_t e = nvec * VEC + tid;
     if (e < numel) {
       const int64_t i = e / S;
-      out[e] = static_cast<scalar_t>((static_cast<acc_t>(x[e]) - mean[i]) * rstd[i]);
+      out[e] = static_cast<scalar_t>(pre_activation(static_cast<acc_t>(x[e]) - mean[i], rstd[i], shift[i]));
     }
   }
 }
@@ -639,11 +652,12 @@ unsigned recurrence_grid(int64_t C) {
 // The ops
 // ---------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const Tensor& mu, const Tensor& var,
-                                                    const Tensor& u, const Tensor& v, double alpha_fwd,
-                                                    double alpha_bkw, double eps) {
+std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                    const std::optional<Tensor>& bias, const Tensor& mu,
+                                                    const Tensor& var, const Tensor& u, const Tensor& v,
+                                                    double alpha_fwd, double alpha_bkw, double eps) {
   constexpr const char* op = "torchnorm.online_norm";
-  check_online_norm(op, input, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
+  check_online_norm(op, input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
   // After the check, which puts the state on the input's device: the input is
   // a CUDA tensor (a CPU input with CUDA state fails the check).
   c10::cuda::CUDAGuard guard(input.device());
@@ -682,33 +696,49 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const T
         static_cast<acc_t>(eps), mean_p, rstd_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // 3. y = (x - mean) * rstd with each sample's statistics.
+    // 3. out = (x - mean) * rstd * weight + bias with each sample's
+    //    statistics: per (sample, channel) scale and shift, a few ATen ops on
+    //    (N, C) values.
     const int64_t numel = x.numel();
     if (numel == 0) return;  // S == 0
+    const Tensor scale = weight ? rstd * weight->to(acc_type).view({1, C}) : rstd;
+    const Tensor shift = bias ? bias->to(acc_type).view({1, C}).expand({N, C}).contiguous() : at::zeros_like(rstd);
+    const acc_t* scale_p = scale.const_data_ptr<acc_t>();
+    const acc_t* shift_p = shift.const_data_ptr<acc_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
     if (is_aligned16(xp) && is_aligned16(outp)) {
-      launch_elementwise<normalize_kernel<scalar_t, kVec>, kVec, kThreads>(numel, stream, xp, outp, mean_p, rstd_p,
-                                                                           numel, C, S);
+      launch_elementwise<normalize_kernel<scalar_t, kVec>, kVec, kThreads>(numel, stream, xp, outp, mean_p, scale_p,
+                                                                           shift_p, numel, C, S);
     } else {
-      launch_elementwise<normalize_kernel<scalar_t, 1>, 1, kThreads>(numel, stream, xp, outp, mean_p, rstd_p, numel,
-                                                                     C, S);
+      launch_elementwise<normalize_kernel<scalar_t, 1>, 1, kThreads>(numel, stream, xp, outp, mean_p, scale_p,
+                                                                     shift_p, numel, C, S);
     }
   });
   return {out, mean, rstd};
 }
 
-Tensor online_norm_backward_cuda(const Tensor& grad_output, const Tensor& input, const Tensor& mean,
-                                 const Tensor& rstd, const Tensor& u, const Tensor& v, double alpha_bkw) {
+std::tuple<Tensor, Tensor, Tensor> online_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                                             const std::optional<Tensor>& weight, const Tensor& mean,
+                                                             const Tensor& rstd, const Tensor& u, const Tensor& v,
+                                                             double alpha_bkw, std::array<bool, 3> output_mask) {
   constexpr const char* op = "torchnorm.online_norm_backward";
-  check_online_norm_backward(op, grad_output, input, mean, rstd, u, v, alpha_bkw);
+  check_online_norm_backward(op, grad_output, input, weight, mean, rstd, u, v, alpha_bkw);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous(), dy = grad_output.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = N * C > 0 ? x.numel() / (N * C) : 0;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
   Tensor grad_input = at::empty_like(x);
-  if (N * C == 0) return grad_input;  // no sample or no channel: the state stays as it is
+  Tensor grad_weight = at::zeros({C}, acc_options), grad_bias = at::zeros({C}, acc_options);
+  const auto param_type = parameter_type(input, weight);
+  auto result = [&] {
+    return std::make_tuple(output_mask[0] ? grad_input : empty_placeholder(input, input.scalar_type()),
+                           output_mask[1] ? grad_weight.to(param_type) : empty_placeholder(input, param_type),
+                           output_mask[2] ? grad_bias.to(param_type) : empty_placeholder(input, param_type));
+  };
+  if (N * C == 0) return result();  // no sample or no channel: the state stays as it is
   const int64_t NC = N * C;
+  const Tensor weight_acc = weight ? weight->to(acc_type).contiguous() : at::ones({C}, acc_options);
   // The saved statistics in the accumulation dtype (a no-op for the forward's
   // own mean and rstd).
   const Tensor mean_acc = mean.to(acc_type).contiguous(), rstd_acc = rstd.to(acc_type).contiguous();
@@ -737,7 +767,9 @@ Tensor online_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
     Tensor coef = at::empty({kNumGradCoef, NC}, acc_options);
     acc_t* coef_p = coef.mutable_data_ptr<acc_t>();
     backward_recurrence_kernel<acc_t><<<recurrence_grid(C), kRecurrenceThreads, 0, stream>>>(
-        moments_p, r, N, C, state_ref(u), state_ref(v), static_cast<acc_t>(alpha_bkw), coef_p);
+        moments_p, r, N, C, S, weight_acc.const_data_ptr<acc_t>(), state_ref(u), state_ref(v),
+        static_cast<acc_t>(alpha_bkw), coef_p, grad_weight.mutable_data_ptr<acc_t>(),
+        grad_bias.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // 3. dx = dy * k_dy + y * k_y + k_const.
@@ -752,7 +784,7 @@ Tensor online_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                                                       numel, C, S);
     }
   });
-  return grad_input;
+  return result();
 }
 
 }  // namespace

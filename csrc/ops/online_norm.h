@@ -7,25 +7,30 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <optional>
 #include <tuple>
 
 #include "ops/handle.h"
 
 namespace torchnorm::ops {
 
-// online_norm(input, mu!, var!, u, v, alpha_fwd, alpha_bkw, eps) -> (out, mean, rstd)
+// online_norm(input, weight, bias, mu!, var!, u, v, alpha_fwd, alpha_bkw, eps) -> (out, mean, rstd)
 struct OnlineNorm {
   static constexpr const char* kName = "torchnorm::online_norm";
-  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&, double, double, double);
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double);
 };
 
-// online_norm_backward(grad_output, input, mean, rstd, u!, v!, alpha_bkw) -> grad_input
+// online_norm_backward(grad_output, input, weight, mean, rstd, u!, v!, alpha_bkw, output_mask)
+//   -> (grad_input, grad_weight, grad_bias)
 struct OnlineNormBackward {
   static constexpr const char* kName = "torchnorm::online_norm_backward";
-  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&, double);
+  enum Grad { kInput, kWeight, kBias, kNumGrads };
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, double, std::array<bool, kNumGrads>);
 };
 
 }  // namespace torchnorm::ops

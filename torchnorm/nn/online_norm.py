@@ -72,11 +72,9 @@ class _OnlineNorm(torch.nn.Module):
                 "recomputation does. Online Normalization updates its state in the forward (mu, var) and in the "
                 "backward (u, v), so a recomputed forward would update it twice: keep this layer out of "
                 "checkpointed regions")
+        # The affine map runs in the normalization's pass (the kernel's).
         y = F.online_norm(x, self.mu, self.var, self.u, self.v, self.alpha_fwd, self.alpha_bkw, self.eps,
-                          self.training)
-        if self.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+                          self.training, self.weight, self.bias)
         if self.ecm == "ls":  # layer scaling: y / sqrt(mean over C, H, W of y^2 + eps), per sample
             y = F.rms_norm(y, list(y.shape[1:]), None, self.eps)
         elif self.ecm == "ac":
