@@ -156,6 +156,38 @@ def median_seconds(fns: Dict[str, Callable[[], None]], device: str, warmup: int,
     return {name: statistics.median(t) for name, t in timed_rounds(fns, device, warmup, reps).items()}
 
 
+def iqr(times: List[float]) -> float:
+    """Interquartile range of a list of timings (0 for fewer than two)."""
+    if len(times) < 2:
+        return 0.0
+    q = statistics.quantiles(times, n=4)
+    return q[2] - q[0]
+
+
+def verdict(value: float, goal: float) -> str:
+    """A ratio against its goal (at most `goal`), for the reports."""
+    return f"{'met' if value <= goal else 'NOT met'} (goal <= {goal:.2f}x)"
+
+
+def ratio_suite_main(prog: str, doc: str, slug: str, run: Callable, argv=None) -> int:
+    """The command line of a model-level suite that writes a markdown report of
+    ratios (sequence, small_batch): ``run(device, quick, out) -> (rows,
+    failures)``; prints the report, exits 1 when a model failed."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--out", help=f"markdown report (default: benchmarks/results/local/{slug}-<device>.md)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join(RESULTS, "local", f"{slug}-{harness.device_slug(args.device)}.md")
+    rows, failures = run(args.device, args.quick, out)
+    with open(out) as f:
+        print(f.read(), end="")
+    return 1 if failures else 0
+
+
 class SavedBytes:
     """Unique storages kept for backward, parameters excluded."""
 

@@ -19,7 +19,6 @@ median and the median of the per-round ratios.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import gc
@@ -32,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .conv_bn import timed_rounds
+from .conv_bn import iqr, ratio_suite_main, timed_rounds, verdict
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # (batch, input, hidden, steps): the size the goals are set for, and a tiny one for --quick.
 FULL_SIZE = (64, 128, 512, 100)
@@ -124,17 +122,6 @@ def _steps(model: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Dict[st
     return {"forward": forward, "forward+backward": full}
 
 
-def _iqr(times: List[float]) -> float:
-    if len(times) < 2:
-        return 0.0
-    q = statistics.quantiles(times, n=4)
-    return q[2] - q[0]
-
-
-def _verdict(value: float, goal: float) -> str:
-    return f"{'met' if value <= goal else 'NOT met'} (goal <= {goal:.2f}x)"
-
-
 def run(device: str, quick: bool, out_md: str) -> Tuple[List[dict], List[Tuple[str, str]]]:
     """Time the rows on ``device``, write the report; return ``(rows, failures)``.
 
@@ -168,7 +155,7 @@ def run(device: str, quick: bool, out_md: str) -> Tuple[List[dict], List[Tuple[s
                "threads": torch.get_num_threads(), "torch_version": torch.__version__}
         for name in PROVIDERS:
             row[f"{name}_ms"] = f"{ms[name]:.4g}" if name in ms else ""
-            row[f"{name}_iqr_ms"] = f"{_iqr(rounds[name]) * 1e3:.3g}" if name in ms else ""
+            row[f"{name}_iqr_ms"] = f"{iqr(rounds[name]) * 1e3:.3g}" if name in ms else ""
         for other, goal in (("composition", GOAL_VS_COMPOSITION), ("lstm", GOAL_VS_LSTM)):
             if "torchnorm" in ms and other in ms:
                 ratio = ms["torchnorm"] / ms[other]
@@ -176,7 +163,7 @@ def run(device: str, quick: bool, out_md: str) -> Tuple[List[dict], List[Tuple[s
                 # the machine's slower drifts, which move both medians.
                 paired = statistics.median(a / b for a, b in zip(rounds["torchnorm"], rounds[other]))
                 row[f"vs_{other}"], row[f"vs_{other}_per_round"] = f"{ratio:.3f}", f"{paired:.3f}"
-                row[f"goal_vs_{other}"] = _verdict(ratio, goal)
+                row[f"goal_vs_{other}"] = verdict(ratio, goal)
             else:
                 row[f"vs_{other}"] = row[f"vs_{other}_per_round"] = row[f"goal_vs_{other}"] = ""
         harness.log("  " + ", ".join(f"{n} {row[f'{n}_ms']} ms" for n in calls)
@@ -234,20 +221,7 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.sequence", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--out", help="markdown report (default: benchmarks/results/local/sequence-<device>.md)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = args.out or os.path.join(RESULTS, "local", f"sequence-{harness.device_slug(args.device)}.md")
-    rows, failures = run(args.device, args.quick, out)
-    with open(out) as f:
-        print(f.read(), end="")
-    return 1 if failures else 0
+    return ratio_suite_main("python -m benchmarks.sequence", __doc__, "sequence", run, argv)
 
 
 if __name__ == "__main__":

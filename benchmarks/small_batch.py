@@ -33,7 +33,6 @@ tensor, model and graph of the shape is dropped and freed heap handed back
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import ctypes
 import gc
@@ -45,9 +44,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from . import harness
-from .conv_bn import timed_rounds
+from .conv_bn import iqr, ratio_suite_main, timed_rounds, verdict
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 FULL_SHAPES = ((32, 64, 56, 56), (256, 64, 28, 28))
 QUICK_SHAPES = ((2, 8, 8, 8), (8, 8, 4, 4))
@@ -102,17 +100,6 @@ def _steps(model: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Dict[st
     return {"forward": forward, "forward+backward": full}
 
 
-def _iqr(times: List[float]) -> float:
-    if len(times) < 2:
-        return 0.0
-    q = statistics.quantiles(times, n=4)
-    return q[2] - q[0]
-
-
-def _verdict(value: float, goal: float) -> str:
-    return f"{'met' if value <= goal else 'NOT met'} (goal <= {goal:.2f}x)"
-
-
 def release_memory(device: str) -> None:
     """Drop unreachable tensors and hand freed heap back to the system (between shapes, never while timing)."""
     gc.collect()
@@ -152,7 +139,7 @@ def _time_shape(shape: tuple, device: str, warmup: int, reps: int,
         for name in PROVIDERS:
             missing = NOT_AVAILABLE if name == "streaming_norm" and not streaming_available() else ""
             row[f"{name}_ms"] = f"{ms[name]:.4g}" if name in ms else missing
-            row[f"{name}_iqr_ms"] = f"{_iqr(rounds[name]) * 1e3:.3g}" if name in ms else ""
+            row[f"{name}_iqr_ms"] = f"{iqr(rounds[name]) * 1e3:.3g}" if name in ms else ""
             if name == BASELINE:
                 continue
             if name in ms and BASELINE in ms:
@@ -161,7 +148,7 @@ def _time_shape(shape: tuple, device: str, warmup: int, reps: int,
                 # the machine's slower drifts, which move both medians.
                 paired = statistics.median(a / b for a, b in zip(rounds[name], rounds[BASELINE]))
                 row[f"{name}_vs_bn"], row[f"{name}_vs_bn_per_round"] = f"{ratio:.3f}", f"{paired:.3f}"
-                row[f"{name}_goal"] = _verdict(ratio, GOAL_VS_BATCH_NORM)
+                row[f"{name}_goal"] = verdict(ratio, GOAL_VS_BATCH_NORM)
             else:
                 row[f"{name}_vs_bn"] = row[f"{name}_vs_bn_per_round"] = ""
                 row[f"{name}_goal"] = missing
@@ -239,20 +226,7 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.small_batch", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--out", help="markdown report (default: benchmarks/results/local/small-batch-<device>.md)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = args.out or os.path.join(RESULTS, "local", f"small-batch-{harness.device_slug(args.device)}.md")
-    rows, failures = run(args.device, args.quick, out)
-    with open(out) as f:
-        print(f.read(), end="")
-    return 1 if failures else 0
+    return ratio_suite_main("python -m benchmarks.small_batch", __doc__, "small-batch", run, argv)
 
 
 if __name__ == "__main__":
