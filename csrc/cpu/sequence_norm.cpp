@@ -138,37 +138,20 @@ ColumnMoments column_moments(const Tensor& x, const optional<Tensor>& valid) {
   return {mean, var, at::scalar_tensor(double(count), acc_options), count};
 }
 
-// One input a gradient is centred against: sum(d * (x - mean)) goes to out.
+// Per column over the valid rows, in one pass: sum(d) and sum(d * (x - mean)).
 template <typename acc_t, typename scalar_t>
-struct Centred {
-  const scalar_t* x;
-  const acc_t* mean;
-  acc_t* out;
-};
-
-// Per column over the valid rows, in one pass over d (an incoming gradient
-// or an acc_t scratch): sum(d) into sum_d and, for each Centred input,
-// sum(d * (x - mean)).
-template <typename acc_t, typename d_t, typename scalar_t>
-void gradient_sums(const d_t* d, int64_t rows, int64_t cols, const bool* valid, acc_t* sum_d,
-                   std::initializer_list<Centred<acc_t, scalar_t>> centred) {
-  const std::vector<Centred<acc_t, scalar_t>> inputs(centred);
-  const int64_t k = int64_t(inputs.size());
-  std::vector<acc_t> sums((1 + k) * cols);
-  sum_valid_rows<acc_t>(rows, valid, (1 + k) * cols, sums.data(), [&](int64_t r, acc_t* p) {
-    const d_t* d_row = d + r * cols;
-    for (int64_t j = 0; j < cols; ++j) p[j] += acc_t(d_row[j]);
-    for (int64_t i = 0; i < k; ++i) {
-      const scalar_t* x_row = inputs[i].x + r * cols;
-      const acc_t* mean = inputs[i].mean;
-      acc_t* q = p + (1 + i) * cols;
-      for (int64_t j = 0; j < cols; ++j) q[j] += acc_t(d_row[j]) * (acc_t(x_row[j]) - mean[j]);
+void gradient_sums(const scalar_t* d, const scalar_t* x, const acc_t* mean, int64_t rows, int64_t cols,
+                   const bool* valid, acc_t* sum_d, acc_t* sum_d_xc) {
+  std::vector<acc_t> sums(2 * cols);  // [sum d | sum d * (x - mean)]
+  sum_valid_rows<acc_t>(rows, valid, 2 * cols, sums.data(), [&](int64_t r, acc_t* p) {
+    const scalar_t *d_row = d + r * cols, *x_row = x + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      p[j] += acc_t(d_row[j]);
+      p[cols + j] += acc_t(d_row[j]) * (acc_t(x_row[j]) - mean[j]);
     }
   });
   std::copy(sums.begin(), sums.begin() + cols, sum_d);
-  for (int64_t i = 0; i < k; ++i) {
-    std::copy(sums.begin() + (1 + i) * cols, sums.begin() + (2 + i) * cols, inputs[i].out);
-  }
+  std::copy(sums.begin() + cols, sums.end(), sum_d_xc);
 }
 
 // The (C,) acc_t values of an optional per-column parameter (fill when
@@ -254,8 +237,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_batch_norm_backward_cpu(const Tensor& 
     const scalar_t *xd = x.const_data_ptr<scalar_t>(), *dyd = dy.const_data_ptr<scalar_t>();
     const Tensor mean_acc = mean.to(acc_type).contiguous(), rstd_acc = rstd.to(acc_type).contiguous();
     const acc_t *m = mean_acc.const_data_ptr<acc_t>(), *rs = rstd_acc.const_data_ptr<acc_t>();
-    gradient_sums<acc_t, scalar_t, scalar_t>(dyd, rows, cols, ok, sum_dy.mutable_data_ptr<acc_t>(),
-                         {{xd, m, sum_dy_xc.mutable_data_ptr<acc_t>()}});
+    gradient_sums<acc_t>(dyd, xd, m, rows, cols, ok, sum_dy.mutable_data_ptr<acc_t>(),
+                         sum_dy_xc.mutable_data_ptr<acc_t>());
     if (!output_mask[0]) return;
     const Tensor w = column_values<acc_t>(weight, cols, 1.0, acc_options);
     const ColumnBackward<acc_t> coef(cols, training, rs, w.const_data_ptr<acc_t>(), sum_dy.const_data_ptr<acc_t>(),

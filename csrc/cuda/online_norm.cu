@@ -62,7 +62,6 @@
 // same, with grad moments, the control process and grad_input.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
