@@ -97,6 +97,50 @@ def warm_pages_env(argv: list) -> Optional[dict]:
     return {**os.environ, **WARM_PAGES_ENV}
 
 
+# Modelled seconds of each model-level suite on the CPU, (full, --quick), for
+# the time estimate (see harness.Progress); measured on the 2-core VM the
+# committed results come from. On a GPU they are taken as they are.
+MODEL_SUITE_COST_S = {"conv_bn": (150.0, 40.0), "sequence": (60.0, 5.0), "small_batch": (15.0, 3.0)}
+
+
+def _model_suite_paths(path: str, device: str) -> dict:
+    """The report each model-level suite writes for the op CSV ``path`` on ``device``."""
+    stem = os.path.splitext(path)[0]
+    return {name: f"{stem}-{name.replace('_', '-')}-{device}.md" for name in MODEL_SUITES}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def summary(op_runs: list, conv_bn_rows: dict, reports: list, run_id: str) -> str:
+    """The headline block printed last: torchnorm's geometric-mean speedups per op and mode,
+    the Conv+BN ratios, the run's peak memory and where the full results are.
+
+    ``op_runs``: ``(csv path, rows of this run)`` per op CSV; ``conv_bn_rows``: the conv_bn
+    suite's rows per device; ``reports``: ``(what, path)`` of every other file written.
+    """
+    lines = [f"==== summary of run {run_id} ===="]
+    for _, rows in op_runs:
+        lines += report.summary_lines(rows)
+    for device, rows in conv_bn_rows.items():
+        lines.append(f"Conv+BN on {device}, torchnorm.fx.fuse_conv_bn against torch.nn (below 1.0x: less):")
+        lines += [f"  {r['benchmark']}: {r['ratio']}" for r in rows if " training step, " in r["benchmark"]]
+    own, children = harness.resident_peak_bytes()
+    memory = f"peak memory: {_gib(own)} resident"
+    if children:
+        memory += f" (children: up to {_gib(children)})"
+    device_peak = harness.device_peak_bytes()
+    if device_peak is not None:
+        memory += f"; CUDA: {_gib(device_peak)} allocated at most"
+    lines.append(memory)
+    for path, _ in op_runs:
+        stem = os.path.splitext(path)[0]
+        lines += [f"full table: {stem}.md", f"CSV: {path}", f"plot: {stem}.png"]
+    lines += [f"{what}: {path}" for what, path in reports]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     """Run the benchmark; return the process exit status (0 ok, 1 some rows failed, 2 cannot run)."""
     args = parse_args(argv)
@@ -124,50 +168,64 @@ def main(argv=None) -> int:
         path = args.out or os.path.join(RESULTS, "local", harness.device_slug(device) + ".csv")
         outs.setdefault(path, []).append(device)
     op_suites = [name for name in args.suites if name in suites.SUITES]
+    model_suites = [name for name in MODEL_SUITES if name in args.suites]
     plan = {d: [case for name in op_suites for case in suites.SUITES[name](d, args.quick)]
             for d in devices}
+    settings = {d: harness.Settings(d, args.quick, args.min_run_time) for d in devices}
     total = sum(len(c) for c in plan.values()) * len(args.providers) * len(args.modes)
-    harness.log(f"suite {','.join(args.suites)}: {total} rows on {', '.join(devices)}; "
-                f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    model_cost = {name: MODEL_SUITE_COST_S[name][args.quick] for name in model_suites}
+    estimate = sum(harness.suite_cost_s(plan[d], d, args.providers, args.modes, settings[d]) for d in devices) \
+        + len(devices) * sum(model_cost.values())
+    progress = harness.Progress(total, estimate)
+    harness.log(f"suite {','.join(args.suites)}: {total} rows of op suites"
+                + (f" and the model-level {', '.join(model_suites)}" if model_suites else "")
+                + f" on {', '.join(devices)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
                 f"providers {','.join(args.providers)}; modes {','.join(args.modes)}; run {run_id}")
+    harness.log(f"estimated time: about {harness.duration(estimate)} on a 2-core VM like the one the "
+                "committed results come from (an estimate from a cost model measured there; the "
+                "progress lines correct it as the run goes)")
 
     if "cpu" in devices:
         warm = warm_pages_in_place()
         harness.log("cpu: freed pages are reused (" + " ".join(f"{k}={v}" for k, v in WARM_PAGES_ENV.items())
-                    + ")" if warm else "cpu: every large tensor is mapped afresh (glibc's default): "
-                    "page faults are timed too")
+                    + "); memory goes back between rows" if warm else "cpu: every large tensor is mapped "
+                    "afresh (glibc's default): page faults are timed too")
         harness.warn_if_busy()
-    failures, counter, start = [], [0], time.perf_counter()
+    runners = {"conv_bn": lambda d, out: (conv_bn.run(d, args.quick, out), []),
+               "sequence": lambda d, out: sequence.run(d, args.quick, out),
+               "small_batch": lambda d, out: small_batch.run(d, args.quick, out)}
+    failures, conv_bn_rows, reports, op_runs = [], {}, [], []
     for path, path_devices in outs.items():
-        if "conv_bn" in args.suites:
+        for name in model_suites:
             for device in path_devices:
-                conv_bn.run(device, args.quick, os.path.splitext(path)[0] + f"-conv-bn-{device}.md")
-        if "sequence" in args.suites:
-            for device in path_devices:
-                failures += sequence.run(device, args.quick, os.path.splitext(path)[0] + f"-sequence-{device}.md")[1]
-        if "small_batch" in args.suites:
-            for device in path_devices:
-                failures += small_batch.run(device, args.quick,
-                                            os.path.splitext(path)[0] + f"-small-batch-{device}.md")[1]
+                out = _model_suite_paths(path, device)[name]
+                rows, suite_failures = runners[name](device, out)
+                failures += suite_failures
+                if name == "conv_bn":
+                    conv_bn_rows[device] = rows
+                reports.append((f"{name} report ({device})", out))
+                harness.release_memory(device)
+                progress.done(model_cost[name])
+                harness.log(f"{name} on {device} done | {progress.status()}")
         if not op_suites:
             continue
         writer = harness.CsvWriter(path)
         for device in path_devices:
             harness.log(f"{device}: {harness.device_name(device)} -> {path}")
-            settings = harness.Settings(device, args.quick, args.min_run_time)
             failures += harness.run_suite(plan[device], device, args.providers, args.modes, writer,
-                                          run_id, settings, counter, total)
+                                          run_id, settings[device], progress)
         text = report.write_report(path, run_id)
         stem = os.path.splitext(path)[0]
         print(text, end="", flush=True)
         harness.log(f"wrote {path} (appended), {stem}.md, {stem}.png")
-    harness.log(f"done in {time.perf_counter() - start:.0f} s")
+        op_runs.append((path, report.read_rows(path, run_id)))
+    harness.log(f"done in {harness.duration(progress.elapsed())}")
     if failures:
         harness.log(f"{len(failures)} failed:")
         for label, msg in failures:
             harness.log(f"  {label}: {msg}")
-        return 1
-    return 0
+    print("\n" + summary(op_runs, conv_bn_rows, reports, run_id), end="", flush=True)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

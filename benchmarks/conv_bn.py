@@ -264,7 +264,7 @@ def _train_rows_of(model_name: str, factory: Callable[[], torch.nn.Module], x: t
             peak = ""
             if device == "cuda":
                 torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                harness.reset_device_peak()
                 training_step(model, x, None, is_fused)
                 peak = torch.cuda.max_memory_allocated() / 2**20
             result[name] = (counter.total, peak)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import collections
 import csv
+import ctypes
 import gc
 import logging
 import math
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -135,12 +137,14 @@ def rotation_count(case: suites.Case, device: str) -> int:
     return max(2, min(n, MAX_ROTATION, ROTATION_BUDGET_BYTES // per_set))
 
 
-def make_samples(case: suites.Case, device: str, count: int) -> list:
+def make_samples(case: suites.Case, device: str, count: int, gradients: bool = True) -> list:
     """``count`` input sets ``{x, dy, ds, residual}`` in the case's layout; x and residual require grad.
 
     ``ds``, the gradient of a second output (the residual sum s of LayerNorm /
     RMSNorm), is None when the op has one output; ``residual`` is None when
-    the case has none.
+    the case has none. Without ``gradients`` (a forward-only run) ``dy`` and
+    ``ds`` are None: no one reads them, and at (8192, 4096) they would hold
+    half of the inputs' memory.
     """
     g = torch.Generator(device=device).manual_seed(0)
     fmt = suites.memory_format(case)
@@ -150,7 +154,8 @@ def make_samples(case: suites.Case, device: str, count: int) -> list:
         return t.normal_(generator=g).requires_grad_(requires_grad)
 
     two = suites.OPS[case.op].outputs(case) == 2
-    return [{"x": tensor(True), "dy": tensor(False), "ds": tensor(False) if two else None,
+    return [{"x": tensor(True), "dy": tensor(False) if gradients else None,
+             "ds": tensor(False) if two and gradients else None,
              "residual": tensor(True) if case.residual else None}
             for _ in range(count)]
 
@@ -179,9 +184,24 @@ def check_outputs(out, case: suites.Case) -> None:
                            f"{expected} tensor(s)")
 
 
-def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tuple:
-    """``(setup, timed)`` for ``mode``: ``timed()`` is what is timed, ``setup()`` (or None) runs
-    untimed before each timed call. Each call takes the next input set.
+# Memory goes back to the system between rows (release_memory), so a row's
+# first calls page-fault their blocks in again; the calls before timing go on
+# until a pass of them faults at most this many pages a call (256 KiB, about
+# what Python's own allocations touch), so the timed calls run on warm pages.
+# Even without that release a provider's heap layout can shift now and then
+# (a block lands at a fresh address), which is why the fill repeats.
+SETTLED_FAULTS_PER_CALL = 64
+MAX_FILL_PASSES = 4
+
+
+def minor_faults() -> int:
+    """Page faults of this process so far (all threads), that needed no disk."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class Step:
+    """One provider's timed call in one mode: ``timed()`` is what is timed, ``setup`` (a
+    function, or None) runs untimed before each timed call. Each call takes the next input set.
 
     Every mode runs with x, weight and bias requiring grad, as in a training
     step, so forward builds the autograd graph a training forward builds (and
@@ -203,51 +223,91 @@ def make_step(mode: str, fn: Callable, samples: list, grad_params: list) -> tupl
     residual) is differentiated with ``dy`` and ``ds`` together, so the
     gradient flows into both, as in a pre-norm block.
 
-    What a timed call returns (the outputs, or the gradients) stays alive for
-    the next ``len(samples)`` calls, as its inputs rotate: otherwise each call
-    would write into the memory the previous call just freed, which is still
-    in cache, and how often that happens depends on each provider's pattern of
-    small allocations in glibc, not on its kernels. (Measured here at (4096,
-    1024): torch's LayerNorm wrote into one block call after call, at 1.1 ms
-    a call, ours into three to five in turn, at 1.4 ms; with every output
-    kept alive like this, ours is 1.0-1.2x torch's speed.)
-    """
-    n = len(samples)
-    targets = [grad_targets(s, grad_params) for s in samples]
-    counter = [0]
-    results = collections.deque(maxlen=n)
+    What a timed call returns (the outputs, or the gradients) stays alive
+    until ``n = len(samples)`` calls later, as its inputs rotate: otherwise
+    each call would write into the memory the previous call just freed, which
+    is still in cache, and how often that happens depends on each provider's
+    pattern of small allocations in glibc, not on its kernels. (Measured here
+    at (4096, 1024): torch's LayerNorm wrote into one block call after call,
+    at 1.1 ms a call, ours into three to five in turn, at 1.4 ms; with every
+    output kept alive like this, ours is 1.0-1.2x torch's speed.) Each call
+    drops the oldest of the ``n`` kept results just before it runs, so the
+    block it gets back was written ``n`` calls ago (``n - 1`` input sets and
+    outputs have gone through the cache since), and only ``n`` results exist
+    at once, the new one included.
 
-    def next_index():
-        i = counter[0]
-        counter[0] = (i + 1) % n
+    That state (the kept outputs, and backward's pending graphs) is held only
+    during the provider's turn: ``release()`` drops it when the turn ends and
+    ``fill()`` rebuilds it, untimed, before the next, so the memory of a row is
+    its inputs and one provider's state, not every provider's at once (at
+    (8192, 4096) with a residual, torch's RMSNorm keeps 1.7 GiB of it). After
+    ``fill()`` every kept output is as old as in an unbroken run, and what the
+    other provider freed (some of it still in cache) has been written over by
+    the untimed calls.
+    """
+
+    def __init__(self, mode: str, fn: Callable, samples: list, grad_params: list):
+        if mode not in suites.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(suites.MODES)}")
+        self.mode, self.fn, self.samples = mode, fn, samples
+        self.targets = [grad_targets(s, grad_params) for s in samples]
+        self.n = len(samples)
+        self.index = 0
+        self.results = collections.deque(maxlen=self.n)
+        self.pending = collections.deque()  # backward: (forward output, input index), oldest first
+        self.setup = self._forward_next if mode == "backward" else None
+        self.timed = {"forward": self._forward, "full": self._full, "backward": self._backward_oldest}[mode]
+
+    def _next_index(self) -> int:
+        i = self.index
+        self.index = (i + 1) % self.n
         return i
 
-    if mode == "forward":
-        def forward():
-            s = samples[next_index()]
-            results.append(fn(s["x"], s["residual"]))
-        return None, forward
-    if mode == "full":
-        def full():
-            i = next_index()
-            s = samples[i]
-            results.append(backward(fn(s["x"], s["residual"]), s, targets[i]))
-        return None, full
-    if mode == "backward":
-        pending = collections.deque()
+    def _call(self, i: int):
+        return self.fn(self.samples[i]["x"], self.samples[i]["residual"])
 
-        def forward_next():
-            i = next_index()
-            pending.append((fn(samples[i]["x"], samples[i]["residual"]), i))
+    def _drop_oldest(self) -> None:
+        if len(self.results) == self.n:
+            self.results.popleft()
 
-        for _ in range(max(1, n - 1)):
-            forward_next()
+    def _forward(self) -> None:
+        self._drop_oldest()
+        self.results.append(self._call(self._next_index()))
 
-        def backward_oldest():
-            y, i = pending.popleft()
-            results.append(backward(y, samples[i], targets[i]))
-        return forward_next, backward_oldest
-    raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(suites.MODES)}")
+    def _full(self) -> None:
+        i = self._next_index()
+        self._drop_oldest()
+        self.results.append(backward(self._call(i), self.samples[i], self.targets[i]))
+
+    def _forward_next(self) -> None:
+        i = self._next_index()
+        self.pending.append((self._call(i), i))
+
+    def _backward_oldest(self) -> None:
+        y, i = self.pending.popleft()
+        self._drop_oldest()
+        self.results.append(backward(y, self.samples[i], self.targets[i]))
+
+    def fill(self) -> None:
+        """Bring the kept state to what an unbroken run has (untimed): ``n - 1`` pending
+        forwards for backward, then passes of ``n`` calls, so ``n`` outputs are kept, until a
+        pass no longer page-faults (see SETTLED_FAULTS_PER_CALL; at most MAX_FILL_PASSES)."""
+        if self.mode == "backward":
+            while len(self.pending) < max(1, self.n - 1):
+                self._forward_next()
+        for _ in range(MAX_FILL_PASSES):
+            faults = minor_faults()
+            for _ in range(self.n):
+                if self.setup is not None:
+                    self.setup()
+                self.timed()
+            if minor_faults() - faults <= SETTLED_FAULTS_PER_CALL * self.n:
+                break
+
+    def release(self) -> None:
+        """Drop the kept outputs and pending graphs (between turns and rows, never while timing)."""
+        self.results.clear()
+        self.pending.clear()
 
 
 def _sync(device: str) -> None:
@@ -332,11 +392,78 @@ def peak_memory_mb(setup: Optional[Callable], timed: Callable, device: str) -> s
     if setup is not None:
         setup()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    reset_device_peak()
     base = torch.cuda.memory_allocated()
     timed()
     torch.cuda.synchronize()
     return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}"
+
+
+# ------------------------------------------------------------------ memory --
+# Between rows (never while timing) a run hands back what the row used: under
+# WARM_PAGES_ENV glibc never trims its heap by itself, so without this the
+# process grew with every row it ran (14.5 GB for `make bench`) instead of
+# with its largest row.
+
+# The run's peak of torch.cuda.max_memory_allocated, across the resets of the
+# per-row measurements (see reset_device_peak).
+_device_peak_bytes = 0
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): give the free pages of every heap back to the system (no-op elsewhere)."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # raises (ValueError / OSError) where the C library is not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
+def reset_device_peak() -> None:
+    """Start a new peak of ``torch.cuda.max_memory_allocated``, keeping the old one in the run's peak."""
+    global _device_peak_bytes
+    if torch.cuda.is_initialized():
+        _device_peak_bytes = max(_device_peak_bytes, torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_peak_bytes() -> Optional[int]:
+    """The most CUDA memory tensors held at once in this run so far, or None when CUDA was not used."""
+    if not torch.cuda.is_initialized():
+        return None
+    return max(_device_peak_bytes, torch.cuda.max_memory_allocated())
+
+
+def resident_peak_bytes() -> tuple:
+    """Peak resident memory ``(this process, its largest waited-for child)`` (ru_maxrss, KiB on Linux)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return tuple(resource.getrusage(who).ru_maxrss * scale
+                 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (/proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_memory(device: str, compiled: bool = False) -> None:
+    """Return what a finished row used: collect unreachable objects (autograd graphs in cycles),
+    drop torch.compile's graphs when ``compiled``, give freed heap back to the system, and on
+    CUDA empty the caching allocator and start a new device peak.
+
+    The caller drops its own references (inputs, outputs, functions) first.
+    """
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    _malloc_trim()
+    if device == "cuda":
+        reset_device_peak()
+        torch.cuda.empty_cache()
 
 
 class CsvWriter:
@@ -359,6 +486,87 @@ class CsvWriter:
         """Append one row (a dict keyed by COLUMNS) and flush it to disk."""
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS).writerow(row)
+
+
+# ------------------------------------------------------ time estimate --
+# A cost model of the run's wall time: the estimate printed at the start,
+# and (rescaled by how long the work done so far took against it) the time
+# left in the progress lines. Its constants were measured on the 2-core AMD
+# EPYC VM the committed results come from, while other jobs shared it; on
+# another machine it is a rough guide only.
+COST_GBPS = {"cpu": 4e9, "cuda": 1e12}  # an op's minimal bytes moved per second of a typical provider's call
+COST_ROW_S = 0.3  # per row, besides its calls: Timer's own overhead, the CSV row, the progress line
+COST_CASE_S = 0.5  # per case: making its inputs, building the providers, releasing memory
+COST_COMPILE_S = {"cpu": 12.0, "cuda": 15.0}  # torch.compile of one case (its forward and backward graphs)
+
+
+def call_cost_s(case: suites.Case, mode: str, device: str) -> float:
+    """Modelled seconds of one call of a step in ``mode`` (backward: with its untimed forward)."""
+    op = suites.OPS[case.op]
+    seconds = op.bytes_moved(case, mode) / COST_GBPS[device]
+    if mode == "backward":
+        seconds += op.bytes_moved(case, "forward") / COST_GBPS[device]
+    return seconds
+
+
+def row_cost_s(case: suites.Case, mode: str, device: str, settings: "Settings") -> float:
+    """Modelled seconds of one row: warm-up, then each round's untimed fill, Timer's block-size
+    estimate and the timed calls (at least one, however long it takes)."""
+    c, n = call_cost_s(case, mode, device), rotation_count(case, device)
+    turn = (n + 1.5) * c + max(settings.min_run_time / settings.rounds, c)
+    return COST_ROW_S + max(settings.warmup_s, (n + 1) * c) + settings.rounds * turn
+
+
+def case_cost_s(case: suites.Case, device: str, providers: list) -> float:
+    """Modelled seconds of a case besides its rows: inputs, building (compiling) the providers."""
+    return COST_CASE_S + (COST_COMPILE_S[device] if "torch_compile" in providers else 0.0)
+
+
+def suite_cost_s(cases: list, device: str, providers: list, modes: list, settings: "Settings") -> float:
+    """Modelled seconds of ``run_suite`` on these arguments."""
+    return sum(case_cost_s(case, device, providers)
+               + len(providers) * sum(row_cost_s(case, mode, device, settings) for mode in modes)
+               for case in cases)
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``1 h 05 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress:
+    """Rows done out of the run's total, the time elapsed and an estimate of the time left.
+
+    Every piece of work is announced with its modelled cost (``done(cost)``); the
+    time left is the model's cost of what remains times how long the work done
+    took against its model, so the estimate adapts to the machine as the run goes.
+    """
+
+    def __init__(self, total_rows: int, estimate_s: float):
+        self.total, self.rows = total_rows, 0
+        self.estimate_s, self.done_s = estimate_s, 0.0
+        self.start = time.perf_counter()
+
+    def done(self, cost_s: float, rows: int = 0) -> None:
+        """Count ``rows`` more rows and ``cost_s`` more modelled seconds as done."""
+        self.rows += rows
+        self.done_s += cost_s
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.start
+
+    def status(self) -> str:
+        """``2 min 10 s elapsed, ~5 min 40 s left``."""
+        elapsed = self.elapsed()
+        scale = elapsed / self.done_s if self.done_s > 0 else 1.0
+        left = max(0.0, self.estimate_s - self.done_s) * scale
+        return f"{duration(elapsed)} elapsed, ~{duration(left)} left"
 
 
 class Settings:
@@ -396,84 +604,124 @@ def _build(provider: str, case: suites.Case, device: str, samples: list, modes: 
     return fn, grad_params
 
 
+def _peak_memory(step: Step, device: str) -> str:
+    """peak_memory_mb of one call of ``step`` in its steady state (CUDA), else "n/a"."""
+    if device != "cuda":
+        return "n/a"
+    try:
+        step.fill()
+        return peak_memory_mb(step.setup, step.timed, device)
+    finally:
+        step.release()
+
+
 def run_suite(cases: list, device: str, providers: list, modes: list, writer: CsvWriter,
-              run_id: str, settings: Settings, counter: list, total: int) -> list:
+              run_id: str, settings: Settings, progress: Progress) -> list:
     """Time every (case, provider, mode) on ``device``, appending a CSV row each.
 
     The providers of a (case, mode) are timed in turns: ``settings.rounds``
     rounds, each giving every provider a share of ``min_run_time``, and each
     row's median is over all its rounds. A slow spell of a shared machine then
-    falls on every provider alike instead of on whichever ran during it.
+    falls on every provider alike instead of on whichever ran during it. A
+    provider's kept outputs live for its turn only (see Step).
 
-    ``counter`` is a one-element list holding how many rows ran so far (shared
-    across devices for the ``[k/total]`` progress). Returns the failures as
-    ``(label, message)``; a failing provider does not stop the others.
+    Between rows, never while timing, memory goes back (``release_memory``):
+    after each mode its steps, after each case its inputs and functions
+    (torch.compile's graphs too), so the process holds one row's memory at a
+    time, not every row's it ran.
+
+    ``progress`` counts the rows (shared across devices for the ``[k/total]``
+    progress). Returns the failures as ``(label, message)``; a failing
+    provider does not stop the others.
     """
     failures = []
-    name = device_name(device)
-    threads = torch.get_num_threads()
-    timer = time_cuda if device == "cuda" else time_cpu
-
-    def fail(label: str, prefix: str, e: Exception) -> None:
-        log(f"{prefix}: FAILED ({type(e).__name__}: {e})")
-        failures.append((label, f"{type(e).__name__}: {e}"))
-
+    row = _RowWriter(device, run_id, settings, progress, writer, failures)
     for case in cases:
-        samples = make_samples(case, device, rotation_count(case, device))
+        samples = make_samples(case, device, rotation_count(case, device),
+                               gradients=any(m != "forward" for m in modes))
         built = {}
         for provider in providers:
-            label = f"{case.describe()} {provider}"
             try:
                 t0 = time.perf_counter()
                 built[provider] = _build(provider, case, device, samples, modes)
                 if provider == "torch_compile":
-                    log(f"      compiled {label} in {time.perf_counter() - t0:.1f} s")
+                    log(f"      compiled {case.describe()} {provider} in {time.perf_counter() - t0:.1f} s")
             except Exception as e:  # noqa: BLE001 - report and go on with the other providers
                 for mode in modes:
-                    counter[0] += 1
-                    fail(label, _prefix(counter[0], total, case, mode, provider), e)
+                    row.failed(case, mode, provider, e)
+        progress.done(case_cost_s(case, device, providers))
         for mode in modes:
-            steps, times = {}, {}
-            for provider, (fn, grad_params) in built.items():
-                try:
-                    steps[provider] = make_step(mode, fn, samples, grad_params)
-                    warm_up(*steps[provider], device, settings.warmup_s)
-                    times[provider] = []
-                except Exception as e:  # noqa: BLE001
-                    counter[0] += 1
-                    fail(f"{case.describe()} {provider} {mode}", _prefix(counter[0], total, case, mode, provider), e)
-                    steps.pop(provider, None)
-            for _ in range(settings.rounds):
-                for provider in list(times):
-                    try:
-                        times[provider] += timer(*steps[provider], settings.min_run_time / settings.rounds)
-                    except Exception as e:  # noqa: BLE001
-                        counter[0] += 1
-                        fail(f"{case.describe()} {provider} {mode}",
-                             _prefix(counter[0], total, case, mode, provider), e)
-                        del times[provider]
-            for provider, provider_times in times.items():
-                counter[0] += 1
-                prefix = _prefix(counter[0], total, case, mode, provider)
-                median, iqr, runs = _summary(provider_times)
-                try:
-                    peak = peak_memory_mb(*steps[provider], device)
-                except Exception as e:  # noqa: BLE001
-                    fail(f"{case.describe()} {provider} {mode}", prefix, e)
-                    continue
-                gbps = suites.OPS[case.op].bytes_moved(case, mode) / median / 1e9
-                writer.write({
-                    "run_id": run_id, "op": case.op, "provider": provider, "mode": mode,
-                    "shape": case.shape_str, "dtype": case.dtype_str, "layout": case.layout,
-                    "activation": case.activation_str, "residual": int(case.residual),
-                    "device": device, "device_name": name, "torch_version": torch.__version__,
-                    "threads": threads, "median_ms": f"{median * 1e3:.5g}", "iqr_ms": f"{iqr * 1e3:.3g}",
-                    "runs": runs, "gb_per_s": f"{gbps:.4g}", "peak_mem_mb": peak,
-                })
-                log(f"{prefix}: {median * 1e3:.3g} ms ({gbps:.1f} GB/s, IQR {iqr * 1e3:.2g} ms, {runs} runs)")
-            del steps
+            _time_mode(case, mode, built, samples, device, settings, row)
+            release_memory(device)
         del built, samples
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device, compiled="torch_compile" in providers)
     return failures
+
+
+class _RowWriter:
+    """Writes a row's CSV line and progress line, or its failure."""
+
+    def __init__(self, device: str, run_id: str, settings: Settings, progress: Progress,
+                 writer: CsvWriter, failures: list):
+        self.device, self.run_id, self.settings, self.progress = device, run_id, settings, progress
+        self.writer, self.failures = writer, failures
+        self.name, self.threads = device_name(device), torch.get_num_threads()
+
+    def failed(self, case: suites.Case, mode: str, provider: str, e: Exception) -> None:
+        """Count the row as done and record its failure."""
+        self.progress.done(row_cost_s(case, mode, self.device, self.settings), rows=1)
+        log(f"{_prefix(self.progress.rows, self.progress.total, case, mode, provider)}: "
+            f"FAILED ({type(e).__name__}: {e})")
+        self.failures.append((f"{case.describe()} {provider} {mode}", f"{type(e).__name__}: {e}"))
+
+    def write(self, case: suites.Case, mode: str, provider: str, times: list, peak: str) -> None:
+        """Append the row of ``times`` (seconds per call) to the CSV and print its progress line."""
+        self.progress.done(row_cost_s(case, mode, self.device, self.settings), rows=1)
+        median, iqr, runs = _summary(times)
+        gbps = suites.OPS[case.op].bytes_moved(case, mode) / median / 1e9
+        self.writer.write({
+            "run_id": self.run_id, "op": case.op, "provider": provider, "mode": mode,
+            "shape": case.shape_str, "dtype": case.dtype_str, "layout": case.layout,
+            "activation": case.activation_str, "residual": int(case.residual),
+            "device": self.device, "device_name": self.name, "torch_version": torch.__version__,
+            "threads": self.threads, "median_ms": f"{median * 1e3:.5g}", "iqr_ms": f"{iqr * 1e3:.3g}",
+            "runs": runs, "gb_per_s": f"{gbps:.4g}", "peak_mem_mb": peak,
+        })
+        log(f"{_prefix(self.progress.rows, self.progress.total, case, mode, provider)}: {median * 1e3:.3g} ms "
+            f"({gbps:.1f} GB/s, IQR {iqr * 1e3:.2g} ms, {runs} runs) | {self.progress.status()}")
+
+
+def _time_mode(case: suites.Case, mode: str, built: dict, samples: list, device: str,
+               settings: Settings, row: _RowWriter) -> None:
+    """Time the providers ``built`` (``{provider: (fn, grad_params)}``) of one case in one mode,
+    in turns, and write their rows. Returns holding nothing of the mode's steps."""
+    timer = time_cuda if device == "cuda" else time_cpu
+    steps, times = {}, {}
+    for provider, (fn, grad_params) in built.items():
+        try:
+            steps[provider] = step = Step(mode, fn, samples, grad_params)
+            warm_up(step.setup, step.timed, device, settings.warmup_s)
+            step.fill()  # until its calls no longer page-fault
+            step.release()
+            times[provider] = []
+        except Exception as e:  # noqa: BLE001
+            row.failed(case, mode, provider, e)
+            steps.pop(provider, None)
+    for _ in range(settings.rounds):
+        for provider in list(times):
+            step = steps[provider]
+            try:
+                step.fill()
+                times[provider] += timer(step.setup, step.timed, settings.min_run_time / settings.rounds)
+            except Exception as e:  # noqa: BLE001
+                row.failed(case, mode, provider, e)
+                del times[provider]
+            finally:
+                step.release()
+    for provider, provider_times in times.items():
+        try:
+            peak = _peak_memory(steps[provider], device)
+        except Exception as e:  # noqa: BLE001
+            row.failed(case, mode, provider, e)
+            continue
+        row.write(case, mode, provider, provider_times, peak)

@@ -88,6 +88,45 @@ def _geomean(values: list):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
+def _op_speedups(orows: list, ratios: list) -> "OrderedDict":
+    """{(mode, numerator, denominator): [speedup of each case, None where one is missing]} of one
+    op's rows, cases in table order."""
+    per_mode = OrderedDict()
+    for (_, _, mode, *_), by in _table(orows).items():
+        for n, d in ratios:
+            per_mode.setdefault((mode, n, d), []).append(_ratio(by, n, d))
+    return per_mode
+
+
+def summary_lines(rows: list) -> list:
+    """Headline lines of one run: per device and op, the geometric mean of torchnorm's speedup
+    over torch eager and over torch.compile in each mode."""
+    out = []
+    for device in OrderedDict.fromkeys(r["device"] for r in rows):
+        drows = [r for r in rows if r["device"] == device]
+        providers = _providers(drows)
+        if "torchnorm" not in providers:
+            out.append(f"{device}: no torchnorm rows, so no speedups to sum up")
+            continue
+        baselines = [(p, name) for p, name in ((BASELINE, "torch eager"), ("torch_compile", "torch.compile"))
+                     if p in providers]
+        modes = [m for m in MODES if any(r["mode"] == m for r in drows)]
+        first = drows[0]
+        out.append(f"torchnorm's speedup on {device} ({first['device_name']}, {first['threads']} threads), "
+                   "geometric mean over each op's cases (above 1.0x: torchnorm is faster):")
+        heads = [f"vs {name}: " + " / ".join(modes) for _, name in baselines]
+        width = max(len(op) for op in _ops(drows)) + 2
+        out.append("  " + "op".ljust(width) + "   ".join(h.ljust(len(h)) for h in heads))
+        for op in _ops(drows):
+            per_mode = _op_speedups([r for r in drows if r["op"] == op], [(b, "torchnorm") for b, _ in baselines])
+            cells = []
+            for (base, _), head in zip(baselines, heads):
+                means = [_geomean(per_mode.get((mode, base, "torchnorm"), [])) for mode in modes]
+                cells.append(" / ".join(f"{g:.2f}x" if g else "-" for g in means).ljust(len(head)))
+            out.append("  " + op.ljust(width) + "   ".join(cells).rstrip())
+    return out
+
+
 def markdown(rows: list) -> str:
     """Markdown: per device, then per op, a table of ms per provider and speedups, then geometric
     means per mode."""
@@ -116,19 +155,16 @@ def markdown(rows: list) -> str:
             out.append(f"#### {_op_title(op)}\n")
             out.append("| " + " | ".join(header) + " |")
             out.append("|" + "|".join(["---"] * 5 + ["---:"] * (len(header) - 5)) + "|")
-            per_mode = OrderedDict()
-            for key, by in _table([r for r in drows if r["op"] == op]).items():
+            orows = [r for r in drows if r["op"] == op]
+            for key, by in _table(orows).items():
                 _, _, mode, shape, layout, dtype, act, residual = key
                 cells = [mode, shape, layout, dtype, _fused(act, residual)]
                 cells += [f"{float(by[p]['median_ms']):.4g}" if p in by else "-" for p in providers]
                 cells.append(_gbps(float(by[subject]["gb_per_s"])) if subject in by else "-")
-                for n, d in ratios:
-                    r = _ratio(by, n, d)
-                    per_mode.setdefault((mode, n, d), []).append(r)
-                    cells.append(f"{r:.2f}x" if r else "-")
+                cells += [f"{r:.2f}x" if r else "-" for r in (_ratio(by, n, d) for n, d in ratios)]
                 out.append("| " + " | ".join(cells) + " |")
             lines = []
-            for (mode, n, d), values in per_mode.items():
+            for (mode, n, d), values in _op_speedups(orows, ratios).items():
                 g = _geomean(values)
                 if g:
                     lines.append(f"- {mode}, {d} vs {n}: {g:.2f}x (min {min(v for v in values if v):.2f}x)")

@@ -34,8 +34,6 @@ tensor, model and graph of the shape is dropped and freed heap handed back
 from __future__ import annotations
 
 import csv
-import ctypes
-import gc
 import os
 import statistics
 import sys
@@ -100,17 +98,6 @@ def _steps(model: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Dict[st
     return {"forward": forward, "forward+backward": full}
 
 
-def release_memory(device: str) -> None:
-    """Drop unreachable tensors and hand freed heap back to the system (between shapes, never while timing)."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def _time_shape(shape: tuple, device: str, warmup: int, reps: int,
                 failures: List[Tuple[str, str]]) -> List[dict]:
     """The rows of one shape (one per mode)."""
@@ -173,7 +160,7 @@ def run(device: str, quick: bool, out_md: str) -> Tuple[List[dict], List[Tuple[s
     failures, rows = [], []
     for shape in shapes:
         rows += _time_shape(shape, device, warmup, reps, failures)
-        release_memory(device)  # this shape's tensors, models and graphs go before the next shape
+        harness.release_memory(device)  # this shape's tensors, models and graphs go before the next shape
     write(rows, out_md, quick)
     harness.log(f"small_batch: wrote {out_md}")
     return rows, failures
