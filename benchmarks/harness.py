@@ -240,7 +240,8 @@ class Step:
     during the provider's turn: ``release()`` drops it when the turn ends and
     ``fill()`` rebuilds it, untimed, before the next, so the memory of a row is
     its inputs and one provider's state, not every provider's at once (at
-    (8192, 4096) with a residual, torch's RMSNorm keeps 1.7 GiB of it). After
+    (8192, 4096) with a residual, torch's RMSNorm keeps three 128 MiB tensors
+    a call: s, y and the normalized input it saves for backward). After
     ``fill()`` every kept output is as old as in an unbroken run, and what the
     other provider freed (some of it still in cache) has been written over by
     the untimed calls.

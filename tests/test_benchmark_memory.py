@@ -64,7 +64,7 @@ def _working_set(shape: tuple, residual: bool) -> int:
 def test_rows_give_memory_back():
     from benchmarks import __main__ as cli
 
-    env = {**os.environ, **cli.WARM_PAGES_ENV, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**cli.warm_pages_environ(os.environ), "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -196,14 +196,18 @@ def test_warm_pages_env(monkeypatch):
     """A cpu run restarts under the glibc settings that reuse freed pages, unless told not to."""
     from benchmarks import __main__ as cli
 
-    for key in cli.WARM_PAGES_ENV:
+    for key in list(cli.WARM_PAGES_ENV) + ["GLIBC_TUNABLES"]:
         monkeypatch.delenv(key, raising=False)
     env = cli.warm_pages_env(["--device", "cpu"])
     assert env is not None and all(env[k] == v for k, v in cli.WARM_PAGES_ENV.items())
+    assert env["GLIBC_TUNABLES"] == ":".join(cli.WARM_PAGES_TUNABLES)
     assert env["PATH"] == os.environ["PATH"]  # the rest of the environment is kept
     assert cli.warm_pages_env(["--device", "cpu", "--fresh-pages"]) is None
     assert cli.warm_pages_env(["--device", "cuda"]) is None
-    for key, value in cli.WARM_PAGES_ENV.items():
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # the user's own tunables stay
+    env = cli.warm_pages_env(["--device", "cpu"])
+    assert env["GLIBC_TUNABLES"].split(":") == ["glibc.malloc.arena_max=2", *cli.WARM_PAGES_TUNABLES]
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert cli.warm_pages_env(["--device", "cpu"]) is None  # already in place: no restart
 
