@@ -127,14 +127,19 @@ def last_level_cache_bytes(device: str) -> int:
     return best or (32 << 20)
 
 
+def _x_bytes(case: suites.Case) -> int:
+    return max(1, math.prod(case.shape) * torch.empty((), dtype=case.dtype).element_size())
+
+
+def set_bytes(case: suites.Case) -> int:
+    """Bytes of one input set: x, dy (and ds, residual)."""
+    return _x_bytes(case) * (1 + suites.OPS[case.op].outputs(case) + case.residual)
+
+
 def rotation_count(case: suites.Case, device: str) -> int:
     """How many input sets to rotate through: about twice the cache in inputs, 2 to 16 of them."""
-    numel = math.prod(case.shape)
-    x_bytes = max(1, numel * torch.empty((), dtype=case.dtype).element_size())
-    n = math.ceil(2 * last_level_cache_bytes(device) / x_bytes)
-    outputs = suites.OPS[case.op].outputs(case)
-    per_set = x_bytes * (1 + outputs + case.residual)  # x, dy (and ds, residual)
-    return max(2, min(n, MAX_ROTATION, ROTATION_BUDGET_BYTES // per_set))
+    n = math.ceil(2 * last_level_cache_bytes(device) / _x_bytes(case))
+    return max(2, min(n, MAX_ROTATION, ROTATION_BUDGET_BYTES // set_bytes(case)))
 
 
 def make_samples(case: suites.Case, device: str, count: int, gradients: bool = True) -> list:
@@ -492,13 +497,18 @@ class CsvWriter:
 # ------------------------------------------------------ time estimate --
 # A cost model of the run's wall time: the estimate printed at the start,
 # and (rescaled by how long the work done so far took against it) the time
-# left in the progress lines. Its constants were measured on the 2-core AMD
-# EPYC VM the committed results come from, while other jobs shared it; on
-# another machine it is a rough guide only.
-COST_GBPS = {"cpu": 4e9, "cuda": 1e12}  # an op's minimal bytes moved per second of a typical provider's call
-COST_ROW_S = 0.3  # per row, besides its calls: Timer's own overhead, the CSV row, the progress line
-COST_CASE_S = 0.5  # per case: making its inputs, building the providers, releasing memory
-COST_COMPILE_S = {"cpu": 12.0, "cuda": 15.0}  # torch.compile of one case (its forward and backward graphs)
+# left in the progress lines. Its constants were fitted to runs on the 2-core
+# AMD EPYC VM the committed results come from, while other jobs shared it
+# (load average 4-5): `make bench`, 225 rows in 796 s (the model: 799 s), and
+# --quick, 117 rows in 22 s (the model: 27 s). On another machine it is a
+# rough guide only.
+COST_GBPS = {"cpu": 3e9, "cuda": 1e12}  # an op's minimal bytes moved per second of a typical provider's call
+COST_TURN_S = {"cpu": 0.17, "cuda": 0.05}  # per round of a row, besides its calls: Timer's estimate, the fill passes
+COST_RANDN_BPS = 4e8  # bytes of inputs made per second (torch's normal_)
+COST_CASE_S = 0.3  # per case, besides its inputs: building the providers, releasing memory
+# torch.compile of one case, its forward and backward graphs (a cold compile;
+# with inductor's on-disk cache warm, from the second run on, about 0.2 s).
+COST_COMPILE_S = {"cpu": 5.0, "cuda": 15.0}
 
 
 def call_cost_s(case: suites.Case, mode: str, device: str) -> float:
@@ -511,16 +521,18 @@ def call_cost_s(case: suites.Case, mode: str, device: str) -> float:
 
 
 def row_cost_s(case: suites.Case, mode: str, device: str, settings: "Settings") -> float:
-    """Modelled seconds of one row: warm-up, then each round's untimed fill, Timer's block-size
-    estimate and the timed calls (at least one, however long it takes)."""
+    """Modelled seconds of one row: warm-up, then in each round the untimed fill, Timer's
+    block-size estimate and the timed calls (at least one, however long it takes)."""
     c, n = call_cost_s(case, mode, device), rotation_count(case, device)
-    turn = (n + 1.5) * c + max(settings.min_run_time / settings.rounds, c)
-    return COST_ROW_S + max(settings.warmup_s, (n + 1) * c) + settings.rounds * turn
+    turn = COST_TURN_S[device] + (n + 1.5) * c + max(settings.min_run_time / settings.rounds, c)
+    return max(settings.warmup_s, (n + 1) * c) + settings.rounds * turn
 
 
 def case_cost_s(case: suites.Case, device: str, providers: list) -> float:
     """Modelled seconds of a case besides its rows: inputs, building (compiling) the providers."""
-    return COST_CASE_S + (COST_COMPILE_S[device] if "torch_compile" in providers else 0.0)
+    inputs = rotation_count(case, device) * set_bytes(case)
+    return (COST_CASE_S + inputs / COST_RANDN_BPS
+            + (COST_COMPILE_S[device] if "torch_compile" in providers else 0.0))
 
 
 def suite_cost_s(cases: list, device: str, providers: list, modes: list, settings: "Settings") -> float:
