@@ -271,3 +271,47 @@ extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+
+// ---------------------------------------------------------------------------
+// SyncBatchNorm's per-rank ops (torchnorm.nn.SyncBatchNorm,
+// docs/sync_batch_norm.md). The collectives between them run in Python
+// (torch.distributed._functional_collectives), so each op is local and not
+// differentiable: the module's autograd Function calls them.
+// ---------------------------------------------------------------------------
+TORCH_LIBRARY_FRAGMENT(torchnorm, m) {
+  // One rank's per-channel statistics of an (N, C, *) input (contiguous or
+  // channels-last, read in place): a float64 (3, C) tensor of rows count
+  // (N * S, the same for every channel), mean and M2 = sum((x - mean)^2),
+  // computed in the input's accumulation type (float32 for float32, float16
+  // and bfloat16) about a per-channel shift (on the CPU), then widened: the
+  // count stays exact and the mean keeps its digits below float32's spacing
+  // at its magnitude. An empty input gives zeros. The optional tensors are
+  // only checked, as batch_norm_train checks them against the input, so
+  // that a bad call fails before any collective or running-statistics update.
+  m.def(
+      "batch_norm_stats(Tensor input, Tensor? weight=None, Tensor? bias=None, Tensor? running_mean=None, "
+      "Tensor? running_var=None, Tensor? residual=None) -> Tensor");
+  // Merges W partials (count, mean, M2) given as a (W, 3, C) table (W
+  // batch_norm_stats results stacked: what an all_gather of them returns)
+  // with Chan's formula in order w = 0 .. W-1 (partials of count 0 skipped);
+  // returns (mean, rstd, count), each (C,) in the table's dtype (float32 or
+  // float64), rstd = 1/sqrt(M2 / count + eps). Updates the running statistics in place
+  // as batch_norm_train does, with the merged count for the unbiased
+  // variance; where the merged count is 0, mean is 0, rstd 1/sqrt(eps) and
+  // the running statistics stay as they are.
+  m.def(
+      "batch_norm_gather_stats(Tensor stats, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  // grad_input of training-mode BatchNorm from global statistics (mean,
+  // rstd) and the global means mean_dz = mean(dz) and mean_dz_xhat =
+  // mean(dz * (x - mean) * rstd), dz = dy * act'(z) being the gradient of the
+  // pre-activation (batch_norm_backward with training=False returns the local
+  // sums as grad_bias and grad_weight): grad_input = weight * rstd * (dz -
+  // mean_dz - xhat * mean_dz_xhat); grad_residual = dz. Returns (grad_input,
+  // grad_residual); an output whose output_mask entry is false is an empty
+  // tensor of shape (0,).
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor mean, Tensor rstd, Tensor mean_dz, Tensor mean_dz_xhat, str activation, float negative_slope, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+}

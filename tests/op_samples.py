@@ -621,3 +621,56 @@ def online_norm_samples(device):
 
 
 SOURCES.append(SampleSource(online_norm_samples, on_every_device=True))
+
+
+# ---------------------------------------------------------------------------
+# SyncBatchNorm's per-rank ops
+# ---------------------------------------------------------------------------
+
+
+def sync_batch_norm_samples(device):
+    """batch_norm_stats (layouts, dtypes, an empty share), batch_norm_gather_stats
+    (a table with an empty partial; float64; no running statistics; float16
+    running statistics) and batch_norm_backward_elemt (activations, residual,
+    output masks, float16 with float32 parameters)."""
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    samples = []
+    for sid, shape, layout, dtype, pdtype in [
+        ("4d-f32", (4, 3, 5, 5), "contiguous", f32, f32),
+        ("cl-f16-f32params", (2, 4, 3, 3), "channels_last", f16, f32),
+        ("2d-f64", (5, 3), "contiguous", f64, f64),
+        ("5d-bf16-cl3d", (2, 3, 2, 2, 3), "channels_last_3d", bf16, bf16),
+        ("empty", (0, 3, 4), "contiguous", f32, f32),
+    ]:
+        x = make_input(shape, dtype, device, layout=layout, seed=200 + len(samples))
+        w, b, rm, rv = make_params(shape[1], pdtype, device, seed=210 + len(samples))
+        samples.append(("batch_norm_stats", sid, (x, w, b, rm, rv, None)))
+    samples.append(("batch_norm_stats", "input-only", (make_input((3, 2, 4), f32, device, seed=220),)))
+
+    full = make_input((7, 3, 4), f32, device, seed=230)
+    table = torch.stack([OPS.batch_norm_stats(s) for s in (full[:3], full[3:3], full[3:])])
+    _, _, rm, rv = make_params(3, f32, device, seed=240)
+    samples.append(("batch_norm_gather_stats", "f32-3-partials-one-empty", (table, rm, rv, 0.1, EPS)))
+    samples.append(("batch_norm_gather_stats", "f64-no-running", (table.double(), None, None, 0.1, EPS)))
+    samples.append(("batch_norm_gather_stats", "f32-f16-running", (table, rm.half(), rv.half(), 0.3, 1e-3)))
+
+    for sid, shape, layout, dtype, pdtype, activation, affine, residual, mask in [
+        ("4d-f32-silu-res", (4, 3, 5, 5), "contiguous", f32, f32, "silu", True, True, [True, True]),
+        ("cl-f16-f32params-relu", (2, 4, 3, 3), "channels_last", f16, f32, "relu", True, False, [True, False]),
+        ("2d-f64-noaffine", (5, 3), "contiguous", f64, f64, "none", False, False, [True, False]),
+        ("cl3d-bf16-leaky-res-residual-only", (2, 3, 2, 2, 3), "channels_last_3d", bf16, bf16, "leaky_relu", True,
+         True, [False, True]),
+    ]:
+        seed = 250 + 10 * len(samples)
+        x = make_input(shape, dtype, device, layout=layout, seed=seed)
+        gy = make_input(shape, dtype, device, layout=layout, seed=seed + 1, scale=1.0, offset=False)
+        res = make_input(shape, dtype, device, layout=layout, seed=seed + 2, offset=False) if residual else None
+        w, b, _, _ = make_params(shape[1], pdtype, device, seed=seed + 3, affine=affine)
+        _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, activation, 0.2, res)
+        mean_dz, mean_dz_xhat = (randn(shape[1], seed + k, mean.dtype, device) for k in (4, 5))
+        samples.append(("batch_norm_backward_elemt", sid,
+                        (gy, x, w, b, res, mean, rstd, mean_dz, mean_dz_xhat, activation, 0.2, mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(sync_batch_norm_samples, on_every_device=True))

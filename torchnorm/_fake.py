@@ -410,3 +410,32 @@ def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bk
     grad_input = _contiguous_like(input) if output_mask[0] else input.new_empty((0,))
     return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
                           for wanted in output_mask[1:]))
+
+
+# SyncBatchNorm's per-rank ops.
+
+@torch.library.register_fake("torchnorm::batch_norm_stats")
+def _batch_norm_stats(input, weight=None, bias=None, running_mean=None, running_var=None, residual=None):
+    _check_devices("torchnorm.batch_norm_stats", input, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, residual=residual)
+    if input.dim() < 2:
+        raise RuntimeError(f"torchnorm.batch_norm_stats: expected an (N, C, *) input, got shape {list(input.shape)}")
+    return input.new_empty((3, input.shape[1]), dtype=torch.float64)
+
+
+@torch.library.register_fake("torchnorm::batch_norm_gather_stats")
+def _batch_norm_gather_stats(stats, running_mean, running_var, momentum, eps):
+    _check_devices("torchnorm.batch_norm_gather_stats", stats, running_mean=running_mean, running_var=running_var)
+    if stats.dim() != 3 or stats.shape[1] != 3:
+        raise RuntimeError(f"torchnorm.batch_norm_gather_stats: expected stats of shape (W, 3, C), got shape "
+                           f"{list(stats.shape)}")
+    mean = stats.new_empty((stats.shape[2],))
+    return mean, torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("torchnorm::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt(grad_output, input, weight, bias, residual, mean, rstd, mean_dz, mean_dz_xhat,
+                               activation, negative_slope, output_mask):
+    _check_devices("torchnorm.batch_norm_backward_elemt", input, grad_output=grad_output, weight=weight, bias=bias,
+                   residual=residual, mean=mean, rstd=rstd, mean_dz=mean_dz, mean_dz_xhat=mean_dz_xhat)
+    return tuple(_kernel_layout(input) if wanted else input.new_empty((0,)) for wanted in output_mask)

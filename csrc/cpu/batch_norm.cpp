@@ -42,21 +42,6 @@ using namespace cpu;
 
 // ------------------------------------------------------------------- ops --
 
-template <typename acc_t>
-ChannelCoefs<acc_t> forward_channel_coefs(const std::vector<acc_t>& mean, const std::vector<acc_t>& rstd,
-                                          const std::optional<at::Tensor>& weight,
-                                          const std::optional<at::Tensor>& bias) {
-  const int64_t C = mean.size();
-  const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
-  ChannelCoefs<acc_t> cc{mean, std::vector<acc_t>(C), std::vector<acc_t>(C)};
-  for (int64_t c = 0; c < C; ++c) {
-    const auto f = forward_coefficients(rstd[c], w[c], b[c]);
-    cc.scale[c] = f.scale;
-    cc.shift[c] = f.shift;
-  }
-  return cc;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
@@ -85,10 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
       at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
         auto s = scratch_for<scalar_t, acc_t>(kSegment);
         for (int64_t c = c0; c < c1; ++c) {
-          stats[c] = MeanM2<acc_t>{};
-          for (int64_t n = 0; n < p.g.N; ++n) {
-            stats[c] = combine(stats[c], range_mean_m2<scalar_t, acc_t>(d.x + (n * C + c) * S, S, s));
-          }
+          stats[c] = planar_channel_mean_m2<scalar_t, acc_t>(d.x, p.g.N, C, S, c, s);
           mean[c] = stats[c].mean;
           rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
           const auto f = forward_coefficients(rstd[c], w[c], b[c]);

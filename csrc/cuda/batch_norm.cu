@@ -61,6 +61,8 @@
 #include "common/activations.h"
 #include "common/batch_norm_plan.h"
 #include "common/batch_norm_math.h"
+#include "common/sync_batch_norm_math.h"
+#include "common/sync_batch_norm_plan.h"
 #include "common/welford.h"
 #include "kernel_helpers.cuh"
 
@@ -348,6 +350,68 @@ __global__ void __launch_bounds__(kThreads) grad_finalize_kernel(
   coef[kConstCoef * C + c] = bc.const_coef;
 }
 
+
+// ---------------------------------------------------------------------------
+// SyncBatchNorm's per-rank pieces (docs/sync_batch_norm.md); per-channel math
+// from common/sync_batch_norm_math.h, as the CPU kernels.
+// ---------------------------------------------------------------------------
+
+// batch_norm_stats: the float64 (3, C) [count; mean; M2] total of a
+// reduction's partials, with the exact count.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) stats_total_kernel(
+    const acc_t* __restrict__ partials, int64_t splits, int64_t C, int64_t count, double* __restrict__ out) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const MeanM2<acc_t> total = combine_partials<MeanM2<acc_t>>(partials, splits, C, c);
+  if (threadIdx.y != 0 || c >= C) return;
+  out[c] = static_cast<double>(count);
+  out[C + c] = static_cast<double>(total.mean);
+  out[2 * C + c] = static_cast<double>(total.m2);
+}
+
+// batch_norm_gather_stats: one thread per channel merges the W partials in
+// order (W is the world size: small), as the CPU kernel. running_mean and
+// running_var (acc_t, nullable) are updated in place.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) gather_stats_kernel(
+    const acc_t* __restrict__ table, int64_t W, int64_t C, acc_t eps, acc_t momentum, acc_t* running_mean,
+    acc_t* running_var, acc_t* __restrict__ mean, acc_t* __restrict__ rstd, acc_t* __restrict__ count) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const bool update = running_mean != nullptr;
+  acc_t rm = update ? running_mean[c] : acc_t(0), rv = update ? running_var[c] : acc_t(1);
+  const MergedChannel<acc_t> m = finish_merged(merge_partials(table, W, C, c), eps, update, momentum, rm, rv);
+  mean[c] = m.mean;
+  rstd[c] = m.rstd;
+  count[c] = m.count;
+  if (update) {
+    running_mean[c] = rm;
+    running_var[c] = rv;
+  }
+}
+
+// batch_norm_backward_elemt: the (6, C) BackwardCoef workspace from the
+// global statistics and gradient means.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) elemt_coefficients_kernel(
+    int64_t C, ChannelParam<scalar_t> mean, ChannelParam<scalar_t> rstd, ChannelParam<scalar_t> weight,
+    ChannelParam<scalar_t> bias, ChannelParam<scalar_t> mean_dz, ChannelParam<scalar_t> mean_dz_xhat,
+    acc_type_of<scalar_t>* __restrict__ coef) {
+  using acc_t = acc_type_of<scalar_t>;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const acc_t r = rstd.load(c, acc_t(1));
+  const acc_t w = weight.load(c, acc_t(1));
+  const auto fc = forward_coefficients(r, w, bias.load(c, acc_t(0)));
+  const auto bc = global_backward_coefficients(r, w, mean_dz.load(c, acc_t(0)), mean_dz_xhat.load(c, acc_t(0)));
+  coef[kMean * C + c] = mean.load(c, acc_t(0));
+  coef[kScale * C + c] = fc.scale;
+  coef[kShift * C + c] = fc.shift;
+  coef[kDzCoef * C + c] = bc.dz_coef;
+  coef[kXcCoef * C + c] = bc.xc_coef;
+  coef[kConstCoef * C + c] = bc.const_coef;
+}
+
 // ---------------------------------------------------------------------------
 // Element-wise kernels
 // ---------------------------------------------------------------------------
@@ -601,6 +665,34 @@ void launch_forward_elementwise(const ForwardPlan& p, const acc_type_of<scalar_t
   }
 }
 
+// grad_input and / or grad_residual (those p allocated) from the (6, C)
+// BackwardCoef workspace coef; res is the residual when the activation needs
+// z, else nullptr.
+template <typename scalar_t>
+void launch_backward_elementwise(const BackwardPlan& p, const scalar_t* res, const acc_type_of<scalar_t>* coef_ptr,
+                                 acc_type_of<scalar_t> slope, cudaStream_t stream) {
+  using acc_t = acc_type_of<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const ChannelGeometry& g = p.g;
+  const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = p.grad_out.const_data_ptr<scalar_t>();
+  scalar_t* gi = p.grad_input.numel() > 0 ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gr = p.grad_residual.numel() > 0 ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t numel = p.x.numel();
+  const int64_t S = flat_spatial(g);
+  const bool vectorize = is_aligned16(x) && is_aligned16(dy) && (res == nullptr || is_aligned16(res)) &&
+      (gi == nullptr || is_aligned16(gi)) && (gr == nullptr || is_aligned16(gr));
+  if (vectorize) {
+    // Every row of coef is aligned when coef is and C % G == 0.
+    const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, {coef_ptr});
+    launch_elementwise<backward_elementwise_kernel<scalar_t, kVec>, kVec, kThreads>(
+        numel, stream, x, dy, res, gi, gr, coef_ptr, numel, S, g.C, packed, p.activation, slope);
+  } else {
+    launch_elementwise<backward_elementwise_kernel<scalar_t, 1>, 1, kThreads>(
+        numel, stream, x, dy, res, gi, gr, coef_ptr, numel, S, g.C, /*packed=*/false, p.activation, slope);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The ops
 // ---------------------------------------------------------------------------
@@ -741,7 +833,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_backward", [&] {
     using acc_t = acc_type_of<scalar_t>;
-    constexpr int kVec = 16 / sizeof(scalar_t);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* dy = p.grad_out.const_data_ptr<scalar_t>();
@@ -771,25 +862,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
         want_bias ? channel_param<scalar_t>(p.grad_bias, true) : ChannelParam<scalar_t>{}, coef_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    if (want_input || want_residual) {
-      scalar_t* gi = want_input ? p.grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gr = want_residual ? p.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-      const int64_t numel = p.x.numel();
-      const int64_t S = flat_spatial(g);
-      const bool vectorize = is_aligned16(x) && is_aligned16(dy) && (res == nullptr || is_aligned16(res)) &&
-          (gi == nullptr || is_aligned16(gi)) && (gr == nullptr || is_aligned16(gr));
-      if (vectorize) {
-        // Every row of coef is aligned when coef is and C % G == 0.
-        const bool packed = packed_channels<coef_chunk<scalar_t, kVec>(), acc_t>(g, {coef_ptr});
-        launch_elementwise<backward_elementwise_kernel<scalar_t, kVec>, kVec, kThreads>(
-            numel, stream, x, dy, res, gi, gr, coef_ptr, numel, S, g.C, packed, p.activation, slope);
-      } else {
-        launch_elementwise<backward_elementwise_kernel<scalar_t, 1>, 1, kThreads>(
-            numel, stream, x, dy, res, gi, gr, coef_ptr, numel, S, g.C, /*packed=*/false, p.activation, slope);
-      }
-    }
+    if (want_input || want_residual) launch_backward_elementwise<scalar_t>(p, res, coef_ptr, slope, stream);
   });
   return result();
+}
+
+
+at::Tensor batch_norm_stats_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var,
+                                 const std::optional<at::Tensor>& residual) {
+  c10::cuda::CUDAGuard guard(input.device());
+  StatsPlan p = plan_stats(input, weight, bias, running_mean, running_var, residual);
+  const int64_t count = p.g.count_per_channel();
+  if (count == 0) return p.stats;
+  const auto acc_options = p.x.options().dtype(accumulate_type(p.x.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_stats", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const at::Tensor partials = launch_reduce(StatsOp<scalar_t>{p.x.const_data_ptr<scalar_t>()}, p.g, acc_options,
+                                              stream);
+    const dim3 block = finalize_block(partials.size(1), kThreads);
+    stats_total_kernel<acc_t><<<finalize_grid(block, p.g.C), block, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), partials.size(1), p.g.C, count, p.stats.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return p.stats;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_gather_stats_cuda(
+    const at::Tensor& stats, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double momentum, double eps) {
+  c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor table = plan_gather_stats(stats, running_mean, running_var, eps);
+  const int64_t W = table.size(0), C = table.size(2);
+  at::Tensor mean = at::empty({C}, table.options()), rstd = at::empty_like(mean), count = at::empty_like(mean);
+  // The kernel updates acc-typed contiguous running statistics: the buffers
+  // themselves when they are, else copies written back below.
+  at::Tensor rm, rv;
+  if (running_mean) {
+    rm = running_mean->to(table.scalar_type()).contiguous();
+    rv = running_var->to(table.scalar_type()).contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "torchnorm.batch_norm_gather_stats", [&] {
+    using acc_t = scalar_t;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    gather_stats_kernel<acc_t><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+        table.const_data_ptr<acc_t>(), W, C, static_cast<acc_t>(eps), static_cast<acc_t>(momentum),
+        rm.defined() ? rm.mutable_data_ptr<acc_t>() : nullptr, rv.defined() ? rv.mutable_data_ptr<acc_t>() : nullptr,
+        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), count.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (running_mean) {
+    if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
+    if (!rv.is_same(*running_var)) running_var->copy_(rv);
+  }
+  return {mean, rstd, count};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    const at::Tensor& mean_dz,
+    const at::Tensor& mean_dz_xhat,
+    c10::string_view activation,
+    double negative_slope,
+    std::array<bool, 2> output_mask) {
+  c10::cuda::CUDAGuard guard(input.device());
+  BackwardPlan p = plan_backward_elemt(grad_output, input, weight, bias, residual, mean, rstd, mean_dz,
+                                       mean_dz_xhat, std::string(activation), output_mask);
+  if (p.x.numel() == 0 || !(output_mask[0] || output_mask[1])) return {p.grad_input, p.grad_residual};
+  const int64_t C = p.g.C;
+  at::Tensor coef = at::empty({6, C}, p.x.options().dtype(accumulate_type(p.x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "torchnorm.batch_norm_backward_elemt",
+                                  [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
+    elemt_coefficients_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+        C, channel_param<scalar_t>(mean, false), channel_param<scalar_t>(rstd, false),
+        channel_param<scalar_t>(weight, false), channel_param<scalar_t>(bias, false),
+        channel_param<scalar_t>(mean_dz, false), channel_param<scalar_t>(mean_dz_xhat, false), coef_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* res = (p.activation != Activation::None && p.residual.defined())
+        ? p.residual.const_data_ptr<scalar_t>()
+        : nullptr;
+    launch_backward_elementwise<scalar_t>(p, res, coef_ptr, static_cast<acc_t>(negative_slope), stream);
+  });
+  return {p.grad_input, p.grad_residual};
 }
 
 }  // namespace
@@ -800,4 +965,7 @@ TORCH_LIBRARY_IMPL(torchnorm, CUDA, m) {
   m.impl("batch_norm_eval", TORCH_FN(torchnorm::batch_norm_eval_cuda));
   m.impl("batch_norm_apply", TORCH_FN(torchnorm::batch_norm_apply_cuda));
   m.impl("batch_norm_backward", TORCH_FN(torchnorm::batch_norm_backward_cuda));
+  m.impl("batch_norm_stats", TORCH_FN(torchnorm::batch_norm_stats_cuda));
+  m.impl("batch_norm_gather_stats", TORCH_FN(torchnorm::batch_norm_gather_stats_cuda));
+  m.impl("batch_norm_backward_elemt", TORCH_FN(torchnorm::batch_norm_backward_elemt_cuda));
 }

@@ -19,3 +19,6 @@ __all__ = [
 from .streaming_norm import StreamingNorm1d, StreamingNorm2d, streaming_norm_hook
 
 __all__ += ["StreamingNorm1d", "StreamingNorm2d", "streaming_norm_hook"]
+from .sync_batch_norm import SyncBatchNorm
+
+__all__ += ["SyncBatchNorm"]

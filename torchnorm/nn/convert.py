@@ -1,7 +1,7 @@
 """Swapping torch.nn's normalization layers for torchnorm's, and back."""
 import torch
 
-from . import batch_norm, group_norm, layer_norm
+from . import batch_norm, group_norm, layer_norm, sync_batch_norm
 
 _TO_TORCHNORM = {
     torch.nn.BatchNorm1d: batch_norm.BatchNorm1d,
@@ -13,11 +13,15 @@ _TO_TORCHNORM = {
     torch.nn.InstanceNorm1d: group_norm.InstanceNorm1d,
     torch.nn.InstanceNorm2d: group_norm.InstanceNorm2d,
     torch.nn.InstanceNorm3d: group_norm.InstanceNorm3d,
+    torch.nn.SyncBatchNorm: sync_batch_norm.SyncBatchNorm,
 }
 _TO_TORCH = {v: k for k, v in _TO_TORCHNORM.items()}
 # Attributes torchnorm's modules add to torch.nn's, with the value that
 # means "the same as torch.nn".
-_EXTRA_ATTRIBUTES = {group_norm.GroupNorm: {"activation": None, "negative_slope": 0.01}}
+_EXTRA_ATTRIBUTES = {
+    group_norm.GroupNorm: {"activation": None, "negative_slope": 0.01},
+    sync_batch_norm.SyncBatchNorm: sync_batch_norm.EXTRA_ATTRIBUTES,
+}
 
 
 def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
@@ -39,7 +43,7 @@ def _convertible_back(module: torch.nn.Module) -> bool:
     return getattr(module, "activation", None) is None
 
 
-def convert(model: torch.nn.Module, back: bool = False) -> torch.nn.Module:
+def convert(model: torch.nn.Module, back: bool = False, sync: bool = False, process_group=None) -> torch.nn.Module:
     """Replaces torch.nn's normalization layers in ``model`` with torchnorm's (in place).
 
     Handles BatchNorm1d/2d/3d, LayerNorm, RMSNorm, GroupNorm and
@@ -48,6 +52,9 @@ def convert(model: torch.nn.Module, back: bool = False) -> torch.nn.Module:
     ``back=True``, torchnorm's modules are turned back into torch.nn's (a
     GroupNorm with a fused activation, which torch.nn cannot express, raises).
     Subclasses of the torch.nn classes (other than torchnorm's) are left alone.
+    torch.nn.SyncBatchNorm becomes :class:`torchnorm.nn.SyncBatchNorm`; with
+    ``sync=True`` every BatchNorm does (over ``process_group``, default the
+    whole job), as :meth:`torchnorm.nn.SyncBatchNorm.convert_sync_batchnorm`.
 
     Returns:
         ``model`` (or its replacement, when ``model`` itself is a normalization layer).
@@ -60,10 +67,16 @@ def convert(model: torch.nn.Module, back: bool = False) -> torch.nn.Module:
                              f"{mapping[type(module)].__name__} cannot express")
         return _retyped(module, mapping[type(module)])
 
+    if sync and back:
+        raise ValueError("convert: sync=True converts to torchnorm's SyncBatchNorm; it cannot be combined with "
+                         "back=True")
     if type(model) in mapping:
-        return swap(model)
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is not None and type(child) in mapping:
-                parent._modules[name] = swap(child)
+        model = swap(model)
+    else:
+        for parent in model.modules():
+            for name, child in parent._modules.items():
+                if child is not None and type(child) in mapping:
+                    parent._modules[name] = swap(child)
+    if sync:
+        model = sync_batch_norm.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
     return model
