@@ -205,6 +205,7 @@ def check_two_rank_extras(rank, world_size, cases):
     _check_large_mean(rank, world_size)
     _check_half_parameters(rank)
     _check_conv_bn_compositions(rank)
+    _check_distributed_data_parallel(rank, world_size)
 
 
 def _check_all_ranks_empty(rank):
@@ -292,6 +293,24 @@ def _check_conv_bn_compositions(rank):
         dist.all_reduce(conv_grad)
         _compare(rank, name, "conv weight grad", conv_grad, reference[0].weight.grad, torch.float64, "grad")
         _compare(rank, name, "running_var", bn.running_var, reference[1].running_var, torch.float64, "stats")
+
+
+def _check_distributed_data_parallel(rank, world_size):
+    """DistributedDataParallel accepts a CPU model with SyncBatchNorm (it
+    refuses torch.nn.SyncBatchNorm there), and its averaged gradients are the
+    global batch's divided by the number of ranks."""
+    sizes = [3, 4]
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torchnorm.nn.BatchNormAct2d(4),
+                                    torch.nn.Conv2d(4, 2, 1)).double()
+    model = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    full = _global_batch(sizes, (3, 6, 6), torch.float64, 51)
+    reference(full).square().sum().backward()
+    ddp(_shard(full, sizes, rank)).square().sum().backward()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        _compare(rank, "ddp", f"{name} grad", ours.grad * world_size, theirs.grad, torch.float64, "grad")
+    _compare(rank, "ddp", "running_var", model[1].running_var, reference[1].running_var, torch.float64, "stats")
 
 
 def test_two_ranks_match_global_batch():
@@ -411,7 +430,9 @@ def test_group_of_one_is_local_batch_norm(tmp_path):
 def test_drop_in_for_torch_sync_batch_norm():
     ours, theirs = SyncBatchNorm(6, momentum=None, affine=False), torch.nn.SyncBatchNorm(6, momentum=None,
                                                                                            affine=False)
-    assert isinstance(ours, torch.nn.SyncBatchNorm)
+    # torch.nn's BatchNorm base, not torch.nn.SyncBatchNorm (which DistributedDataParallel refuses on the CPU)
+    assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(ours, torch.nn.SyncBatchNorm)
+    assert ours.process_group is None
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     assert repr(ours) == repr(theirs)
     assert "activation='leaky_relu', negative_slope=0.2" in repr(SyncBatchNorm(2, activation="leaky_relu",

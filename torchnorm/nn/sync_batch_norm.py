@@ -147,15 +147,18 @@ def _debug_timeout() -> float:
     return float(os.environ.get(DEBUG_TIMEOUT_ENV, _DEFAULT_DEBUG_TIMEOUT))
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """Drop-in for :class:`torch.nn.SyncBatchNorm` on torchnorm's kernels, CPU
     (gloo) and GPU (NCCL), with an optional fused residual add and activation:
     ``act(BN(x) + residual)`` where BN's statistics are those of the global
     batch (every rank's ``x`` together).
 
-    Parameters, buffers (``num_batches_tracked`` included) and state_dict keys
-    are torch.nn.SyncBatchNorm's (it is a subclass). Ranks may have uneven or
-    empty batches. In evaluation mode, or when torch.distributed is not
+    Constructor, parameters, buffers (``num_batches_tracked`` included),
+    state_dict keys, ``process_group`` and repr are torch.nn.SyncBatchNorm's.
+    It derives from torch.nn's ``_BatchNorm`` as torch.nn.SyncBatchNorm does,
+    but not from torch.nn.SyncBatchNorm itself: DistributedDataParallel
+    refuses CPU models holding one of those. Ranks may have uneven or empty
+    batches. In evaluation mode, or when torch.distributed is not
     initialized or the group has one rank, it is a plain (local) BatchNorm.
 
     Args:
@@ -177,13 +180,19 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None,
                  activation: Optional[str] = None, negative_slope: float = 0.01,
                  debug: Optional[bool] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         F._activation_name(activation)  # reject unknown names at construction
+        self.process_group = process_group
         self.activation = activation
         self.negative_slope = negative_slope
         self.debug = debug
         self._layer_id = next(_layer_ids)
         self._debug_calls = 0
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        # torch.nn.SyncBatchNorm's check and message
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if not _bn._symbolic_tracing():
