@@ -350,6 +350,16 @@ def check_compiled(rank, world_size):
             a.grad = b.grad = None
         for (name, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
             torch.testing.assert_close(b, a, **tol(torch.float32, "stats"), msg=name)
+    # DistributedDataParallel around the compiled model (DDP's own forward
+    # does not compile with fullgraph=True: its logger graph-breaks).
+    ddp_eager = torch.nn.parallel.DistributedDataParallel(eager)
+    ddp_compiled = torch.nn.parallel.DistributedDataParallel(torch.compile(compiled_model, fullgraph=True))
+    x = torch.randn(4 + rank, 3, 6, 6, generator=generator(10 + rank))
+    for model in (ddp_eager, ddp_compiled):
+        model(x).square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **tol(torch.float32, "grad"), msg=name)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
 @pytest.mark.slow
