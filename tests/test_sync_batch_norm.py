@@ -497,6 +497,29 @@ def test_convert_torchvision_resnet():
         torch.testing.assert_close(a, b, **tol(torch.float32, "stats"))
 
 
+@pytest.mark.parametrize("act_layer", ["silu", "relu"])
+def test_convert_timm_batch_norm_act(act_layer):
+    """timm's BatchNormAct2d: converted with its activation fused, on the same
+    tensors; without a process group it computes as before."""
+    timm_layers = pytest.importorskip("timm.layers")
+    act = {"silu": torch.nn.SiLU, "relu": torch.nn.ReLU}[act_layer]
+    original = timm_layers.BatchNormAct2d(6, act_layer=act)
+    with torch.no_grad():
+        original.weight.uniform_(0.5, 1.5)
+        original.bias.normal_()
+    reference = copy.deepcopy(original)
+    converted = SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(original))[0]
+    assert type(converted) is SyncBatchNorm and converted.activation == act_layer
+    assert converted.weight is original.weight and converted.running_var is original.running_var
+    assert not list(converted.children()) and converted.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(4, 6, 5, 5, generator=generator(6))
+    torch.testing.assert_close(converted(x), reference(x), **tol(torch.float32, "forward"))
+    torch.testing.assert_close(converted.running_var, reference.running_var, **tol(torch.float32, "stats"))
+    dropped = timm_layers.BatchNormAct2d(6, act_layer=torch.nn.ReLU, drop_layer=torch.nn.Dropout)
+    dropped.drop.p = 0.5  # a dropout that acts in training: left alone
+    assert SyncBatchNorm.convert_sync_batchnorm(dropped) is dropped
+
+
 def test_torchnorm_convert_reaches_sync_batch_norm():
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.SyncBatchNorm(4), torch.nn.LayerNorm(4))
     torchnorm.convert(model)

@@ -246,9 +246,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """Replaces BatchNorm layers in ``module`` with :class:`SyncBatchNorm` (in place).
 
-        Converted: torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and
-        torchnorm's BatchNorm1d/2d/3d and BatchNormAct2d (its activation is
-        kept, fused). The new layers share the old ones' Parameters and
+        Converted: torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm,
+        torchnorm's BatchNorm1d/2d/3d and BatchNormAct2d, and timm's
+        BatchNormAct2d when its activation is one torchnorm fuses (ReLU,
+        LeakyReLU, SiLU, none) and its dropout an identity; the activation is
+        kept, fused. The new layers share the old ones' Parameters and
         buffers (an optimizer built before still updates them), mode, device
         and dtype. Other subclasses of torch.nn's _BatchNorm (their forward
         may do more) are left alone.
@@ -258,24 +260,32 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         """
         from .convert import _retyped
 
-        def swap(bn):
+        def swap(bn, epilogue):
             new = _retyped(bn, cls)
+            new._modules.clear()  # timm's act and drop: the activation is fused now
             new.process_group = process_group
-            new.activation = getattr(bn, "activation", None)
-            new.negative_slope = getattr(bn, "negative_slope", 0.01)
+            new.activation = None if epilogue[0] == "none" else epilogue[0]
+            new.negative_slope = epilogue[1]
             new.debug = None
             new._layer_id = next(_layer_ids)
             new._debug_calls = 0
             return new
 
-        if type(module) in _CONVERTIBLE:
-            return swap(module)
+        epilogue = _sync_epilogue(module)
+        if epilogue is not None:
+            return swap(module, epilogue)
         for parent in module.modules():
             for name, child in parent._modules.items():
-                if child is not None and type(child) in _CONVERTIBLE:
-                    parent._modules[name] = swap(child)
+                epilogue = _sync_epilogue(child) if child is not None else None
+                if epilogue is not None:
+                    parent._modules[name] = swap(child, epilogue)
         return module
 
 
-_CONVERTIBLE = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-                _bn.BatchNorm1d, _bn.BatchNorm2d, _bn.BatchNorm3d, _bn.BatchNormAct2d, SyncBatchNorm)
+def _sync_epilogue(module: torch.nn.Module):
+    """(activation, negative_slope) a BatchNorm applies after normalizing, when
+    convert_sync_batchnorm converts it, else None."""
+    if type(module) is torch.nn.SyncBatchNorm:
+        return "none", 0.01
+    from ..fx._graph import batch_norm_epilogue  # imported here: torchnorm.fx imports this module
+    return batch_norm_epilogue(module, training=True)
