@@ -202,6 +202,7 @@ def check_two_rank_extras(rank, world_size, cases):
     check_global_batch(rank, world_size, cases)
     _check_all_ranks_empty(rank)
     _check_bad_input_fails_before_exchange(rank)
+    _check_modes(rank)
     _check_large_mean(rank, world_size)
     _check_half_parameters(rank)
     _check_conv_bn_compositions(rank)
@@ -220,6 +221,27 @@ def _check_all_ranks_empty(rank):
     assert torch.equal(bn.weight.grad, torch.zeros(3)) and torch.equal(bn.bias.grad, torch.zeros(3))
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
     assert int(bn.num_batches_tracked) == 1
+
+
+def _check_modes(rank):
+    """Evaluation mode is local (only rank 0 calls it here: a collective would
+    leave the ranks out of step and fail the next checks); training without
+    running statistics normalizes with the global batch's."""
+    bn = SyncBatchNorm(3, activation="relu", dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=generator(61))
+        bn.running_var.uniform_(0.5, 1.5, generator=generator(62))
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator(63 + rank))
+    if rank == 0:
+        bn.eval()
+        expected = torch.relu(torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+        torch.testing.assert_close(bn(x), expected, **SYNC_BATCH_NORM_F64)
+    sizes = [2, 3]
+    full = _global_batch(sizes, (3, 4), torch.float64, 64)
+    untracked = SyncBatchNorm(3, track_running_stats=False, dtype=torch.float64)
+    expected = torch.nn.functional.batch_norm(full, None, None, training=True)
+    torch.testing.assert_close(untracked(_shard(full, sizes, rank)), _shard(expected, sizes, rank),
+                               **SYNC_BATCH_NORM_F64)
 
 
 def _check_bad_input_fails_before_exchange(rank):
