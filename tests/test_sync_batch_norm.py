@@ -576,7 +576,8 @@ def test_ops_reject_bad_input_clearly():
     args = [x, x, None, None, None, mean, rstd, mean, mean.double(), "none", 0.0, [True, False]]
     error(lambda: OPS.batch_norm_backward_elemt(*args), "torchnorm.batch_norm_backward_elemt: expected mean_dz_xhat")
     args[8], args[6] = mean, rstd[:2]
-    error(lambda: OPS.batch_norm_backward_elemt(*args), "torchnorm.batch_norm_backward_elemt: expected saved statistics")
+    error(lambda: OPS.batch_norm_backward_elemt(*args),
+          "torchnorm.batch_norm_backward_elemt: expected saved statistics")
 
 
 def test_stats_and_merge_are_exact_and_order_independent_of_layout():

@@ -5,8 +5,8 @@ docs/sync_batch_norm.md. In short, per training step and layer:
 
 * forward: each rank computes its per-channel (count, mean, M2) with
   ``torchnorm::batch_norm_stats``; ONE ``all_gather`` of that (3, C) float64
-  table (exact counts; means that keep their low digits); every rank merges the W partials with
-  Chan's formula in rank order (``batch_norm_gather_stats``: identical bits
+  table (exact counts; means that keep their low digits); every rank merges
+  the W partials with Chan's formula in rank order (``batch_norm_gather_stats``: identical bits
   on every rank, exact for uneven and empty batches), updates the running
   statistics with the global count, and normalizes with ``batch_norm_apply``
   (fused residual and activation);
