@@ -230,6 +230,10 @@ def test_quick_sequence(tmp_path):
         assert float(r["vs_lstm"]) == pytest.approx(times["torchnorm"] / times["lstm"], rel=2e-3)
         assert r["goal_vs_composition"].startswith(("met", "NOT met"))
         assert r["goal_vs_lstm"].startswith(("met", "NOT met"))
+        # The products floor: some product time was seen, and its ratio is of this run's composition.
+        assert float(r["products_ms"]) > 0, r
+        assert float(r["products_vs_composition"]) == pytest.approx(
+            float(r["products_ms"]) / times["composition"], rel=2e-3)
     md = (tmp_path / "bench-sequence-cpu.md").read_text()
     assert "| BN-LSTM forward+backward |" in md and "torchnorm / composition" in md
 
