@@ -14,26 +14,27 @@ Rows: ``CosineConv2d(64, 64, 3, padding=1)`` at input (32, 64, 56, 56) and
 bias, eps 1e-8); forward and forward+backward (a training step's:
 ``torch.autograd.grad`` of the output for the input and the weight), the input
 and the weight requiring grad in both. Both sides use ATen's convolution /
-matmul for the dot product; what differs is everything around it.
+matmul for the dot product; what differs is everything around it. A third
+model, that dot product alone (``F.conv2d`` / ``F.linear``), gives the
+ceiling: composition time over its time is the speedup of a layer that added
+nothing to the dot product.
 
 Goal: torchnorm at least 1.3x faster than the composition (composition time
 over torchnorm time). The two are timed in turns
 (:func:`benchmarks.conv_bn.timed_rounds`), so a slow spell of a shared machine
-lands on both alike; the report gives each median and the speedup from the
+lands on all alike; the report gives each median and the speedup from the
 medians and, in brackets, the median of the per-round speedups.
 """
 from __future__ import annotations
 
-import csv
-import os
-import statistics
 import sys
 from typing import Callable, Dict, List, Tuple
 
 import torch
 
 from . import harness
-from .conv_bn import iqr, ratio_suite_main, timed_rounds
+from .conv_bn import (checked_calls, median_columns, ms_cell, per_round_ratio, ratio_suite_main, timed_rounds,
+                      write_ratio_report)
 from .small_batch import release_memory
 
 # (layer, input shape, constructor arguments)
@@ -45,7 +46,10 @@ QUICK_CASES = (("CosineConv2d", (2, 8, 8, 8), (8, 8, 3), {"padding": 1}),
 # Composition time over torchnorm time, at least.
 GOAL_SPEEDUP = 1.3
 
-PROVIDERS = ("composition", "torchnorm")
+# "dot": the layer's convolution / matmul alone (ATen's, with autograd), the
+# time no implementation built on it can beat: composition / dot is the
+# speedup's ceiling.
+PROVIDERS = ("composition", "torchnorm", "dot")
 MODES = ("forward", "forward+backward")
 
 
@@ -55,32 +59,38 @@ def speedup_verdict(speedup: float, goal: float = GOAL_SPEEDUP) -> str:
 
 
 class Composition(torch.nn.Module):
-    """The layer's parameters through the torch composition a user would write."""
+    """A cosine layer's parameters through torch ops: the composition a user
+    would write (``dot_only=False``), or its dot product alone."""
 
-    def __init__(self, layer: torch.nn.Module) -> None:
+    def __init__(self, layer: torch.nn.Module, dot_only: bool = False) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.dot_only = layer, dot_only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torchnorm import nn, reference
 
         m = self.layer
         if isinstance(m, nn.CosineConv2d):
+            if self.dot_only:
+                return torch.nn.functional.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
             return reference.cosine_conv2d_composition(x, m.weight, m.bias, m.stride, m.padding, m.dilation,
                                                        m.groups, m.eps)
+        if self.dot_only:
+            return torch.nn.functional.linear(x, m.weight, m.bias)
         return reference.cosine_linear_composition(x, m.weight, m.bias, m.eps)
 
 
 def layers(name: str, args: tuple, kwargs: dict, device: str) -> Dict[str, torch.nn.Module]:
-    """torchnorm's layer (seeded) and the composition over the same parameters."""
+    """torchnorm's layer (seeded), and the composition and the dot product over the same parameters."""
     import torchnorm.nn
 
     torch.manual_seed(0)
     layer = getattr(torchnorm.nn, name)(*args, **kwargs).to(device)
-    return {"composition": Composition(layer), "torchnorm": layer}
+    return {"composition": Composition(layer), "torchnorm": layer, "dot": Composition(layer, dot_only=True)}
 
 
 def _steps(model: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    """The timed calls: the forward, and forward + the gradients of the input and the weight."""
     targets = [x] + list(model.parameters())
 
     def forward():
@@ -96,42 +106,32 @@ def _time_case(case: tuple, device: str, warmup: int, reps: int, failures: List[
     name, shape, args, kwargs = case
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    models = layers(name, args, kwargs, device)
+    with torch.no_grad():
+        dy = torch.randn(models["dot"](x).shape, generator=gen).to(device)
     label = "x".join(map(str, shape))
-    calls, out_shape = {}, None
-    for provider, model in layers(name, args, kwargs, device).items():
-        try:
-            with torch.no_grad():
-                out_shape = model(x).shape
-            fns = _steps(model, x, torch.randn(out_shape, generator=gen).to(device))
-            fns["forward+backward"]()  # one untimed call: errors surface here
-            calls[provider] = fns
-        except Exception as e:  # noqa: BLE001 - report it, time the other
-            harness.log(f"cosine_norm {provider} {name} {label} on {device}: FAILED ({type(e).__name__}: {e})")
-            failures.append((f"cosine_norm {provider} {name} {label} {device}", f"{type(e).__name__}: {e}"))
+    calls = checked_calls("cosine_norm", f"{name} {label}", device,
+                          {p: (lambda m=m: _steps(m, x, dy)) for p, m in models.items()}, failures)
     rows = []
     for mode in MODES:
         harness.log(f"cosine_norm {name} {mode} ({label} float32, {device}): timing {reps} calls each, "
                     f"{', '.join(calls)} in turn")
         rounds = timed_rounds({p: fns[mode] for p, fns in calls.items()}, device, warmup, reps)
-        ms = {p: statistics.median(t) * 1e3 for p, t in rounds.items()}
         row = {"benchmark": f"{name} {label} {mode}", "layer": name, "mode": mode, "shape": label,
                "dtype": "float32", "device": harness.device_name(device), "threads": torch.get_num_threads(),
                "torch_version": torch.__version__}
-        for p in PROVIDERS:
-            row[f"{p}_ms"] = f"{ms[p]:.4g}" if p in ms else ""
-            row[f"{p}_iqr_ms"] = f"{iqr(rounds[p]) * 1e3:.3g}" if p in ms else ""
-        if len(ms) == len(PROVIDERS):
+        ms = median_columns(row, rounds, PROVIDERS)
+        row.update(speedup="", speedup_per_round="", goal="", ceiling="")
+        if "composition" in ms and "torchnorm" in ms:
             speedup = ms["composition"] / ms["torchnorm"]
-            # The two calls of a round ran back to back: their ratio is free of
-            # the machine's slower drifts, which move both medians.
-            paired = statistics.median(a / b for a, b in zip(rounds["composition"], rounds["torchnorm"]))
-            row.update(speedup=f"{speedup:.3f}", speedup_per_round=f"{paired:.3f}", goal=speedup_verdict(speedup))
-        else:
-            row.update(speedup="", speedup_per_round="", goal="")
+            row.update(speedup=f"{speedup:.4g}", goal=speedup_verdict(speedup),
+                       speedup_per_round=f"{per_round_ratio(rounds, 'composition', 'torchnorm'):.4g}")
+        if "composition" in ms and "dot" in ms:
+            row["ceiling"] = f"{ms['composition'] / ms['dot']:.4g}"
         harness.log("  " + ", ".join(f"{p} {row[f'{p}_ms']} ms" for p in calls)
-                    + (f"; speedup {row['speedup']}x" if row["speedup"] else ""))
+                    + (f"; speedup {row['speedup']}x (ceiling {row['ceiling']}x)" if row["speedup"] else ""))
         rows.append(row)
-    del calls, x
+    del calls, x, dy, models
     return rows
 
 
@@ -149,16 +149,12 @@ def run(device: str, quick: bool, out_md: str) -> Tuple[List[dict], List[Tuple[s
 
 
 COLUMNS = (["benchmark", "layer", "mode", "shape", "dtype", "device", "threads", "torch_version"]
-           + [f"{p}_{c}" for p in PROVIDERS for c in ("ms", "iqr_ms")] + ["speedup", "speedup_per_round", "goal"])
+           + [f"{p}_{c}" for p in PROVIDERS for c in ("ms", "iqr_ms")]
+           + ["speedup", "speedup_per_round", "goal", "ceiling"])
 
 
 def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
     """The report: a CSV of the rows (COLUMNS) and a markdown table beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
     first = rows[0] if rows else {}
     threads = first.get("threads", "")
     lines = [f"# Cosine Normalization layers ({first.get('device', '')}, torch {torch.__version__}, {threads} "
@@ -167,21 +163,20 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
              "`torch.autograd.grad` of the output for the input and the weight. Median ms per call (interquartile "
              "range). The composition is the torch ops a user would write for the same layer "
              "(`torchnorm.reference.cosine_*_composition`: the conv / matmul, the patch norms by a conv of x^2 "
-             "with ones, the weight norms, the division). Speedup: composition time over torchnorm's, from the "
-             "medians and, in brackets, the median of the per-round ratios (the two timed in turns). "
+             "with ones, the weight norms, the division); \"dot alone\" is the layer's conv / matmul by itself, "
+             "which both build on. Speedup: composition time over torchnorm's, from the medians and, in "
+             "brackets, the median of the per-round ratios (the three timed in turns); ceiling: composition "
+             "time over the dot product's, the speedup of a layer that added nothing to it. "
              f"Goal: at least {GOAL_SPEEDUP:.2f}x.", "",
-             "| layer | input | mode | composition ms | torchnorm ms | speedup |", "|---|---|---|---|---|---|"]
-
-    def cell(r, p):
-        return f"{r[p + '_ms']} ({r[p + '_iqr_ms']})" if r[p + "_ms"] else "failed"
-
+             "| layer | input | mode | composition ms | torchnorm ms | dot alone ms | speedup | ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = (f"{float(r['speedup']):.2f}x ({float(r['speedup_per_round']):.2f}x): {r['goal']}"
                    if r["speedup"] else "n/a")
-        lines.append(f"| {r['layer']} | {r['shape']} | {r['mode']} | {cell(r, 'composition')} | "
-                     f"{cell(r, 'torchnorm')} | {speedup} |")
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        ceiling = f"{float(r['ceiling']):.2f}x" if r["ceiling"] else "n/a"
+        lines.append(f"| {r['layer']} | {r['shape']} | {r['mode']} | {ms_cell(r, 'composition')} | "
+                     f"{ms_cell(r, 'torchnorm')} | {ms_cell(r, 'dot')} | {speedup} | {ceiling} |")
+    write_ratio_report(rows, out_md, COLUMNS, lines)
 
 
 def main(argv=None) -> int:

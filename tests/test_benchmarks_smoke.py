@@ -4,7 +4,7 @@ The batch_norm suite runs with the torch provider only (no build needed); the
 per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
 with every provider (torch, torch_compile, torchnorm), so they need the built
 extension (skipped when torchnorm._C is not built; a missing op fails).
-The model-level suites (conv_bn, sequence, small_batch) and the examples
+The model-level suites (conv_bn, sequence, small_batch, cosine_norm) and the examples
 (sequence_norms.py, small_batch_norms.py) run at their --quick sizes; the
 sequence suite's baseline, the per-step composition, is checked to compute
 what torchnorm.nn.BNLSTM computes.
@@ -360,3 +360,29 @@ def test_small_batch_norms_example_quick(tmp_path):
             assert run["curve"]["samples"][-1] == 64  # the same samples seen at every batch size
             assert all(0 <= acc <= 100 for acc in run["curve"]["test_acc"])
             assert run["final_test_acc"] == run["curve"]["test_acc"][-1]
+
+
+def test_quick_cosine_norm(tmp_path):
+    """The cosine_norm suite: forward and forward+backward rows of both
+    layers, with the composition's, torchnorm's and the dot product's times
+    and the speedup and ceiling from this run's medians, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "cosine_norm",
+         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cosine_norm CosineConv2d forward (2x8x8x8 float32, cpu): timing" in proc.stderr  # progress lines
+    with open(tmp_path / "bench-cosine-norm-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (layer, mode) for layer in ("CosineConv2d", "CosineLinear") for mode in ("forward", "forward+backward")]
+    for r in rows:
+        comp, ours, dot = (float(r[f"{p}_ms"]) for p in ("composition", "torchnorm", "dot"))
+        assert min(comp, ours, dot) > 0, r
+        assert float(r["speedup"]) == pytest.approx(comp / ours, rel=2e-3)
+        assert float(r["ceiling"]) == pytest.approx(comp / dot, rel=2e-3)
+        assert r["goal"].startswith(("met", "NOT met"))
+    md = (tmp_path / "bench-cosine-norm-cpu.md").read_text()
+    assert "| CosineLinear | 16x32 | forward+backward |" in md and "| speedup | ceiling |" in md

@@ -23,6 +23,16 @@ __all__ = ["CosineLinear", "CosineConv2d"]
 _IntPair = Union[int, Sequence[int]]
 
 
+def _add_parameters(module: torch.nn.Module, weight_shape: tuple, bias: bool, device, dtype) -> None:
+    """``weight`` of weight_shape and ``bias`` (weight_shape[0],) or None, then torch's initialization."""
+    module.weight = torch.nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
+    if bias:
+        module.bias = torch.nn.Parameter(torch.empty(weight_shape[0], device=device, dtype=dtype))
+    else:
+        module.register_parameter("bias", None)
+    module.reset_parameters()
+
+
 class CosineLinear(torch.nn.Module):
     """``out = (x . w_o + b_o) / (|x| |w_o|)`` for each output feature o, on
     input ``(*, in_features)``, output ``(*, out_features)``, each in [-1, 1].
@@ -41,13 +51,7 @@ class CosineLinear(torch.nn.Module):
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.in_features, self.out_features, self.eps = in_features, out_features, eps
-        factory = dict(device=device, dtype=dtype)
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **factory))
-        if bias:
-            self.bias = torch.nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _add_parameters(self, (out_features, in_features), bias, device, dtype)
 
     def reset_parameters(self) -> None:
         """torch.nn.Linear's initialization."""
@@ -94,14 +98,7 @@ class CosineConv2d(torch.nn.Module):
         self.kernel_size = _pair_of(kernel_size, "kernel_size")
         self.stride, self.padding = _pair_of(stride, "stride"), _pair_of(padding, "padding")
         self.dilation = _pair_of(dilation, "dilation")
-        factory = dict(device=device, dtype=dtype)
-        self.weight = torch.nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
-                                                     **factory))
-        if bias:
-            self.bias = torch.nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _add_parameters(self, (out_channels, in_channels // groups, *self.kernel_size), bias, device, dtype)
 
     def reset_parameters(self) -> None:
         """torch.nn.Conv2d's initialization."""
