@@ -315,7 +315,7 @@ void grad_sums_cpu(const Tensor& dy, const Tensor& y, const Tensor& rw, const Te
     const int64_t parts = rows ? (g.N + kRowBlock - 1) / kRowBlock : g.N;
     std::vector<acc_t> part_gy(parts * O, acc_t(0)), part_gd(parts * O, acc_t(0));
     if (rows) {
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, parts, grain_for(kRowBlock * O), [&](int64_t begin, int64_t end) {
         auto scratch = scratch_for<scalar_t, acc_t>(kSegment);
         for (int64_t block = begin; block < end; ++block) {
           acc_t *col_gy = part_gy.data() + block * O, *col_gd = part_gd.data() + block * O;
