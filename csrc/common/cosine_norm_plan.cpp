@@ -160,16 +160,15 @@ CosineResult forward(const CosinePlan& plan, double eps, const CosineKernels& ke
               ": expected a finite eps > 0 (it keeps an all-zero patch's norm from 0), got ", eps);
   const auto& g = plan.geo;
   const auto acc = plan.x.options().dtype(accumulate_type(plan.x.scalar_type()));
-  // The dot product, bias included: ATen's.
+  // The dot product, bias included: ATen's; then the norms and the division.
   Tensor dot = plan.conv ? at::convolution(plan.x, plan.weight, plan.bias, plan.stride, plan.padding, plan.dilation,
                                            /*transposed=*/false, /*output_padding=*/{0, 0}, g.G)
                          : at::linear(plan.x.view({g.N, g.C}), plan.weight, plan.bias);
   dot = dot.contiguous().view({g.N, g.O, g.Ho(), g.Wo()});
   Tensor rx = at::empty({g.N, g.G, g.Ho(), g.Wo()}, acc), rw = at::empty({g.O}, acc);
   // The bias is the weight of a constant input 1 in every patch.
-  kernels.input_rnorm(plan.x, g, plan.bias ? 1.0 : 0.0, eps, rx);
   kernels.weight_rnorm(plan.weight.view({g.O, g.K()}), plan.bias, eps, rw);
-  kernels.scale(dot, rw, rx, g, dot);
+  kernels.normalize(plan.x, rw, g, plan.bias ? 1.0 : 0.0, eps, rx, dot);
   return {dot.view(plan.out_shape), rx.view(plan.rx_shape), rw};
 }
 

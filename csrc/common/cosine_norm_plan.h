@@ -39,16 +39,15 @@ struct CosineGeometry {
 // What a backend provides. Tensors are contiguous; rx, rw, q, t and sum_gd
 // are in the accumulation dtype (float32; float64 for float64 input).
 struct CosineKernels {
-  // rx[n, g, ho, wo] = cosine_rnorm(sum of x^2 over the group's channels and
-  // the window at (ho, wo) + constant, eps).
-  void (*input_rnorm)(const at::Tensor& x, const CosineGeometry& geo, double constant, double eps,
-                      const at::Tensor& rx);
   // rw[o] = cosine_rnorm(sum_k w[o, k]^2 + bias[o]^2, eps); w is (O, K).
   void (*weight_rnorm)(const at::Tensor& w, const std::optional<at::Tensor>& bias, double eps, const at::Tensor& rw);
-  // out[n, o, p] = cosine_scale(in[n, o, p], rw[o], rx[n, o / Og, p]); out may be in.
-  void (*scale)(const at::Tensor& in, const at::Tensor& rw, const at::Tensor& rx, const CosineGeometry& geo,
-                const at::Tensor& out);
-  // gd = scale(dy); q[n, g, p] = rx^2 * sum over the group's o of dy * y;
+  // The forward's pass after the dot product: rx[n, g, ho, wo] =
+  // cosine_rnorm(sum of x^2 over the group's channels and the window at
+  // (ho, wo) + constant, eps), and, in place on y (the dot product),
+  // y[n, o, p] = cosine_scale(y[n, o, p], rw[o], rx[n, o / Og, p]).
+  void (*normalize)(const at::Tensor& x, const at::Tensor& rw, const CosineGeometry& geo, double constant,
+                    double eps, const at::Tensor& rx, const at::Tensor& y);
+  // gd = dy * rw[o] * rx[n, g, p]; q[n, g, p] = rx^2 * sum over the group's o of dy * y;
   // t[o] = rw^2 * sum over n, p of dy * y; sum_gd[o] = sum over n, p of gd.
   void (*grad_sums)(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rw, const at::Tensor& rx,
                     const CosineGeometry& geo, const at::Tensor& gd, const at::Tensor& q, const at::Tensor& t,

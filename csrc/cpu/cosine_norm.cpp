@@ -145,24 +145,6 @@ void channel_sum_of_squares(const scalar_t* x, int64_t Cg, int64_t HW, acc_t* pl
   }
 }
 
-void input_rnorm_cpu(const Tensor& x, const CosineGeometry& g, double constant, double eps, const Tensor& rx) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cosine_input_rnorm_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xd = x.const_data_ptr<scalar_t>();
-    acc_t* rxd = rx.mutable_data_ptr<acc_t>();
-    const int64_t group_elements = g.Cg() * g.HW(), P = g.P();
-    at::parallel_for(0, g.N * g.G, grain_for(group_elements), [&](int64_t begin, int64_t end) {
-      PlaneBuffers<acc_t> b(g);
-      auto scratch = scratch_for<scalar_t, acc_t>(kSegment);
-      for (int64_t ng = begin; ng < end; ++ng) {  // (n, g): its channels are the ng-th block of Cg
-        channel_sum_of_squares(xd + ng * group_elements, g.Cg(), g.HW(), b.plane.data(), scratch);
-        patch_sums(b, g);
-        for (int64_t p = 0; p < P; ++p) rxd[ng * P + p] = cosine_rnorm(b.patches[p] + acc_t(constant), acc_t(eps));
-      }
-    });
-  });
-}
-
 void weight_rnorm_cpu(const Tensor& w, const std::optional<Tensor>& bias, double eps, const Tensor& rw) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "cosine_weight_rnorm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -226,22 +208,33 @@ void scale_line(const scalar_t* in, scalar_t* out, int64_t len, const LineScales
   });
 }
 
-void scale_cpu(const Tensor& in, const Tensor& rw, const Tensor& rx, const CosineGeometry& g, const Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "cosine_scale_cpu", [&] {
+// Per (sample, group): the group's patch norms rx (its channels' sums of
+// squares, then the window sums), then its outputs scaled by rw and rx in
+// place, while rx is in L1: one pass, one parallel region.
+void normalize_cpu(const Tensor& x, const Tensor& rw, const CosineGeometry& g, double constant, double eps,
+                   const Tensor& rx, const Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cosine_normalize_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const acc_t *rwd = rw.const_data_ptr<acc_t>(), *rxd = rx.const_data_ptr<acc_t>();
-    // Lines: (n, group) of Og elements (rowwise) or (n, o) of P elements (planar).
-    const bool rows = rowwise(g);
-    const int64_t lines = rows ? g.N * g.G : g.N * g.O, len = rows ? g.Og() : g.P();
-    at::parallel_for(0, lines, grain_for(len), [&](int64_t begin, int64_t end) {
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    scalar_t* yd = y.mutable_data_ptr<scalar_t>();
+    const acc_t* rwd = rw.const_data_ptr<acc_t>();
+    acc_t* rxd = rx.mutable_data_ptr<acc_t>();
+    const int64_t group_elements = g.Cg() * g.HW(), P = g.P(), Og = g.Og();
+    at::parallel_for(0, g.N * g.G, grain_for(group_elements + Og * P), [&](int64_t begin, int64_t end) {
+      PlaneBuffers<acc_t> b(g);
       auto scratch = scratch_for<scalar_t, acc_t>(kSegment);
-      for (int64_t l = begin; l < end; ++l) {
-        if (rows) {
-          scale_line(src + l * len, dst + l * len, len, rowwise_line(rwd, rxd, g, l / g.G, l % g.G), scratch);
-        } else {
-          scale_line(src + l * len, dst + l * len, len, planar_line(rwd, rxd, g, l / g.O, l % g.O), scratch);
+      for (int64_t ng = begin; ng < end; ++ng) {  // (n, g): its channels are the ng-th block of Cg
+        channel_sum_of_squares(xd + ng * group_elements, g.Cg(), g.HW(), b.plane.data(), scratch);
+        patch_sums(b, g);
+        for (int64_t p = 0; p < P; ++p) rxd[ng * P + p] = cosine_rnorm(b.patches[p] + acc_t(constant), acc_t(eps));
+        const int64_t n = ng / g.G, group = ng % g.G;
+        if (rowwise(g)) {  // the group's outputs of sample n: one line at n * O + group * Og
+          scale_line(yd + ng * Og, yd + ng * Og, Og, rowwise_line(rwd, rxd, g, n, group), scratch);
+          continue;
+        }
+        for (int64_t o = group * Og; o < (group + 1) * Og; ++o) {
+          scalar_t* line = yd + (n * g.O + o) * P;
+          scale_line(line, line, P, planar_line(rwd, rxd, g, n, o), scratch);
         }
       }
     });
@@ -431,8 +424,8 @@ void weight_norm_grad_cpu(const Tensor& grad_w, const Tensor& w, const std::opti
   });
 }
 
-const CosineKernels kCpuKernels{input_rnorm_cpu, weight_rnorm_cpu,     scale_cpu,
-                                grad_sums_cpu,   input_norm_grad_cpu, weight_norm_grad_cpu};
+const CosineKernels kCpuKernels{weight_rnorm_cpu, normalize_cpu, grad_sums_cpu, input_norm_grad_cpu,
+                                weight_norm_grad_cpu};
 
 }  // namespace
 }  // namespace torchnorm::cpu

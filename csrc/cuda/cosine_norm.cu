@@ -8,7 +8,8 @@
 //              per position; a block per row when a sample has one position,
 //              as a linear layer's), then one thread per output position
 //              adding its window's taps; weight rows: a block per row.
-//   output     one thread per element: y = dot * rw[o] * rx[n, g, p].
+//   output     one thread per element: y = dot * rw[o] * rx[n, g, p], after
+//              the norms (the CPU fuses the two per (sample, group)).
 //   backward   gd the same way from dy; q (per patch) one thread per output
 //              position looping over the group's channels; t and sum(gd)
 //              (per output channel) one block per channel, a fixed tree;
@@ -206,6 +207,12 @@ void scale_cuda(const Tensor& in, const Tensor& rw, const Tensor& rx, const Cosi
   });
 }
 
+void normalize_cuda(const Tensor& x, const Tensor& rw, const CosineGeometry& g, double constant, double eps,
+                    const Tensor& rx, const Tensor& y) {
+  input_rnorm_cuda(x, g, constant, eps, rx);
+  scale_cuda(y, rw, rx, g, y);
+}
+
 // ------------------------------------------------------- gradient sums --
 
 // q[n, g, p] = rx^2 * sum over the group's o of dy * y at (n, o, p).
@@ -344,8 +351,8 @@ void weight_norm_grad_cuda(const Tensor& grad_w, const Tensor& w, const std::opt
   });
 }
 
-const CosineKernels kCudaKernels{input_rnorm_cuda, weight_rnorm_cuda,     scale_cuda,
-                                 grad_sums_cuda,   input_norm_grad_cuda, weight_norm_grad_cuda};
+const CosineKernels kCudaKernels{weight_rnorm_cuda, normalize_cuda, grad_sums_cuda, input_norm_grad_cuda,
+                                 weight_norm_grad_cuda};
 
 }  // namespace
 }  // namespace torchnorm
