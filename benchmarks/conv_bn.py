@@ -213,6 +213,14 @@ def write_ratio_report(rows: List[dict], out_md: str, columns: List[str], lines:
         f.write("\n".join(lines) + "\n")
 
 
+def report_title(title: str, rows: List[dict], quick: bool) -> str:
+    """A ratio report's heading: what it times, and on what (device, torch, threads)."""
+    first = rows[0] if rows else {}
+    threads = first.get("threads", "")
+    return (f"# {title} ({first.get('device', '')}, torch {torch.__version__}, {threads} "
+            f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")")
+
+
 def ms_cell(row: dict, name: str) -> str:
     """A model's median ms (interquartile range) in a report row, or "failed"."""
     return f"{row[name + '_ms']} ({row[name + '_iqr_ms']})" if row[name + "_ms"] else "failed"

@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from . import harness
-from .conv_bn import (checked_calls, median_columns, ms_cell, per_round_ratio, ratio_suite_main, timed_rounds,
-                      write_ratio_report)
+from .conv_bn import (checked_calls, median_columns, ms_cell, per_round_ratio, ratio_suite_main, report_title,
+                      timed_rounds, write_ratio_report)
 from .small_batch import release_memory
 
 # (layer, input shape, constructor arguments)
@@ -155,10 +155,7 @@ COLUMNS = (["benchmark", "layer", "mode", "shape", "dtype", "device", "threads",
 
 def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
     """The report: a CSV of the rows (COLUMNS) and a markdown table beside it."""
-    first = rows[0] if rows else {}
-    threads = first.get("threads", "")
-    lines = [f"# Cosine Normalization layers ({first.get('device', '')}, torch {torch.__version__}, {threads} "
-             f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")", "",
+    lines = [report_title("Cosine Normalization layers", rows, quick), "",
              "float32, default arguments (no bias, eps 1e-8), input and weight requiring grad; forward+backward is "
              "`torch.autograd.grad` of the output for the input and the weight. Median ms per call (interquartile "
              "range). The composition is the torch ops a user would write for the same layer "

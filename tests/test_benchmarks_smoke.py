@@ -362,20 +362,27 @@ def test_small_batch_norms_example_quick(tmp_path):
             assert run["final_test_acc"] == run["curve"]["test_acc"][-1]
 
 
+def _run_model_suite(tmp_path, suite, slug):
+    """``python -m benchmarks --quick`` of one model-level suite on the CPU, one
+    thread: (its log, the rows of its CSV report, its markdown report)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", suite, "--threads", "1",
+         "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / f"bench-{slug}-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc.stderr, rows, (tmp_path / f"bench-{slug}-cpu.md").read_text()
+
+
 def test_quick_cosine_norm(tmp_path):
     """The cosine_norm suite: forward and forward+backward rows of both
     layers, with the composition's, torchnorm's and the dot product's times
     and the speedup and ceiling from this run's medians, into its own report."""
     pytest.importorskip("torchnorm._C")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "cosine_norm",
-         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "cosine_norm CosineConv2d forward (2x8x8x8 float32, cpu): timing" in proc.stderr  # progress lines
-    with open(tmp_path / "bench-cosine-norm-cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    log, rows, md = _run_model_suite(tmp_path, "cosine_norm", "cosine-norm")
+    assert "cosine_norm CosineConv2d forward (2x8x8x8 float32, cpu): timing" in log  # progress lines
     assert [(r["layer"], r["mode"]) for r in rows] == [
         (layer, mode) for layer in ("CosineConv2d", "CosineLinear") for mode in ("forward", "forward+backward")]
     for r in rows:
@@ -384,5 +391,4 @@ def test_quick_cosine_norm(tmp_path):
         assert float(r["speedup"]) == pytest.approx(comp / ours, rel=2e-3)
         assert float(r["ceiling"]) == pytest.approx(comp / dot, rel=2e-3)
         assert r["goal"].startswith(("met", "NOT met"))
-    md = (tmp_path / "bench-cosine-norm-cpu.md").read_text()
     assert "| CosineLinear | 16x32 | forward+backward |" in md and "| speedup | ceiling |" in md
