@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -167,6 +167,63 @@ def iqr(times: List[float]) -> float:
 def verdict(value: float, goal: float) -> str:
     """A ratio against its goal (at most `goal`), for the reports."""
     return f"{'met' if value <= goal else 'NOT met'} (goal <= {goal:.2f}x)"
+
+
+def checked_calls(suite: str, label: str, device: str, steps: Dict[str, Callable[[], Dict[str, Callable[[], None]]]],
+                  failures: List[Tuple[str, str]]) -> Dict[str, Dict[str, Callable[[], None]]]:
+    """The timed calls ``{mode: call}`` of each model of a ratio suite, from ``steps[model]()``,
+    after one untimed call of its last mode (errors surface there, not in the timing). A model
+    that fails is logged and added to ``failures``; the others are kept and timed."""
+    calls = {}
+    for name, make in steps.items():
+        try:
+            fns = make()
+            list(fns.values())[-1]()
+            calls[name] = fns
+        except Exception as e:  # noqa: BLE001 - report it, time the others
+            harness.log(f"{suite} {name} {label} on {device}: FAILED ({type(e).__name__}: {e})")
+            failures.append((f"{suite} {name} {label} {device}", f"{type(e).__name__}: {e}"))
+    return calls
+
+
+def median_columns(row: dict, rounds: Dict[str, List[float]], names) -> Dict[str, float]:
+    """Adds each model's median ms and interquartile range (``<name>_ms``, ``<name>_iqr_ms``;
+    empty for a model that was not timed) to a report row; returns the medians in ms."""
+    ms = {name: statistics.median(t) * 1e3 for name, t in rounds.items()}
+    for name in names:
+        row[f"{name}_ms"] = f"{ms[name]:.4g}" if name in ms else ""
+        row[f"{name}_iqr_ms"] = f"{iqr(rounds[name]) * 1e3:.3g}" if name in ms else ""
+    return ms
+
+
+def per_round_ratio(rounds: Dict[str, List[float]], numerator: str, denominator: str) -> float:
+    """The median over rounds of one model's time over another's: the two calls of a round ran
+    back to back, so their ratio is free of the machine's slower drifts, which move both medians."""
+    return statistics.median(a / b for a, b in zip(rounds[numerator], rounds[denominator]))
+
+
+def write_ratio_report(rows: List[dict], out_md: str, columns: List[str], lines: List[str]) -> None:
+    """A ratio suite's report: the rows as a CSV (``columns``) beside the markdown ``lines``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def report_title(title: str, rows: List[dict], quick: bool) -> str:
+    """A ratio report's heading: what it times, and on what (device, torch, threads)."""
+    first = rows[0] if rows else {}
+    threads = first.get("threads", "")
+    return (f"# {title} ({first.get('device', '')}, torch {torch.__version__}, {threads} "
+            f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")")
+
+
+def ms_cell(row: dict, name: str) -> str:
+    """A model's median ms (interquartile range) in a report row, or "failed"."""
+    return f"{row[name + '_ms']} ({row[name + '_iqr_ms']})" if row[name + "_ms"] else "failed"
 
 
 def ratio_suite_main(prog: str, doc: str, slug: str, run: Callable, argv=None) -> int:

@@ -263,6 +263,39 @@ TORCH_LIBRARY(torchnorm, m) {
       "Tensor cx, Tensor cy, Tensor? bias, Tensor bn_ih_weight, Tensor bn_hh_weight, Tensor bn_c_weight, "
       "Tensor bn_c_bias, Tensor stats, Tensor? valid, bool training, Tensor(a!) grad_input_gates, "
       "Tensor(b!) grad_hidden_gates, Tensor(c!) grad_cx, Tensor(d!) grad_params) -> ()");
+
+  // ------------------------------------------------ Cosine Normalization --
+  // Cosine Normalization (Luo et al. 2017; docs/cosine_norm.md): each output
+  // is the cosine of the angle between an output unit's weights and the
+  // input it sees, out = (w . x + b) / (|w| |x|), in [-1, 1], with the norms
+  // |w| = sqrt(sum w^2 + b^2 + eps) and |x| = sqrt(sum x^2 + [bias] + eps): a
+  // bias is the weight of a constant input 1 (once per patch), and eps
+  // (> 0) keeps an all-zero input's or weight's norm from 0 (its output is
+  // then 0, not NaN). Each returns (out, input_rnorm, weight_rnorm), the
+  // norms' reciprocals 1 / |x| and 1 / |w| (O,), in float32 (float64 for
+  // float64 input). Dtypes: float32, float64, float16, bfloat16, the weight
+  // and bias in the input's.
+  //
+  // A linear layer: input (*, I), weight (O, I), bias (O,); out (*, O),
+  // input_rnorm (*) per row.
+  m.def("cosine_linear(Tensor input, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // A 2-d convolution with zero padding: input (N, C, H, W), weight (O, C /
+  // groups, kh, kw), bias (O,); out (N, O, Ho, Wo) as aten::convolution's.
+  // |x| is the norm of the input patch under each output position, over the
+  // channels of the output's group: input_rnorm is (N, groups, Ho, Wo).
+  m.def(
+      "cosine_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  // Their gradients from the forward's arguments and what it returned:
+  // (grad_input, grad_weight, grad_bias); an output whose output_mask entry
+  // is false (grad_bias without a bias too) is an empty tensor of shape (0,).
+  m.def(
+      "cosine_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
+      "Tensor input_rnorm, Tensor weight_rnorm, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cosine_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
+      "Tensor input_rnorm, Tensor weight_rnorm, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the

@@ -621,3 +621,47 @@ def online_norm_samples(device):
 
 
 SOURCES.append(SampleSource(online_norm_samples, on_every_device=True))
+
+
+def cosine_norm_samples(device):
+    """Cosine Normalization: cosine_linear (2-d and 3-d input, with and
+    without a bias, float32, float64, bfloat16) and cosine_conv2d (padding,
+    stride, dilation, groups), inputs requiring grad so autograd is checked
+    (not bfloat16); and their backward ops from the forwards' outputs, with
+    and without each gradient."""
+    samples = []
+    linear_cases = (("2d-f32-bias", (5, 6), 4, torch.float32, True), ("3d-f64", (2, 3, 6), 4, torch.float64, False),
+                    ("2d-bf16-bias", (4, 6), 3, torch.bfloat16, True))
+    for sid, shape, out, dtype, bias in linear_cases:
+        x = make_input(shape, dtype, device, seed=150 + len(samples))
+        w = randn((out, shape[-1]), 160 + len(samples), dtype, device, scale=0.5)
+        b = randn((out,), 170 + len(samples), dtype, device, scale=0.5) if bias else None
+        grad = dtype != torch.bfloat16
+        samples.append(("cosine_linear", sid, (*[None if t is None else t.clone().requires_grad_(grad)
+                                                 for t in (x, w, b)], 1e-8)))
+        with torch.no_grad():
+            y, rx, rw = OPS.cosine_linear(x, w, b, 1e-8)
+        dy = make_input(tuple(y.shape), dtype, device, seed=180 + len(samples), scale=1.0, offset=False)
+        mask = [True, True, bias] if sid != "3d-f64" else [False, True, False]
+        samples.append(("cosine_linear_backward", sid, (dy, x, w, b, y, rx, rw, mask)))
+    conv_cases = (("3x3-pad1-f32-bias", (2, 3, 5, 6), 4, 1, [1, 1], [1, 1], [1, 1], torch.float32, True),
+                  ("stride2-dilation2-groups2-f64", (2, 4, 7, 7), 6, 2, [2, 1], [2, 0], [2, 1], torch.float64,
+                   False),
+                  ("3x3-bf16", (1, 2, 4, 4), 2, 1, [1, 1], [0, 0], [1, 1], torch.bfloat16, True))
+    for sid, shape, out, groups, stride, padding, dilation, dtype, bias in conv_cases:
+        conv = (stride, padding, dilation, groups)
+        x = make_input(shape, dtype, device, seed=190 + len(samples))
+        w = randn((out, shape[1] // groups, 3, 3), 200 + len(samples), dtype, device, scale=0.5)
+        b = randn((out,), 210 + len(samples), dtype, device, scale=0.5) if bias else None
+        grad = dtype != torch.bfloat16
+        samples.append(("cosine_conv2d", sid, (*[None if t is None else t.clone().requires_grad_(grad)
+                                                 for t in (x, w, b)], *conv, 1e-8)))
+        with torch.no_grad():
+            y, rx, rw = OPS.cosine_conv2d(x, w, b, *conv, 1e-8)
+        dy = make_input(tuple(y.shape), dtype, device, seed=220 + len(samples), scale=1.0, offset=False)
+        mask = [True, True, bias] if dtype != torch.float64 else [True, False, False]
+        samples.append(("cosine_conv2d_backward", sid, (dy, x, w, b, y, rx, rw, *conv, mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(cosine_norm_samples, on_every_device=True))

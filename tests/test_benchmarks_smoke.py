@@ -4,7 +4,7 @@ The batch_norm suite runs with the torch provider only (no build needed); the
 per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
 with every provider (torch, torch_compile, torchnorm), so they need the built
 extension (skipped when torchnorm._C is not built; a missing op fails).
-The model-level suites (conv_bn, sequence, small_batch) and the examples
+The model-level suites (conv_bn, sequence, small_batch, cosine_norm) and the examples
 (sequence_norms.py, small_batch_norms.py) run at their --quick sizes; the
 sequence suite's baseline, the per-step composition, is checked to compute
 what torchnorm.nn.BNLSTM computes.
@@ -364,3 +364,35 @@ def test_small_batch_norms_example_quick(tmp_path):
             assert run["curve"]["samples"][-1] == 64  # the same samples seen at every batch size
             assert all(0 <= acc <= 100 for acc in run["curve"]["test_acc"])
             assert run["final_test_acc"] == run["curve"]["test_acc"][-1]
+
+
+def _run_model_suite(tmp_path, suite, slug):
+    """``python -m benchmarks --quick`` of one model-level suite on the CPU, one
+    thread: (its log, the rows of its CSV report, its markdown report)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", suite, "--threads", "1",
+         "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / f"bench-{slug}-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc.stderr, rows, (tmp_path / f"bench-{slug}-cpu.md").read_text()
+
+
+def test_quick_cosine_norm(tmp_path):
+    """The cosine_norm suite: forward and forward+backward rows of both
+    layers, with the composition's, torchnorm's and the dot product's times
+    and the speedup and ceiling from this run's medians, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    log, rows, md = _run_model_suite(tmp_path, "cosine_norm", "cosine-norm")
+    assert "cosine_norm CosineConv2d forward (2x8x8x8 float32, cpu): timing" in log  # progress lines
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (layer, mode) for layer in ("CosineConv2d", "CosineLinear") for mode in ("forward", "forward+backward")]
+    for r in rows:
+        comp, ours, dot = (float(r[f"{p}_ms"]) for p in ("composition", "torchnorm", "dot"))
+        assert min(comp, ours, dot) > 0, r
+        assert float(r["speedup"]) == pytest.approx(comp / ours, rel=2e-3)
+        assert float(r["ceiling"]) == pytest.approx(comp / dot, rel=2e-3)
+        assert r["goal"].startswith(("met", "NOT met"))
+    assert "| CosineLinear | 16x32 | forward+backward |" in md and "| speedup | ceiling |" in md

@@ -410,3 +410,71 @@ def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bk
     grad_input = _contiguous_like(input) if output_mask[0] else input.new_empty((0,))
     return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
                           for wanted in output_mask[1:]))
+
+
+# Cosine Normalization.
+
+def _cosine_outputs(input, out_shape, rx_shape, out_features):
+    """(output, input_rnorm, weight_rnorm) as the kernels return them: contiguous, the norms in the accumulation
+    dtype."""
+    acc = _accumulate_dtype(input.dtype)
+    return (input.new_empty(out_shape), input.new_empty(rx_shape, dtype=acc),
+            input.new_empty((out_features,), dtype=acc))
+
+
+def _cosine_grads(input, weight, bias, output_mask):
+    """(grad_input, grad_weight, grad_bias): contiguous, empty (0,) where not wanted (grad_bias without a bias)."""
+    return (_contiguous_like(input) if output_mask[0] else input.new_empty((0,)),
+            _contiguous_like(weight) if output_mask[1] else input.new_empty((0,)),
+            input.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else input.new_empty((0,)))
+
+
+def _cosine_linear_shapes(op, input, weight):
+    if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"{op}: expected an input (*, in_features) and a weight (out_features, in_features), "
+                           f"got {list(input.shape)} and {list(weight.shape)}")
+    return (*input.shape[:-1], weight.shape[0]), input.shape[:-1]
+
+
+def _cosine_conv2d_shapes(op, input, weight, stride, padding, dilation, groups):
+    if input.dim() != 4 or weight.dim() != 4 or groups < 1 or input.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(f"{op}: expected an (N, C, H, W) input and an (O, C / groups, kh, kw) weight, got "
+                           f"{list(input.shape)} and {list(weight.shape)} with groups={groups}")
+    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+              for size, k, s, p, d in zip(input.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    if min(out_hw) < 1:
+        raise RuntimeError(f"{op}: the input {list(input.shape)} is smaller than the dilated kernel")
+    n = input.shape[0]
+    return (n, weight.shape[0], *out_hw), (n, groups, *out_hw)
+
+
+@torch.library.register_fake("torchnorm::cosine_linear")
+def _cosine_linear(input, weight, bias, eps):
+    _check_devices("torchnorm.cosine_linear", input, weight=weight, bias=bias)
+    out_shape, rx_shape = _cosine_linear_shapes("torchnorm.cosine_linear", input, weight)
+    return _cosine_outputs(input, out_shape, rx_shape, weight.shape[0])
+
+
+@torch.library.register_fake("torchnorm::cosine_linear_backward")
+def _cosine_linear_backward(grad_output, input, weight, bias, output, input_rnorm, weight_rnorm, output_mask):
+    _check_devices("torchnorm.cosine_linear_backward", input, grad_output=grad_output, weight=weight, bias=bias,
+                   output=output, input_rnorm=input_rnorm, weight_rnorm=weight_rnorm)
+    _cosine_linear_shapes("torchnorm.cosine_linear_backward", input, weight)
+    return _cosine_grads(input, weight, bias, output_mask)
+
+
+@torch.library.register_fake("torchnorm::cosine_conv2d")
+def _cosine_conv2d(input, weight, bias, stride, padding, dilation, groups, eps):
+    _check_devices("torchnorm.cosine_conv2d", input, weight=weight, bias=bias)
+    out_shape, rx_shape = _cosine_conv2d_shapes("torchnorm.cosine_conv2d", input, weight, stride, padding, dilation,
+                                                groups)
+    return _cosine_outputs(input, out_shape, rx_shape, weight.shape[0])
+
+
+@torch.library.register_fake("torchnorm::cosine_conv2d_backward")
+def _cosine_conv2d_backward(grad_output, input, weight, bias, output, input_rnorm, weight_rnorm, stride, padding,
+                            dilation, groups, output_mask):
+    _check_devices("torchnorm.cosine_conv2d_backward", input, grad_output=grad_output, weight=weight, bias=bias,
+                   output=output, input_rnorm=input_rnorm, weight_rnorm=weight_rnorm)
+    _cosine_conv2d_shapes("torchnorm.cosine_conv2d_backward", input, weight, stride, padding, dilation, groups)
+    return _cosine_grads(input, weight, bias, output_mask)

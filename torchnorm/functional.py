@@ -388,3 +388,48 @@ def online_norm(
         return batch_norm(x, mu, var, weight, bias, training=False, eps=eps)
     out, _, _ = torch.ops.torchnorm.online_norm.default(x, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Cosine Normalization (Luo et al. 2017). The float64 references with the same
+# signatures are torchnorm.reference.cosine_linear and cosine_conv2d.
+# ---------------------------------------------------------------------------
+
+__all__ += ["cosine_linear", "cosine_conv2d"]
+
+_IntPair = Union[int, Sequence[int]]
+
+
+def _pair(value: _IntPair, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def cosine_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+    """Cosine Normalization of a linear layer (``torchnorm::cosine_linear``):
+    ``out = (x . w_o + b_o) / (|x| |w_o|)`` for each row x of the input
+    ``(*, in_features)`` and row w_o of the weight ``(out_features,
+    in_features)``, so ``-1 <= out <= 1``. The norms are ``|x| = sqrt(sum x^2
+    + [bias] + eps)`` and ``|w_o| = sqrt(sum w_o^2 + b_o^2 + eps)``: a bias is
+    the weight of a constant input 1, and eps keeps an all-zero row's norm
+    from 0 (its output is 0). See docs/cosine_norm.md."""
+    out, _, _ = torch.ops.torchnorm.cosine_linear.default(input, weight, bias, eps)
+    return out
+
+
+def cosine_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntPair = 1,
+                  padding: _IntPair = 0, dilation: _IntPair = 1, groups: int = 1, eps: float = 1e-8) -> Tensor:
+    """Cosine Normalization of a 2-d convolution (``torchnorm::cosine_conv2d``):
+    ``torch.nn.functional.conv2d(input, weight, bias, ...)`` (zero padding)
+    divided at each output position by ``|x| |w_o|``, where x is the input
+    patch under that position over the channels of the output's group
+    (padding counts as zeros) and w_o the output channel's weights; ``-1 <=
+    out <= 1``. Norms and bias as :func:`cosine_linear` (the bias's constant
+    input is once per patch). See docs/cosine_norm.md."""
+    out, _, _ = torch.ops.torchnorm.cosine_conv2d.default(input, weight, bias, _pair(stride, "stride"),
+                                                         _pair(padding, "padding"), _pair(dilation, "dilation"),
+                                                         groups, eps)
+    return out

@@ -19,3 +19,6 @@ __all__ = [
 from .streaming_norm import StreamingNorm1d, StreamingNorm2d, streaming_norm_hook
 
 __all__ += ["StreamingNorm1d", "StreamingNorm2d", "streaming_norm_hook"]
+from .cosine_norm import CosineConv2d, CosineLinear
+
+__all__ += ["CosineLinear", "CosineConv2d"]
