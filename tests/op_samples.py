@@ -625,3 +625,48 @@ def online_norm_samples(device):
 
 
 SOURCES.append(SampleSource(online_norm_samples, on_every_device=True))
+
+
+def streaming_norm_samples(device):
+    """Streaming Normalization in training (1-d, spatial, channels-last,
+    float64 state, bfloat16 with float32 state, one value per channel; with
+    and without weight and bias; before and after a first weight update; the
+    input requiring grad so autograd is checked), and its backward op from
+    the forward's statistics, with and without the output masks."""
+    samples = []
+    for sid, shape, dtype, state_dtype, affine, updated, layout in (
+        ("NC-f32", (4, 3), torch.float32, torch.float32, False, False, "contiguous"),
+        ("NCHW-f32-affine-updated", (3, 2, 4, 5), torch.float32, torch.float32, True, True, "contiguous"),
+        ("NCHW-f32-channels-last", (2, 3, 4, 4), torch.float32, torch.float32, True, False, "channels_last"),
+        ("NCL-f64-affine", (3, 2, 6), torch.float64, torch.float64, True, True, "contiguous"),
+        ("NCHW-bf16", (2, 3, 3, 3), torch.bfloat16, torch.float32, True, False, "contiguous"),
+        ("1C-f32-one-value", (1, 3), torch.float32, torch.float32, True, True, "contiguous"),
+    ):
+        C = shape[1]
+        x = make_input(shape, dtype, device, layout=layout, seed=150 + len(samples))
+        grad = dtype != torch.bfloat16
+        w, b = (make_params(C, dtype, device, seed=160 + len(samples))[:2] if affine else (None, None))
+        gen = torch.Generator().manual_seed(170 + len(samples))
+
+        def history(count):
+            values = torch.stack([torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5])
+            return values.to(device, state_dtype), torch.tensor(float(count), dtype=state_dtype, device=device)
+
+        short, short_count = history(2)
+        long, long_count = history(1 if updated else 0)
+        grad_short, grad_short_count = history(1)
+        grad_long, grad_long_count = history(3 if updated else 0)
+        state = (short, short_count, long, long_count, grad_short, grad_short_count, grad_long, grad_long_count)
+        rates = (0.3, 0.7, 0.2, 0.5, 0.3)
+        leaf_or_none = [None if t is None else t.clone().requires_grad_(grad) for t in (x, w, b)]
+        samples.append(("streaming_norm", sid, (*leaf_or_none, *[t.clone() for t in state], *rates, EPS)))
+        with torch.no_grad():
+            _, mean, rstd, mean_hat, rstd_hat = OPS.streaming_norm(x, w, b, *[t.clone() for t in state], *rates, EPS)
+        dy = make_input(shape, dtype, device, layout=layout, seed=180 + len(samples), scale=1.0, offset=False)
+        mask = [True, affine, affine] if sid != "NCL-f64-affine" else [False, True, False]
+        samples.append(("streaming_norm_backward", sid, (dy, x, w, mean, rstd, mean_hat, rstd_hat,
+                                                         *[t.clone() for t in state[4:]], *rates[2:], mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(streaming_norm_samples, on_every_device=True))

@@ -413,3 +413,25 @@ def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bk
     return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
                           for wanted in output_mask[1:]))
 
+
+@torch.library.register_fake("torchnorm::streaming_norm")
+def _streaming_norm(input, weight, bias, short_stats, short_count, long_stats, long_count, grad_short,
+                    grad_short_count, grad_long, grad_long_count, alpha_long, alpha_short, beta_long, beta_short,
+                    beta_current, eps):
+    _check_devices("torchnorm.streaming_norm", input, weight=weight, bias=bias, short_stats=short_stats,
+                   short_count=short_count, long_stats=long_stats, long_count=long_count, grad_short=grad_short,
+                   grad_short_count=grad_short_count, grad_long=grad_long, grad_long_count=grad_long_count)
+    stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
+    return _kernel_layout(input), stats, torch.empty_like(stats), torch.empty_like(stats), torch.empty_like(stats)
+
+
+@torch.library.register_fake("torchnorm::streaming_norm_backward")
+def _streaming_norm_backward(grad_output, input, weight, mean, rstd, mean_hat, rstd_hat, grad_short, grad_short_count,
+                             grad_long, grad_long_count, beta_long, beta_short, beta_current, output_mask):
+    _check_devices("torchnorm.streaming_norm_backward", input, grad_output=grad_output, weight=weight, mean=mean,
+                   rstd=rstd, mean_hat=mean_hat, rstd_hat=rstd_hat, grad_short=grad_short,
+                   grad_short_count=grad_short_count, grad_long=grad_long, grad_long_count=grad_long_count)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_input = _kernel_layout(input) if output_mask[0] else input.new_empty((0,))
+    return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
+                          for wanted in output_mask[1:]))
