@@ -17,8 +17,8 @@ void check_history(const char* op, const char* name, const at::Tensor& values, c
               " of shape (2, ", C, "), rows (mean, std) per channel, got ", values.sizes());
   TORCH_CHECK(count.dim() == 0, op, ": expected ", count_name, " a 0-dim tensor, got shape ", count.sizes());
   for (const auto& [n, t] : {std::pair<const char*, const at::Tensor*>{name, &values}, {count_name, &count}}) {
-    TORCH_CHECK(t->device() == input.device(), op, ": expected ", n, " on ", input.device(), " like the input, got it on ",
-                t->device());
+    TORCH_CHECK(t->device() == input.device(), op, ": expected ", n, " on ", input.device(),
+                " like the input, got it on ", t->device());
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": expected ", n,
                 " in float32 or float64 (the state must not round to half), got ", t->scalar_type());
   }
@@ -67,8 +67,8 @@ BackwardPlan plan_streaming_norm_backward(const char* op, const at::Tensor& grad
                                           const at::Tensor& grad_long_count, std::array<bool, 3> output_mask) {
   // BatchNorm's backward checks the input, grad_output, weight and the
   // statistics the element-wise pass centres on (mean_hat, rstd_hat) ...
-  BackwardPlan p = plan_backward(grad_output, input, weight, std::nullopt, std::nullopt, mean_hat, rstd_hat, "none",
-                                 {output_mask[0], output_mask[1], output_mask[2], false});
+  BackwardPlan p = plan_backward(op, grad_output, input, weight, std::nullopt, std::nullopt, mean_hat, rstd_hat,
+                                 "none", {output_mask[0], output_mask[1], output_mask[2], false});
   // ... and here the batch statistics the same way.
   const auto acc = accumulate_type(input.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {

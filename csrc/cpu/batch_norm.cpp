@@ -159,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
     const at::Tensor& rstd, bool training, c10::string_view activation, double negative_slope,
     std::array<bool, 4> output_mask) {
-  BackwardPlan p = plan_backward(grad_out, input, weight, bias, residual, mean, rstd, std::string(activation),
-                                 output_mask);
+  BackwardPlan p = plan_backward("torchnorm.batch_norm_backward", grad_out, input, weight, bias, residual, mean, rstd,
+                                 std::string(activation), output_mask);
   const int64_t C = p.g.C;
   const bool want_sums = p.grad_weight.numel() > 0 || p.grad_bias.numel() > 0 || (training && p.grad_input.numel() > 0);
   if (p.g.count_per_channel() == 0) {

@@ -91,7 +91,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> online_norm_cpu(const Tensor& input, 
     // 2. The recurrence over the samples, channel by channel (with
     //    layer_scale, also each plane's mean square of the affine output).
     std::vector<acc_t> mu_c = state_values<acc_t>(mu), var_c = state_values<acc_t>(var);
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, C, acc_t(1)), b = channel_values<acc_t>(bias, C, acc_t(0));
+    const std::vector<acc_t> w = channel_values<acc_t>(weight, C, acc_t(1));
+    const std::vector<acc_t> b = channel_values<acc_t>(bias, C, acc_t(0));
     acc_t* mean_d = mean.mutable_data_ptr<acc_t>();
     acc_t* rstd_d = rstd.mutable_data_ptr<acc_t>();
     std::vector<acc_t> plane_mean_square(layer_scale ? N * C : 0);

@@ -111,12 +111,14 @@ std::tuple<Tensor, Tensor, Tensor> streaming_norm_backward_cpu(
     const auto cc = ChannelCoefs<acc_t>{m_hat, std::vector<acc_t>(C), std::vector<acc_t>(C)};
     const acc_t M = static_cast<acc_t>(p.g.count_per_channel());
     std::vector<acc_t> sum_dy(C), sum_dy_xc(C);
-    backward_channel_passes<scalar_t, acc_t>(p, cc, /*want_sums=*/true, acc_t(0), [&](int64_t c, acc_t dy, acc_t dy_xc) {
+    // The history needs both sums whatever the mask.
+    const auto channel = [&](int64_t c, acc_t dy, acc_t dy_xc) {
       sum_dy[c] = dy;
       sum_dy_xc[c] = dy_xc;
       return streaming_backward_channel(short_c[c], long_c[c], long_set, count, dy, dy_xc, w[c], m_hat[c], r_hat[c],
                                         m[c], r[c], M, T(beta_long), T(beta_short), T(beta_current));
-    });
+    };
+    backward_channel_passes<scalar_t, acc_t>(p, cc, /*want_sums=*/true, acc_t(0), channel);
     store_parameter_grads(p, sum_dy, sum_dy_xc, r_hat);
   });
   store_history(short_c, grad_short);

@@ -286,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     double negative_slope,
     std::array<bool, 4> output_mask) {
   c10::cuda::CUDAGuard guard(input.device());
-  BackwardPlan p = plan_backward(grad_output, input, weight, bias, residual, mean, rstd, std::string(activation),
-                                 output_mask);
+  BackwardPlan p = plan_backward("torchnorm.batch_norm_backward", grad_output, input, weight, bias, residual, mean,
+                                 rstd, std::string(activation), output_mask);
   const ChannelGeometry& g = p.g;
   const bool want_input = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2],
              want_residual = output_mask[3];
