@@ -394,18 +394,20 @@ def _bn_lstm_step_backward(grad_hy, grad_cy, input_gates, hidden_gates, cx, cy, 
 # Online Normalization.
 
 @torch.library.register_fake("torchnorm::online_norm")
-def _online_norm(input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps):
+def _online_norm(input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps, layer_scale=False):
     _check_devices("torchnorm.online_norm", input, weight=weight, bias=bias, mu=mu, var=var, u=u, v=v)
     if input.dim() < 2:
         raise RuntimeError(f"torchnorm.online_norm: expected an (N, C, *) input, got shape {list(input.shape)}")
     stats = input.new_empty(input.shape[:2], dtype=_accumulate_dtype(input.dtype))
-    return _contiguous_like(input), stats, torch.empty_like(stats)
+    layer_rstd = stats.new_empty((input.shape[0] if layer_scale else 0,))
+    return _contiguous_like(input), stats, torch.empty_like(stats), layer_rstd
 
 
 @torch.library.register_fake("torchnorm::online_norm_backward")
-def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bkw, output_mask):
+def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bkw, output_mask, bias=None,
+                          layer_rstd=None):
     _check_devices("torchnorm.online_norm_backward", input, grad_output=grad_output, weight=weight, mean=mean,
-                   rstd=rstd, u=u, v=v)
+                   rstd=rstd, u=u, v=v, bias=bias, layer_rstd=layer_rstd)
     param_dtype = weight.dtype if weight is not None else input.dtype
     grad_input = _contiguous_like(input) if output_mask[0] else input.new_empty((0,))
     return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
@@ -478,3 +480,24 @@ def _cosine_conv2d_backward(grad_output, input, weight, bias, output, input_rnor
                    output=output, input_rnorm=input_rnorm, weight_rnorm=weight_rnorm)
     _cosine_conv2d_shapes("torchnorm.cosine_conv2d_backward", input, weight, stride, padding, dilation, groups)
     return _cosine_grads(input, weight, bias, output_mask)
+@torch.library.register_fake("torchnorm::streaming_norm")
+def _streaming_norm(input, weight, bias, short_stats, short_count, long_stats, long_count, grad_short,
+                    grad_short_count, grad_long, grad_long_count, alpha_long, alpha_short, beta_long, beta_short,
+                    beta_current, eps):
+    _check_devices("torchnorm.streaming_norm", input, weight=weight, bias=bias, short_stats=short_stats,
+                   short_count=short_count, long_stats=long_stats, long_count=long_count, grad_short=grad_short,
+                   grad_short_count=grad_short_count, grad_long=grad_long, grad_long_count=grad_long_count)
+    stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
+    return _kernel_layout(input), stats, torch.empty_like(stats), torch.empty_like(stats), torch.empty_like(stats)
+
+
+@torch.library.register_fake("torchnorm::streaming_norm_backward")
+def _streaming_norm_backward(grad_output, input, weight, mean, rstd, mean_hat, rstd_hat, grad_short, grad_short_count,
+                             grad_long, grad_long_count, beta_long, beta_short, beta_current, output_mask):
+    _check_devices("torchnorm.streaming_norm_backward", input, grad_output=grad_output, weight=weight, mean=mean,
+                   rstd=rstd, mean_hat=mean_hat, rstd_hat=rstd_hat, grad_short=grad_short,
+                   grad_short_count=grad_short_count, grad_long=grad_long, grad_long_count=grad_long_count)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_input = _kernel_layout(input) if output_mask[0] else input.new_empty((0,))
+    return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
+                          for wanted in output_mask[1:]))

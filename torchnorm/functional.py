@@ -370,10 +370,13 @@ def online_norm(
     training: bool = True,
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
+    layer_scale: bool = False,
 ) -> Tensor:
     """Online Normalization of an ``(N, C, *)`` input, samples in order, with
     state carried across batches (``torchnorm::online_norm``), then the affine
-    map ``y * weight + bias`` in the same pass when given.
+    map ``y * weight + bias`` in the same pass when given, and with
+    ``layer_scale`` the paper's layer scaling ``out / sqrt(mean over each
+    sample's (C, *) of out^2 + eps)`` (in the same pass too, in training).
 
     Training normalizes each sample with the running ``mu``, ``var`` ``(C,)``
     from before it and then updates them with the sample's own mean and
@@ -385,8 +388,10 @@ def online_norm(
     :func:`torchnorm.reference.online_norm` for the equations.
     """
     if not training:
-        return batch_norm(x, mu, var, weight, bias, training=False, eps=eps)
-    out, _, _ = torch.ops.torchnorm.online_norm.default(x, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
+        out = batch_norm(x, mu, var, weight, bias, training=False, eps=eps)
+        return rms_norm(out, list(out.shape[1:]), None, eps) if layer_scale else out
+    out, _, _, _ = torch.ops.torchnorm.online_norm.default(x, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps,
+                                                           layer_scale)
     return out
 
 

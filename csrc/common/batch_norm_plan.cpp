@@ -38,10 +38,9 @@ static void check_batch_norm_args(const char* op, const at::Tensor& input, const
 }
 
 // Checks of the backward's saved tensors and incoming gradient.
-static void check_batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+static void check_batch_norm_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& rstd) {
-  const char* op = "torchnorm.batch_norm_backward";
   check_batch_norm_args(op, input, weight, bias, std::nullopt, std::nullopt, residual, false, 0.0);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type() &&
                   grad_out.device() == input.device(),
@@ -79,10 +78,10 @@ ForwardPlan plan_apply(const at::Tensor& input, const at::Tensor& mean, const at
   return plan_forward(op, input, weight, bias, mean, rstd, residual, /*training=*/false, 0.0, activation);
 }
 
-BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+BackwardPlan plan_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
     const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask) {
-  check_batch_norm_backward_args(grad_out, input, weight, bias, residual, mean, rstd);
+  check_batch_norm_backward_args(op, grad_out, input, weight, bias, residual, mean, rstd);
   BackwardPlan p;
   p.activation = parse_activation(activation);
   p.x = as_kernel_layout(input, p.g);
