@@ -19,3 +19,6 @@ __all__ = [
 from .streaming_norm import StreamingNorm1d, StreamingNorm2d, streaming_norm_hook
 
 __all__ += ["StreamingNorm1d", "StreamingNorm2d", "streaming_norm_hook"]
+from .weight_norm import WeightNorm, weight_norm, weight_norm_init_
+
+__all__ += ["WeightNorm", "weight_norm", "weight_norm_init_"]
