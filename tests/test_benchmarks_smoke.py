@@ -4,7 +4,7 @@ The batch_norm suite runs with the torch provider only (no build needed); the
 per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
 with every provider (torch, torch_compile, torchnorm), so they need the built
 extension (skipped when torchnorm._C is not built; a missing op fails).
-The model-level suites (conv_bn, sequence, small_batch) and the examples
+The model-level suites (conv_bn, sequence, small_batch, weight_norm) and the examples
 (sequence_norms.py, small_batch_norms.py) run at their --quick sizes; the
 sequence suite's baseline, the per-step composition, is checked to compute
 what torchnorm.nn.BNLSTM computes.
@@ -360,3 +360,29 @@ def test_small_batch_norms_example_quick(tmp_path):
             assert run["curve"]["samples"][-1] == 64  # the same samples seen at every batch size
             assert all(0 <= acc <= 100 for acc in run["curve"]["test_acc"])
             assert run["final_test_acc"] == run["curve"]["test_acc"][-1]
+
+
+def test_quick_weight_norm(tmp_path):
+    """The weight_norm suite: forward, training step and weight-only rows of
+    both layers, torchnorm.weight_norm's time and ratio to torch's
+    parametrization, measured in the run, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    from benchmarks import weight_norm
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "weight_norm",
+         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "weight_norm forward+backward (Linear(64, 64) on 8x64 float32, cpu): timing" in proc.stderr
+    with open(tmp_path / "bench-weight-norm-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (label, m) for label, _, _ in weight_norm.QUICK_LAYERS.values() for m in weight_norm.MODES]
+    for r in rows:
+        assert float(r["torch_ms"]) > 0 and float(r["torchnorm_ms"]) > 0, r
+        assert float(r["ratio"]) == pytest.approx(float(r["torchnorm_ms"]) / float(r["torch_ms"]), rel=2e-3)
+        assert r["goal"].startswith(("met", "NOT met")) == (r["mode"] == "forward+backward")
+    md = (tmp_path / "bench-weight-norm-cpu.md").read_text()
+    assert "| Linear(64, 64) | 8x64 | forward+backward |" in md and "torchnorm / torch" in md
