@@ -29,8 +29,6 @@ median and the median of the per-round ratios.
 from __future__ import annotations
 
 import copy
-import csv
-import os
 import statistics
 import sys
 from typing import Callable, Dict, List, Tuple
@@ -39,7 +37,7 @@ import torch
 from torch import nn
 
 from . import harness
-from .conv_bn import iqr, ratio_suite_main, timed_rounds, verdict
+from .conv_bn import iqr, median_cell, ratio_suite_main, report_title, timed_rounds, verdict, write_report
 from .small_batch import release_memory
 
 # name -> (label, layer factory, input shape)
@@ -122,7 +120,7 @@ def _time_layer(label: str, make: Callable[[], nn.Module], shape: tuple, device:
             # The calls of a round ran back to back: their ratio is free of the
             # machine's slower drifts, which move both medians.
             paired = statistics.median(a / b for a, b in zip(rounds["torchnorm"], rounds[BASELINE]))
-            row["ratio"], row["ratio_per_round"] = f"{ratio:.3f}", f"{paired:.3f}"
+            row["ratio"], row["ratio_per_round"] = f"{ratio:.4g}", f"{paired:.4g}"
             row["goal"] = verdict(ratio, GOAL) if mode == "forward+backward" else ""
         else:
             row["ratio"] = row["ratio_per_round"] = row["goal"] = ""
@@ -153,15 +151,7 @@ COLUMNS = (["layer", "input", "mode", "dtype", "device", "threads", "torch_versi
 
 def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
     """The report: a CSV of the rows (COLUMNS) and a markdown table beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    first = rows[0] if rows else {}
-    threads = first.get("threads", "")
-    lines = [f"# Weight normalization ({first.get('device', '')}, torch {torch.__version__}, {threads} "
-             f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")", "",
+    lines = [report_title("Weight normalization", rows, quick), "",
              "float32, dim=0; torchnorm.weight_norm against torch.nn.utils.parametrizations.weight_norm on the "
              "same layer, weights and input. forward+backward is the training step: `torch.autograd.grad` of the "
              "output for the input, g, v and the bias; weight only is the parametrization alone (module.weight, "
@@ -172,15 +162,11 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
              + " | torchnorm / torch | goal |",
              "|---" * (5 + len(PROVIDERS)) + "|"]
 
-    def cell(r, p):
-        return f"{r[p + '_ms']} ({r[p + '_iqr_ms']})" if r[p + "_ms"] else "failed"
-
     for r in rows:
         ratio = f"{float(r['ratio']):.3f}x ({float(r['ratio_per_round']):.3f}x)" if r["ratio"] else "n/a"
-        lines.append(f"| {r['layer']} | {r['input']} | {r['mode']} | " + " | ".join(cell(r, p) for p in PROVIDERS)
-                     + f" | {ratio} | {r['goal']} |")
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        lines.append(f"| {r['layer']} | {r['input']} | {r['mode']} | "
+                     + " | ".join(median_cell(r, p) for p in PROVIDERS) + f" | {ratio} | {r['goal']} |")
+    write_report(rows, COLUMNS, out_md, lines)
 
 
 def main(argv=None) -> int:
