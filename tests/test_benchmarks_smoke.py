@@ -48,6 +48,20 @@ def _run(tmp_path, *args, returncodes=(0,)):
     return proc, rows, md
 
 
+def _run_model_suite(tmp_path, suite, slug):
+    """`python -m benchmarks --quick --suite <suite>` on the CPU, one thread:
+    (the process, the rows of its report's CSV, its markdown)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", suite,
+         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / f"bench-{slug}-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc, rows, (tmp_path / f"bench-{slug}-cpu.md").read_text()
+
+
 def test_quick_cpu_torch(tmp_path):
     proc, rows, md = _run(tmp_path, "--suite", "batch_norm", "--providers", "torch")
     assert "[1/12] batch_norm forward" in proc.stderr  # progress lines
@@ -212,15 +226,8 @@ def test_quick_sequence(tmp_path):
     """The BN-LSTM suite: forward and forward+backward rows with the times of all
     three models and both ratios, measured in the run, into its own report."""
     pytest.importorskip("torchnorm._C")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "sequence",
-         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc, rows, md = _run_model_suite(tmp_path, "sequence", "sequence")
     assert "sequence BN-LSTM forward (batch 4, input 8, hidden 16, 5 steps, cpu): timing" in proc.stderr
-    with open(tmp_path / "bench-sequence-cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [r["benchmark"] for r in rows] == ["BN-LSTM forward", "BN-LSTM forward+backward"]
     for r in rows:
         times = {p: float(r[f"{p}_ms"]) for p in ("torchnorm", "composition", "lstm")}
@@ -230,7 +237,6 @@ def test_quick_sequence(tmp_path):
         assert float(r["vs_lstm"]) == pytest.approx(times["torchnorm"] / times["lstm"], rel=2e-3)
         assert r["goal_vs_composition"].startswith(("met", "NOT met"))
         assert r["goal_vs_lstm"].startswith(("met", "NOT met"))
-    md = (tmp_path / "bench-sequence-cpu.md").read_text()
     assert "| BN-LSTM forward+backward |" in md and "torchnorm / composition" in md
 
 
@@ -306,19 +312,11 @@ def test_quick_small_batch(tmp_path):
     import torchnorm.nn
     from benchmarks import small_batch
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "small_batch",
-         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc, rows, md = _run_model_suite(tmp_path, "small_batch", "small-batch")
     assert "small_batch forward (2x8x8x8 float32, cpu): timing" in proc.stderr  # progress lines
-    with open(tmp_path / "bench-small-batch-cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [(r["shape"], r["mode"]) for r in rows] == [
         (s, m) for s in ("2x8x8x8", "8x8x4x4") for m in ("forward", "forward+backward")]
     streaming = hasattr(torchnorm.nn, "StreamingNorm2d")
-    md = (tmp_path / "bench-small-batch-cpu.md").read_text()
     for r in rows:
         bn = float(r["batch_norm_ms"])
         assert bn > 0, r
@@ -369,20 +367,12 @@ def test_quick_weight_norm(tmp_path):
     pytest.importorskip("torchnorm._C")
     from benchmarks import weight_norm
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "weight_norm",
-         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc, rows, md = _run_model_suite(tmp_path, "weight_norm", "weight-norm")
     assert "weight_norm forward+backward (Linear(64, 64) on 8x64 float32, cpu): timing" in proc.stderr
-    with open(tmp_path / "bench-weight-norm-cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [(r["layer"], r["mode"]) for r in rows] == [
         (label, m) for label, _, _ in weight_norm.QUICK_LAYERS.values() for m in weight_norm.MODES]
     for r in rows:
         assert float(r["torch_ms"]) > 0 and float(r["torchnorm_ms"]) > 0, r
         assert float(r["ratio"]) == pytest.approx(float(r["torchnorm_ms"]) / float(r["torch_ms"]), rel=2e-3)
         assert r["goal"].startswith(("met", "NOT met")) == (r["mode"] == "forward+backward")
-    md = (tmp_path / "bench-weight-norm-cpu.md").read_text()
     assert "| Linear(64, 64) | 8x64 | forward+backward |" in md and "torchnorm / torch" in md
