@@ -96,6 +96,24 @@ def test_op_matches_reference(case, dtype, device):
     assert_close(gg, gg64, dtype, "grad", "grad_g")
 
 
+@pytest.mark.parametrize("dim", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(None, marks=pytest.mark.slow)])
+def test_large_outputs(dim):
+    # Outputs of 16 MiB and more are written with streaming stores (on AVX2
+    # builds): rows of 4097 floats start unaligned, and dim 0, dim 1 (short
+    # runs) and None (one slice in pieces) each take another path.
+    v, g, grad_w = make_case((1025, 4097), dim, torch.float32, "cpu", seed=11)
+    assert v.numel() * 4 >= 16 << 20
+    v, g = v.requires_grad_(), g.requires_grad_()
+    w = torchnorm.functional.weight_norm(v, g, dim)
+    gv, gg = torch.autograd.grad(w, (v, g), grad_w)
+    v64, g64 = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    w64 = torchnorm.reference.weight_norm(v64, g64, dim)
+    gv64, gg64 = torch.autograd.grad(w64, (v64, g64), grad_w.double())
+    assert_close(w, w64, torch.float32, "forward", "w")
+    assert_close(gv, gv64, torch.float32, "grad", "grad_v")
+    assert_close(gg, gg64, torch.float32, "grad", "grad_g")
+
+
 @pytest.mark.parametrize("dim", [0, 1, None])
 def test_backward_output_mask(dim):
     v, g, grad_w = make_case((6, 5, 4), dim, torch.float32, "cpu")

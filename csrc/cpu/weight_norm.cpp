@@ -24,6 +24,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -33,6 +34,10 @@
 #include "common/weight_norm_math.h"
 #include "common/weight_norm_plan.h"
 #include "cpu/kernel_helpers.h"
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace torchnorm::cpu {
 namespace {
@@ -52,6 +57,41 @@ constexpr int64_t kShortRun = 16;
 // The reduction over such rows keeps one partial sum per position of a row
 // in each chunk of rows; at most this many chunks.
 constexpr int64_t kMaxRowChunks = 64;
+// Outputs at least this big (a 4096 x 4096 float weight is 64 MiB) would not
+// stay in cache anyway: they are written with streaming stores, which skip
+// reading each line before writing it (a third of the forward's traffic).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Whether an output of numel scalar_t values is written with streaming
+// stores: float and double (written in place, not staged), AVX2 builds.
+template <typename scalar_t, typename acc_t>
+bool streams_output(int64_t numel) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return kSameType<scalar_t, acc_t> && numel * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+#else
+  return false;
+#endif
+}
+
+// v to p: a streaming store (p 32-byte aligned) when `stream`, else a plain one.
+template <typename acc_t>
+void store_vector(const Vectorized<acc_t>& v, acc_t* p, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    if constexpr (std::is_same_v<acc_t, float>) return _mm256_stream_ps(p, v);
+    if constexpr (std::is_same_v<acc_t, double>) return _mm256_stream_pd(p, v);
+  }
+#endif
+  v.store(p);
+}
+
+// Streaming stores are weakly ordered: a task that made them fences before
+// its results are read elsewhere.
+inline void finish_streaming(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
+}
 
 // ---------------------------------------------------------- contiguous runs --
 
@@ -75,26 +115,33 @@ Coef<kPerElement, acc_t> shifted_coef(Coef<kPerElement, acc_t> c, int64_t off) {
 
 // out = x * ca, or weight_norm_grad_v(x, y, ca, cb) = x * ca + y * cb when y
 // is given, over n contiguous elements; ca, cb one value for the run or one
-// per element.
+// per element. stream: streaming stores (streams_output).
 template <bool kPerElement, typename scalar_t, typename acc_t>
 void combine_range(scalar_t* out, const scalar_t* x, const scalar_t* y, Coef<kPerElement, acc_t> ca,
-                   Coef<kPerElement, acc_t> cb, int64_t n, Scratch<acc_t>& s) {
+                   Coef<kPerElement, acc_t> cb, int64_t n, bool stream, Scratch<acc_t>& s) {
   using Vec = Vectorized<acc_t>;
   for_each_segment(n, [&](int64_t off, int64_t len) {
     const acc_t* xs = read_as_acc(x + off, len, s.x.data());
     const acc_t* ys = y ? read_as_acc(y + off, len, s.dy.data()) : nullptr;
     acc_t* o = write_target(out + off, s.out.data());
     const auto a = shifted_coef(ca, off), b = shifted_coef(cb, off);
+    const auto element = [&](int64_t i) {
+      o[i] = ys ? weight_norm_grad_v(xs[i], ys[i], a.at(i), b.at(i)) : xs[i] * a.at(i);
+    };
+    // A streaming store wants a 32-byte aligned target: the elements before
+    // the first aligned one go one by one.
+    const int64_t misaligned = int64_t(reinterpret_cast<std::uintptr_t>(o) % 32) / int64_t(sizeof(acc_t));
+    const int64_t head = stream && misaligned ? std::min(len, 32 / int64_t(sizeof(acc_t)) - misaligned) : 0;
     int64_t i = 0;
+    for (; i < head; ++i) element(i);
     if (ys) {
       for (; i + Vec::size() <= len; i += Vec::size()) {
-        weight_norm_grad_v(Vec::loadu(xs + i), Vec::loadu(ys + i), a.vec(i), b.vec(i)).store(o + i);
+        store_vector(weight_norm_grad_v(Vec::loadu(xs + i), Vec::loadu(ys + i), a.vec(i), b.vec(i)), o + i, stream);
       }
-      for (; i < len; ++i) o[i] = weight_norm_grad_v(xs[i], ys[i], a.at(i), b.at(i));
     } else {
-      for (; i + Vec::size() <= len; i += Vec::size()) (Vec::loadu(xs + i) * a.vec(i)).store(o + i);
-      for (; i < len; ++i) o[i] = xs[i] * a.at(i);
+      for (; i + Vec::size() <= len; i += Vec::size()) store_vector(Vec::loadu(xs + i) * a.vec(i), o + i, stream);
     }
+    for (; i < len; ++i) element(i);
     write_back(o, out + off, len);
   });
 }
@@ -172,6 +219,7 @@ template <typename scalar_t, typename acc_t>
 void slice_combine(scalar_t* out, const scalar_t* x, const scalar_t* y, const std::vector<acc_t>& ca,
                    const std::vector<acc_t>& cb, const WeightNormPlan& p) {
   const int64_t S = p.slices;
+  const bool stream = streams_output<scalar_t, acc_t>(p.numel());
   if (p.inner >= kShortRun) {
     // Runs long enough to vectorize: one coefficient per run.
     at::parallel_for(0, p.numel(), kMinTaskElements, [&](int64_t begin, int64_t end) {
@@ -179,8 +227,9 @@ void slice_combine(scalar_t* out, const scalar_t* x, const scalar_t* y, const st
       for_each_run_piece(begin, end, p.inner, [&](int64_t off, int64_t len, int64_t run) {
         const int64_t slice = run % S;
         combine_range<false, scalar_t, acc_t>(out + off, x + off, y ? y + off : nullptr, {&ca[slice]}, {&cb[slice]},
-                                              len, s);
+                                              len, stream, s);
       });
+      finish_streaming(stream);
     });
     return;
   }
@@ -196,8 +245,9 @@ void slice_combine(scalar_t* out, const scalar_t* x, const scalar_t* y, const st
     for_each_run_piece(begin, end, row, [&](int64_t off, int64_t len, int64_t r) {
       const int64_t pos = off - r * row;
       combine_range<true, scalar_t, acc_t>(out + off, x + off, y ? y + off : nullptr, {row_a.data() + pos},
-                                           {row_b.data() + pos}, len, s);
+                                           {row_b.data() + pos}, len, stream, s);
     });
+    finish_streaming(stream);
   });
 }
 
@@ -210,13 +260,18 @@ void reduce_then_combine(const WeightNormPlan& p, const scalar_t* a, const scala
   if (p.outer == 1 && p.inner <= kWholeSlice) {
     // Each slice is one contiguous run that fits in L2: reduce it, then
     // write it, in the same task.
+    const bool stream = streams_output<scalar_t, acc_t>(p.numel());
     at::parallel_for(0, p.slices, grain_for(p.inner), [&](int64_t s0, int64_t s1) {
       Scratch<acc_t> s = scratch_for<scalar_t, acc_t>(kSegment);
       for (int64_t slice = s0; slice < s1; ++slice) {
         const int64_t off = slice * p.inner;
         const auto [ca, cb] = coefs(slice, dot_range<scalar_t, acc_t>(a + off, b + off, p.inner, s));
-        if (out) combine_range<false, scalar_t, acc_t>(out + off, x + off, y ? y + off : nullptr, {&ca}, {&cb}, p.inner, s);
+        if (out) {
+          combine_range<false, scalar_t, acc_t>(out + off, x + off, y ? y + off : nullptr, {&ca}, {&cb}, p.inner,
+                                                stream, s);
+        }
       }
+      finish_streaming(stream);
     });
     return;
   }
