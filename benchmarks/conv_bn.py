@@ -202,30 +202,6 @@ def per_round_ratio(rounds: Dict[str, List[float]], numerator: str, denominator:
     return statistics.median(a / b for a, b in zip(rounds[numerator], rounds[denominator]))
 
 
-def write_ratio_report(rows: List[dict], out_md: str, columns: List[str], lines: List[str]) -> None:
-    """A ratio suite's report: the rows as a CSV (``columns``) beside the markdown ``lines``."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, columns)
-        w.writeheader()
-        w.writerows(rows)
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def report_title(title: str, rows: List[dict], quick: bool) -> str:
-    """A ratio report's heading: what it times, and on what (device, torch, threads)."""
-    first = rows[0] if rows else {}
-    threads = first.get("threads", "")
-    return (f"# {title} ({first.get('device', '')}, torch {torch.__version__}, {threads} "
-            f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")")
-
-
-def ms_cell(row: dict, name: str) -> str:
-    """A model's median ms (interquartile range) in a report row, or "failed"."""
-    return f"{row[name + '_ms']} ({row[name + '_iqr_ms']})" if row[name + "_ms"] else "failed"
-
-
 def ratio_suite_main(prog: str, doc: str, slug: str, run: Callable, argv=None) -> int:
     """The command line of a model-level suite that writes a markdown report of
     ratios (sequence, small_batch): ``run(device, quick, out) -> (rows,
@@ -243,6 +219,32 @@ def ratio_suite_main(prog: str, doc: str, slug: str, run: Callable, argv=None) -
     with open(out) as f:
         print(f.read(), end="")
     return 1 if failures else 0
+
+
+def report_title(what: str, rows: List[dict], quick: bool) -> str:
+    """A ratio suite report's first line: what it times, the device, torch's
+    version and the threads of its rows (and that --quick is no measurement)."""
+    first = rows[0] if rows else {}
+    threads = first.get("threads", "")
+    return (f"# {what} ({first.get('device', '')}, torch {torch.__version__}, {threads} "
+            f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")")
+
+
+def median_cell(row: dict, name: str) -> str:
+    """A report cell: `name`'s median ms (interquartile range), or "failed"."""
+    return f"{row[name + '_ms']} ({row[name + '_iqr_ms']})" if row[name + "_ms"] else "failed"
+
+
+def write_report(rows: List[dict], columns: List[str], out_md: str, lines: List[str]) -> None:
+    """A suite's report: the rows as a CSV of `columns` beside out_md (same
+    stem, .csv), and the markdown lines in out_md."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 class SavedBytes:
@@ -440,17 +442,11 @@ COLUMNS = ["benchmark", "device", "shape", "torch", "torchnorm", "ratio"]
 
 
 def write(rows: List[dict], out_md: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
     lines = [f"# Conv+BatchNorm ({rows[0]['device'] if rows else ''}, torch {torch.__version__})", "",
              "| " + " | ".join(COLUMNS[:1] + COLUMNS[2:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in COLUMNS if c != "device") + " |")
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(rows, COLUMNS, out_md, lines)
 
 
 def run(device: str, quick: bool, out_md: str) -> List[dict]:

@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from . import harness
-from .conv_bn import (checked_calls, median_columns, ms_cell, per_round_ratio, ratio_suite_main, report_title,
-                      timed_rounds, write_ratio_report)
+from .conv_bn import (checked_calls, median_cell, median_columns, per_round_ratio, ratio_suite_main, report_title,
+                      timed_rounds, write_report)
 from .small_batch import release_memory
 
 # (layer, input shape, constructor arguments)
@@ -171,9 +171,9 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
         speedup = (f"{float(r['speedup']):.2f}x ({float(r['speedup_per_round']):.2f}x): {r['goal']}"
                    if r["speedup"] else "n/a")
         ceiling = f"{float(r['ceiling']):.2f}x" if r["ceiling"] else "n/a"
-        lines.append(f"| {r['layer']} | {r['shape']} | {r['mode']} | {ms_cell(r, 'composition')} | "
-                     f"{ms_cell(r, 'torchnorm')} | {ms_cell(r, 'dot')} | {speedup} | {ceiling} |")
-    write_ratio_report(rows, out_md, COLUMNS, lines)
+        lines.append(f"| {r['layer']} | {r['shape']} | {r['mode']} | {median_cell(r, 'composition')} | "
+                     f"{median_cell(r, 'torchnorm')} | {median_cell(r, 'dot')} | {speedup} | {ceiling} |")
+    write_report(rows, COLUMNS, out_md, lines)
 
 
 def main(argv=None) -> int:

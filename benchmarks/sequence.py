@@ -20,9 +20,7 @@ median and the median of the per-round ratios.
 from __future__ import annotations
 
 import copy
-import csv
 import gc
-import os
 import statistics
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .conv_bn import iqr, ratio_suite_main, timed_rounds, verdict
+from .conv_bn import iqr, median_cell, ratio_suite_main, report_title, timed_rounds, verdict, write_report
 
 
 # (batch, input, hidden, steps): the size the goals are set for, and a tiny one for --quick.
@@ -215,16 +213,8 @@ COLUMNS = ["benchmark", "device", "shape", "threads", "torch_version",
 
 def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
     """The report: a CSV of the rows (COLUMNS) and a markdown table beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
     first = rows[0] if rows else {}
-    threads = first.get("threads", "")
-    lines = [f"# BN-LSTM ({first.get('device', '')}, torch {torch.__version__}, {threads} "
-             f"thread{'' if threads == 1 else 's'}"
-             + (", --quick: not a measurement" if quick else "") + ")", "",
+    lines = [report_title("BN-LSTM", rows, quick), "",
              f"One layer, float32, training mode, {first.get('shape', '')}. Median ms per call "
              "(interquartile range); ratios are torchnorm's time over the other's, in the same run "
              "(below 1.0x torchnorm is faster), from the medians and, in brackets, the median of the "
@@ -235,9 +225,6 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
              "the same products, so no normalization kernel can bring the ratio below it.",
              "", "| benchmark | torchnorm BNLSTM ms | of which products ms | composition ms | torch.nn.LSTM ms | torchnorm / composition "
              "| torchnorm / LSTM |", "|---|---|---|---|---|---|---|"]
-
-    def cell(r, name):
-        return f"{r[name + '_ms']} ({r[name + '_iqr_ms']})" if r[name + "_ms"] else "failed"
 
     def ratio(r, other):
         if not r[f"vs_{other}"]:
@@ -250,10 +237,9 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
         return r["products_ms"] + (f" ({float(r['products_vs_composition']):.2f}x)" if r["products_vs_composition"] else "")
 
     for r in rows:
-        lines.append(f"| {r['benchmark']} | {cell(r, 'torchnorm')} | {products(r)} | {cell(r, 'composition')} | {cell(r, 'lstm')} "
-                     f"| {ratio(r, 'composition')} | {ratio(r, 'lstm')} |")
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        lines.append(f"| {r['benchmark']} | {median_cell(r, 'torchnorm')} | {products(r)} | {median_cell(r, 'composition')} "
+                     f"| {median_cell(r, 'lstm')} | {ratio(r, 'composition')} | {ratio(r, 'lstm')} |")
+    write_report(rows, COLUMNS, out_md, lines)
 
 
 def main(argv=None) -> int:

@@ -344,6 +344,25 @@ TORCH_LIBRARY(torchnorm, m) {
       "cosine_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
       "Tensor input_rnorm, Tensor weight_rnorm, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // ---------------------------------------------- Weight Normalization --
+  // Weight Normalization (Salimans and Kingma 2016): w = g * v / ||v||, one
+  // 2-norm per slice of v along dim (dim None: the whole tensor is one
+  // slice; a negative dim counts from the end). The norm is clamped below by
+  // eps (w = g * v / max(||v||, eps)), so a zero slice gives w = 0, not NaN.
+  // g holds one value per slice: shaped (slices,), or like v with size 1
+  // outside dim. Returns (w, norms): w like v (contiguous), norms = ||v||
+  // per slice, unclamped, in g's shape and v's accumulation dtype (float32,
+  // float64 for float64 v): half weights get float32 norms.
+  m.def("weight_norm(Tensor v, Tensor g, int? dim, float eps) -> (Tensor, Tensor)");
+  // Gradients of weight_norm from the norms it returned. With d =
+  // sum(grad_w * v) per slice: grad_g = d / ||v|| and grad_v = (g / ||v||)
+  // (grad_w - v * d / ||v||^2); where ||v|| < eps, the clamped forward is
+  // linear in v: grad_g = d / eps, grad_v = (g / eps) grad_w. Returns
+  // (grad_v, grad_g) in v's and g's shapes and dtypes; an output whose
+  // output_mask entry is false is an empty tensor of shape (0,).
+  m.def(
+      "weight_norm_backward(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int? dim, float eps, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the

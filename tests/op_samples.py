@@ -712,3 +712,37 @@ def streaming_norm_samples(device):
 
 
 SOURCES.append(SampleSource(streaming_norm_samples, on_every_device=True))
+# ---------------------------------------------------------------------------
+# Weight Normalization
+# ---------------------------------------------------------------------------
+
+
+def weight_norm_samples(device):
+    """weight_norm along dim 0, a middle dim, the last (negative) and the whole
+    tensor (None), in float32, float64 and bfloat16 with a float32 g, v and g
+    requiring grad (so autograd is checked) but for bfloat16; and
+    weight_norm_backward from the forward's norms, with each output mask."""
+    from test_weight_norm import g_shape
+
+    samples = []
+    for sid, shape, dim, dtype, g_dtype, mask in (
+        ("2d-dim0-f32", (6, 5), 0, torch.float32, torch.float32, [True, True]),
+        ("4d-dim1-f64", (4, 3, 3, 3), 1, torch.float64, torch.float64, [True, False]),
+        ("3d-dim-1-f32", (3, 4, 20), -1, torch.float32, torch.float32, [False, True]),
+        ("4d-none-f32", (4, 3, 2, 2), None, torch.float32, torch.float32, [True, True]),
+        ("2d-dim0-bf16", (6, 40), 0, torch.bfloat16, torch.float32, [True, True]),
+    ):
+        seed = 200 + 3 * len(samples)
+        v = randn(shape, seed, dtype, device)
+        g = randn(g_shape(shape, dim), seed + 1, g_dtype, device, scale=0.5, offset=1.0)
+        grad = dtype != torch.bfloat16
+        samples.append(("weight_norm", sid, (v.clone().requires_grad_(grad), g.clone().requires_grad_(grad), dim,
+                                             1e-12)))
+        with torch.no_grad():
+            _, norms = OPS.weight_norm(v, g, dim, 1e-12)
+        grad_w = randn(shape, seed + 2, dtype, device)
+        samples.append(("weight_norm_backward", sid, (grad_w, v, g, norms, dim, 1e-12, mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(weight_norm_samples, on_every_device=True))

@@ -18,6 +18,8 @@ except ImportError as error:  # pragma: no cover - only without a build
 from . import _fake  # noqa: F401,E402  (fake kernels; autograd is registered in C++)
 from . import functional, fx, nn, reference  # noqa: E402
 from .nn import convert  # noqa: E402
+from .nn.weight_norm import weight_norm, weight_norm_init_  # noqa: E402
 
 __all__ = ["functional", "fx", "nn", "reference", "convert"]
+__all__ += ["weight_norm", "weight_norm_init_"]
 __version__ = "0.1.0"

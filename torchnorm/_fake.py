@@ -501,3 +501,34 @@ def _streaming_norm_backward(grad_output, input, weight, mean, rstd, mean_hat, r
     grad_input = _kernel_layout(input) if output_mask[0] else input.new_empty((0,))
     return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
                           for wanted in output_mask[1:]))
+# ---------------------------------------------------------------------------
+# Weight Normalization
+# ---------------------------------------------------------------------------
+
+
+def _weight_norm_slices(op, v, dim):
+    # The number of slices of v along dim (None: one), with the kernels'
+    # range check (a meta v sends the whole call here).
+    if dim is None:
+        return 1
+    if not -v.dim() <= dim < v.dim():
+        raise RuntimeError(f"{op}: expected dim in [{-v.dim()}, {v.dim()}) for v of shape {list(v.shape)}, "
+                           f"or None for the whole tensor, got {dim}")
+    return v.shape[dim]
+
+
+@torch.library.register_fake("torchnorm::weight_norm")
+def _weight_norm(v, g, dim, eps):
+    _check_devices("torchnorm.weight_norm", v, g=g)
+    slices = _weight_norm_slices("torchnorm.weight_norm", v, dim)
+    torch._check(g.numel() == slices, lambda: f"torchnorm.weight_norm: expected g to hold one value per slice "
+                                              f"of v ({slices}), got shape {list(g.shape)}")
+    return _contiguous_like(v), g.new_empty(g.shape, dtype=_accumulate_dtype(v.dtype))
+
+
+@torch.library.register_fake("torchnorm::weight_norm_backward")
+def _weight_norm_backward(grad_w, v, g, norms, dim, eps, output_mask):
+    _check_devices("torchnorm.weight_norm_backward", v, grad_w=grad_w, g=g, norms=norms)
+    _weight_norm_slices("torchnorm.weight_norm_backward", v, dim)
+    grad_v = _contiguous_like(v) if output_mask[0] else v.new_empty((0,))
+    return grad_v, g.new_empty(g.shape if output_mask[1] else (0,))

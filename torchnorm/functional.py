@@ -438,3 +438,40 @@ def cosine_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
                                                          _pair(padding, "padding"), _pair(dilation, "dilation"),
                                                          groups, eps)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Weight Normalization (Salimans and Kingma 2016). The float64 reference with
+# the same signature is torchnorm.reference.weight_norm; the parametrization
+# that applies it to a module's weight is torchnorm.weight_norm.
+# ---------------------------------------------------------------------------
+
+__all__ += ["weight_norm", "WEIGHT_NORM_EPS"]
+
+# The smallest norm a slice is divided by: a zero slice gives w = 0, not NaN.
+WEIGHT_NORM_EPS = 1e-12
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: Optional[int] = 0, eps: float = WEIGHT_NORM_EPS) -> Tensor:
+    """Weight normalization ``w = g * v / max(||v||, eps)`` in one fused op
+    (``torchnorm::weight_norm``), differentiable in ``v`` and ``g``.
+
+    Args:
+        v: the direction, float32, float64, float16 or bfloat16, any shape.
+        g: the magnitudes, one per slice of ``v`` along ``dim``: shaped
+            ``(v.shape[dim],)``, or like ``v`` with size 1 outside ``dim``
+            (what ``torch.norm_except_dim`` returns); ``v``'s dtype (or float32
+            for float16/bfloat16 ``v``).
+        dim: the dimension whose slices ``v.select(dim, s)`` each get one norm
+            (over every other dimension); negative counts from the end;
+            ``None``: one norm of the whole tensor. (Unlike this,
+            ``torch._weight_norm`` and the parametrizations take ``dim=-1`` to
+            mean the whole tensor; :func:`torchnorm.weight_norm` follows them.)
+        eps: a slice's norm is clamped to at least ``eps`` (> 0), so a zero
+            slice gives zeros and finite gradients.
+
+    Norms are accumulated in float32 for float16/bfloat16 ``v`` (float64 for
+    float64). Returns ``w``, contiguous, in ``v``'s dtype.
+    """
+    w, _ = torch.ops.torchnorm.weight_norm.default(v, g, dim, eps)
+    return w

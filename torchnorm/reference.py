@@ -715,3 +715,31 @@ def cosine_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     """float64 Cosine Normalization of a 2-d convolution
     (:func:`cosine_conv2d_composition` in float64)."""
     return cosine_conv2d_composition(*_double(x, weight, bias), stride, padding, dilation, groups, eps)
+# Weight Normalization (Salimans and Kingma 2016, arXiv 1602.07868):
+# w = g * v / ||v||, one norm per slice of v. See docs/weight_norm.md.
+# ---------------------------------------------------------------------------
+
+__all__ += ["weight_norm"]
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: Optional[int] = 0, eps: float = 1e-12) -> Tensor:
+    """float64 ``w = g * v / max(||v||, eps)``; same arguments as
+    :func:`torchnorm.functional.weight_norm`.
+
+    One 2-norm per slice ``v.select(dim, s)`` (over every other dimension);
+    ``dim=None``: one norm of the whole tensor. A negative ``dim`` counts from
+    the end, as everywhere in torch (torchnorm.weight_norm's parametrization
+    maps torch's ``dim=-1`` to None before it gets here). ``g`` holds one
+    value per slice, in any shape of that many elements. Differentiable: the
+    clamp's gradient is zero below eps, so a slice with ``||v|| < eps`` is
+    ``g * v / eps``.
+    """
+    v = v.double()
+    if dim is None:
+        norm = torch.linalg.vector_norm(v)
+    elif v.dim() == 1:  # each element is a slice (vector_norm would take dim=[] as every dim)
+        norm = v.abs()
+    else:
+        d = dim % v.dim()
+        norm = torch.linalg.vector_norm(v, dim=[k for k in range(v.dim()) if k != d], keepdim=True)
+    return g.double().reshape(norm.shape) * v / norm.clamp_min(eps)
