@@ -1,6 +1,7 @@
 """Pieces shared by the third-party conversions: torchnorm subclasses of a
 library's norm class, and the RMSNorm family's forward and recognition."""
 import inspect
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -148,7 +149,8 @@ def recognize_rms_norm(module: torch.nn.Module) -> Tuple[str, float, bool]:
     if weight is not None:
         # Which dtype it returns for a bfloat16 input and a float32 weight.
         probe = _probe_copy(module, {n: p.float() for n, p in probe_params.items()})
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch warns of the mixed dtypes)
             promote = cls.forward(probe, x[:1].bfloat16()).dtype == torch.float32
     _PROBED[cls] = (eps_name, found, promote)
     return _PROBED[cls]

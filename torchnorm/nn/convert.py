@@ -229,17 +229,20 @@ def convert(model: torch.nn.Module, back: bool = False, report: bool = False):
         cls = type(module)
         try:
             if back:
-                undo = _back_for(cls)
+                undo = module.__dict__.get("_torchnorm_back") or _back_for(cls)
                 if undo is None:
                     raise NotConvertible(_why_left(module, back))
                 new = undo(module)
+                new.__dict__.pop("_torchnorm_back", None)
             else:
                 conversion = None if _is_torchnorm(module) else _conversion_for(cls)
                 if conversion is None:
                     raise NotConvertible(_why_left(module, back))
                 new = conversion.to_torchnorm(module)
-                if conversion.back is not None:
-                    _BACK.setdefault(type(new), conversion.back)
+                if conversion.back is not None and _BACK.setdefault(type(new), conversion.back) is not conversion.back:
+                    # Another conversion returns this class too (a user's norm
+                    # made a torchnorm.nn.RMSNorm): this module remembers its own.
+                    new.__dict__["_torchnorm_back"] = conversion.back
         except NotConvertible as why:
             if _looks_like_norm(module) and (not back or _is_torchnorm(module)):
                 result.left.append((name, _class_name(cls), str(why)))
