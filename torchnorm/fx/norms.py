@@ -6,8 +6,9 @@
 - A GroupNorm or BatchNorm followed by ReLU, LeakyReLU or SiLU becomes one
   call of torchnorm's op with the activation fused.
 """
+import inspect
 import operator
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -19,7 +20,7 @@ from ..nn import group_norm as tn_group_norm
 from ..nn import layer_norm as tn_layer_norm
 from . import _graph
 
-__all__ = ["fuse_norms", "unfuse_norms", "FusedAddNorm", "FusedNormAct"]
+__all__ = ["fuse_norms", "unfuse_norms", "fuse_norms_in", "unfuse_norms_in", "FusedAddNorm", "FusedNormAct"]
 
 _LAYER_NORMS = (torch.nn.LayerNorm, tn_layer_norm.LayerNorm)
 _RMS_NORMS = (torch.nn.RMSNorm, tn_layer_norm.RMSNorm)
@@ -206,3 +207,64 @@ def unfuse_norms(model: fx.GraphModule) -> fx.GraphModule:
     out = fx.GraphModule(model, _graph_copy(original), type(model).__name__)
     out.recompile()
     return out
+
+
+def _traces_faithfully(module: torch.nn.Module) -> bool:
+    """Whether a trace of module's forward holds for every call: required
+    positional parameters only (an optional one would be traced as given)
+    and no branch on self.training."""
+    forward = type(module).forward
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+        source = inspect.getsource(forward)
+    except (TypeError, OSError, ValueError):
+        return False
+    return all(p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params) and (
+        "self.training" not in source)
+
+
+def fuse_norms_in(model: torch.nn.Module) -> List[str]:
+    """:func:`fuse_norms` applied, in place, to the largest submodules of
+    ``model`` that torch.fx traces and that have something to fuse (for
+    models that do not trace as a whole: transformers' BERT layers'
+    ``*Output`` blocks, diffusers' ResNet blocks). Each such submodule is
+    replaced by its fused GraphModule; :func:`unfuse_norms_in` puts the
+    originals back. Returns the names of the replaced submodules.
+
+    A torch.fx trace is specialized to what the forward decided while traced
+    (Python conditions on its arguments, on ``self.training``), so only
+    submodules whose forward takes required positional arguments only and
+    does not read ``self.training`` are replaced; the others are searched.
+    """
+    fused: List[str] = []
+
+    def visit(module: torch.nn.Module, prefix: str) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None or isinstance(child, fx.GraphModule):
+                continue
+            path = f"{prefix}{name}"
+            try:
+                if not _traces_faithfully(child):
+                    raise ValueError(path)
+                gm = fuse_norms(child)
+            except Exception:  # noqa: BLE001 - untraceable or nothing to fuse: try its children
+                visit(child, path + ".")
+                continue
+            gm.meta["torchnorm_original_module"] = child
+            module._modules[name] = gm
+            fused.append(path)
+
+    visit(model, "")
+    return fused
+
+
+def unfuse_norms_in(model: torch.nn.Module) -> List[str]:
+    """Puts back the submodules that :func:`fuse_norms_in` replaced; returns their names."""
+    restored: List[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent._modules.items()):
+            original = getattr(child, "meta", {}).get("torchnorm_original_module") if child is not None else None
+            if isinstance(child, fx.GraphModule) and original is not None:
+                parent._modules[name] = original
+                restored.append(f"{parent_name}.{name}" if parent_name else name)
+    return restored
