@@ -19,10 +19,11 @@ Variants, each its own copy of one initialization:
 
 - ``original``: the model as the library builds it;
 - ``convert``: ``torchnorm.convert(model)``;
-- ``convert+fuse``: then ``torchnorm.fx.fuse_norms_in(model)``, which fuses
-  inside the submodules torch.fx traces (BERT's residual add + LayerNorm
-  blocks; Llama's decoder layers and diffusers' ResNet blocks do not trace,
-  so for them it fuses nothing).
+- ``convert+fuse``: converted, then fused where the time is: BERT by
+  ``torchnorm.fx.fuse_norms_in`` (its residual add + LayerNorm blocks trace),
+  Llama by ``torchnorm.integrations.transformers.apply`` (residual add +
+  post-attention RMSNorm), the UNet by ``torchnorm.integrations.diffusers.apply``
+  (each ResNet block's first GroupNorm + SiLU); these layers do not trace.
 
 A step is forward, ``loss = (output * dy).mean()``, backward and an SGD
 step (gradients set to None first). The variants are timed in turns
@@ -93,14 +94,26 @@ def _unet(quick: bool):
 MODELS: Dict[str, Callable] = {"bert": _bert, "llama": _llama, "unet": _unet}
 
 
-def variants(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+def fuse(name: str, model: torch.nn.Module) -> None:
+    """The fusion of each model (in place, after torchnorm.convert)."""
+    import torchnorm.integrations
+    from torchnorm.fx import fuse_norms_in
+
+    if name == "llama":
+        torchnorm.integrations.transformers.apply(model)
+    elif name == "unet":
+        torchnorm.integrations.diffusers.apply(model)
+    else:
+        fuse_norms_in(model)
+
+
+def variants(name: str, model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     """The three variants of one model (deep copies of one initialization)."""
     import torchnorm
-    from torchnorm.fx import fuse_norms_in
 
     converted = torchnorm.convert(copy.deepcopy(model))
     fused = torchnorm.convert(copy.deepcopy(model))
-    fuse_norms_in(fused)
+    fuse(name, fused)
     return {"original": copy.deepcopy(model), "convert": converted, "convert+fuse": fused}
 
 
@@ -132,7 +145,7 @@ def _time_model(name: str, device: str, quick: bool, warmup: int, reps: int,
     row["config"] = config
     inputs = tuple(t.to(device) for t in inputs)
     calls = {}
-    for variant, m in variants(model.to(device).train()).items():
+    for variant, m in variants(name, model.to(device).train()).items():
         try:
             fn = _step(m, inputs, output_of, device)
             fn()  # one untimed step: errors surface here
@@ -192,7 +205,8 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
              "float32, training mode; a step is forward, a loss, backward and an SGD step. Median ms per step "
              "(interquartile range); speed is the original's time over the variant's, in the same run (the "
              "variants timed in turns), from the medians and, in brackets, the median of the per-round ratios. "
-             "convert+fuse = torchnorm.convert, then torchnorm.fx.fuse_norms_in.", "",
+             "convert+fuse = torchnorm.convert, then fx.fuse_norms_in (bert), integrations.transformers.apply "
+             "(llama) or integrations.diffusers.apply (unet).", "",
              "| model | config | original ms | convert ms | convert+fuse ms | convert speed | convert+fuse speed |",
              "|---|---|---|---|---|---|---|"]
 
