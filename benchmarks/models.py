@@ -160,8 +160,8 @@ def _time_model(name: str, device: str, quick: bool, warmup: int, reps: int,
         row[f"{v}_ms"] = f"{ms[v]:.4g}" if v in ms else ""
         row[f"{v}_iqr_ms"] = f"{iqr(rounds[v]) * 1e3:.3g}" if v in ms else ""
         if v != "original" and v in ms and "original" in ms:
-            row[f"{v}_speedup"] = f"{ms['original'] / ms[v]:.3f}"
-            row[f"{v}_speedup_per_round"] = f"{statistics.median(a / b for a, b in zip(rounds['original'], rounds[v])):.3f}"
+            row[f"{v}_speedup"] = f"{ms['original'] / ms[v]:.4g}"
+            row[f"{v}_speedup_per_round"] = f"{statistics.median(a / b for a, b in zip(rounds['original'], rounds[v])):.4g}"
             row[f"{v}_goal"] = goal_verdict(name, ms["original"] / ms[v])
     harness.log("  " + ", ".join(f"{v} {row[f'{v}_ms']} ms" for v in calls))
     return row

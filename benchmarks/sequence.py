@@ -188,7 +188,7 @@ def run(device: str, quick: bool, out_md: str) -> Tuple[List[dict], List[Tuple[s
                 # The calls of a round ran back to back: their ratio is free of
                 # the machine's slower drifts, which move both medians.
                 paired = statistics.median(a / b for a, b in zip(rounds["torchnorm"], rounds[other]))
-                row[f"vs_{other}"], row[f"vs_{other}_per_round"] = f"{ratio:.3f}", f"{paired:.3f}"
+                row[f"vs_{other}"], row[f"vs_{other}_per_round"] = f"{ratio:.4g}", f"{paired:.4g}"
                 row[f"goal_vs_{other}"] = verdict(ratio, goal)
             else:
                 row[f"vs_{other}"] = row[f"vs_{other}_per_round"] = row[f"goal_vs_{other}"] = ""

@@ -145,7 +145,7 @@ def _time_shape(shape: tuple, device: str, warmup: int, reps: int,
                 # The calls of a round ran back to back: their ratio is free of
                 # the machine's slower drifts, which move both medians.
                 paired = statistics.median(a / b for a, b in zip(rounds[name], rounds[BASELINE]))
-                row[f"{name}_vs_bn"], row[f"{name}_vs_bn_per_round"] = f"{ratio:.3f}", f"{paired:.3f}"
+                row[f"{name}_vs_bn"], row[f"{name}_vs_bn_per_round"] = f"{ratio:.4g}", f"{paired:.4g}"
                 row[f"{name}_goal"] = verdict(ratio, GOAL_VS_BATCH_NORM)
             else:
                 row[f"{name}_vs_bn"] = row[f"{name}_vs_bn_per_round"] = ""
