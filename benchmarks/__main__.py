@@ -9,6 +9,9 @@ Examples::
     python -m benchmarks --suite conv_bn                   # model-level Conv+BN only
     python -m benchmarks --suite sequence                  # BN-LSTM against its composition and torch.nn.LSTM
     python -m benchmarks --suite small_batch               # OnlineNorm2d, StreamingNorm2d against BatchNorm2d
+    python -m benchmarks --suite cosine_norm               # CosineConv2d, CosineLinear against their torch composition
+    python -m benchmarks --suite weight_norm               # torchnorm.weight_norm against torch's parametrization
+    python -m benchmarks --suite models                    # real models' training steps, converted and fused
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
 """
 from __future__ import annotations
@@ -20,10 +23,10 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from . import conv_bn, harness, report, sequence, small_batch, suites
+from . import conv_bn, cosine_norm, harness, models, report, sequence, small_batch, suites, weight_norm
 
 # Model-level suites, with their own report (a .md and .csv beside the op CSV).
-MODEL_SUITES = ("conv_bn", "sequence", "small_batch")
+MODEL_SUITES = ("conv_bn", "sequence", "small_batch", "cosine_norm", "weight_norm", "models")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -149,6 +152,17 @@ def main(argv=None) -> int:
             for device in path_devices:
                 failures += small_batch.run(device, args.quick,
                                             os.path.splitext(path)[0] + f"-small-batch-{device}.md")[1]
+        if "cosine_norm" in args.suites:
+            for device in path_devices:
+                failures += cosine_norm.run(device, args.quick,
+                                            os.path.splitext(path)[0] + f"-cosine-norm-{device}.md")[1]
+        if "weight_norm" in args.suites:
+            for device in path_devices:
+                failures += weight_norm.run(device, args.quick,
+                                            os.path.splitext(path)[0] + f"-weight-norm-{device}.md")[1]
+        if "models" in args.suites:
+            for device in path_devices:
+                failures += models.run(device, args.quick, os.path.splitext(path)[0] + f"-models-{device}.md")[1]
         if not op_suites:
             continue
         writer = harness.CsvWriter(path)

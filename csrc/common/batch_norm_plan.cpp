@@ -79,9 +79,9 @@ ForwardPlan plan_apply(const at::Tensor& input, const at::Tensor& mean, const at
   return plan_forward(op, input, weight, bias, mean, rstd, residual, /*training=*/false, 0.0, activation);
 }
 
-BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+BackwardPlan plan_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask, const char* op) {
+    const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask) {
   check_batch_norm_backward_args(op, grad_out, input, weight, bias, residual, mean, rstd);
   BackwardPlan p;
   p.activation = parse_activation(activation);

@@ -50,10 +50,9 @@ struct BackwardPlan {
   Activation activation = Activation::None;
 };
 
-BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+BackwardPlan plan_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask,
-    const char* op = "torchnorm.batch_norm_backward");
+    const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask);
 
 // A per-channel statistic (saved mean / rstd, or another (C,) vector in the
 // accumulation dtype) of a BatchNorm input: shape (C,), dtype

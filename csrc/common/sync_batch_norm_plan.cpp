@@ -44,8 +44,8 @@ BackwardPlan plan_backward_elemt(const at::Tensor& grad_out, const at::Tensor& i
     const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, const std::string& activation,
     std::array<bool, 2> output_mask) {
   const char* op = "torchnorm.batch_norm_backward_elemt";
-  BackwardPlan p = plan_backward(grad_out, input, weight, bias, residual, mean, rstd, activation,
-                                 {output_mask[0], false, false, output_mask[1]}, op);
+  BackwardPlan p = plan_backward(op, grad_out, input, weight, bias, residual, mean, rstd, activation,
+                                 {output_mask[0], false, false, output_mask[1]});
   check_channel_statistic(op, "mean_dz", mean_dz, input);
   check_channel_statistic(op, "mean_dz_xhat", mean_dz_xhat, input);
   return p;

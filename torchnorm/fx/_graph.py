@@ -63,16 +63,17 @@ class Tracer(fx.Tracer):
         return batch_norm_epilogue(m) is not None or super().is_leaf_module(m, qualname)
 
 
-def trace(model: torch.nn.Module, copy_model: bool) -> fx.GraphModule:
+def trace(model: torch.nn.Module, copy_model: bool, tracer: Optional[fx.Tracer] = None) -> fx.GraphModule:
     """A new GraphModule of `model` (of a deep copy of it when copy_model;
-    else sharing its modules, parameters and buffers)."""
+    else sharing its modules, parameters and buffers), traced by `tracer`
+    (default: Tracer())."""
     if copy_model:
         model = copy.deepcopy(model)
     if isinstance(model, fx.GraphModule):
         graph = fx.Graph()
         graph.output(graph.graph_copy(model.graph, {}))
     else:
-        graph = Tracer().trace(model)
+        graph = (tracer or Tracer()).trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)
 
 

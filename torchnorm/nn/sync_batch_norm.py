@@ -258,10 +258,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         Returns:
             ``module``, or its replacement when ``module`` itself is converted.
         """
-        from .convert import _retyped
+        from .convert import retyped
 
         def swap(bn, epilogue):
-            new = _retyped(bn, cls)
+            new = retyped(bn, cls)
             new._modules.clear()  # timm's act and drop: the activation is fused now
             new.process_group = process_group
             new.activation = None if epilogue[0] == "none" else epilogue[0]
