@@ -6,9 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CUDA 13.0 build of torch, so the CUDA sources compile wherever nvcc is.
 TORCH ?= torch==2.14.1
-# Real client models for the Conv+BN tests and benchmarks (they skip without
+# Real client models for the conversion, fusion and Conv+BN tests and benchmarks (they skip without
 # them); set MODELS= when TORCH names another torch.
-MODELS ?= torchvision==0.29.1 timm
+MODELS ?= torchvision==0.29.1 timm transformers diffusers
 # nvcc's home, when there is one: then the CUDA kernels are built too.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 ifneq ($(CUDA_HOME),)

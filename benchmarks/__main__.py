@@ -9,6 +9,9 @@ Examples::
     python -m benchmarks --suite conv_bn                   # model-level Conv+BN only
     python -m benchmarks --suite sequence                  # BN-LSTM against its composition and torch.nn.LSTM
     python -m benchmarks --suite small_batch               # OnlineNorm2d, StreamingNorm2d against BatchNorm2d
+    python -m benchmarks --suite cosine_norm               # CosineConv2d, CosineLinear against their torch composition
+    python -m benchmarks --suite weight_norm               # torchnorm.weight_norm against torch's parametrization
+    python -m benchmarks --suite models                    # real models' training steps, converted and fused
     python -m benchmarks.report benchmarks/results/local/cpu-amd-epyc.csv   # redraw the table
 """
 from __future__ import annotations
@@ -20,10 +23,10 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from . import conv_bn, harness, report, sequence, small_batch, suites
+from . import conv_bn, cosine_norm, harness, models, report, sequence, small_batch, suites, weight_norm
 
 # Model-level suites, with their own report (a .md and .csv beside the op CSV).
-MODEL_SUITES = ("conv_bn", "sequence", "small_batch")
+MODEL_SUITES = ("conv_bn", "sequence", "small_batch", "cosine_norm", "weight_norm", "models")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -122,7 +125,8 @@ def warm_pages_env(argv: list) -> Optional[dict]:
 # the time estimate (see harness.Progress): measured on the 2-core VM of the
 # committed results while other jobs shared it (load average 4-5). A GPU
 # takes them as they are.
-MODEL_SUITE_COST_S = {"conv_bn": (430.0, 7.0), "sequence": (220.0, 0.5), "small_batch": (12.0, 0.5)}
+MODEL_SUITE_COST_S = {"conv_bn": (430.0, 7.0), "sequence": (220.0, 0.5), "small_batch": (12.0, 0.5),
+                      "cosine_norm": (120.0, 2.0), "weight_norm": (60.0, 1.0), "models": (300.0, 10.0)}
 
 
 def _model_suite_paths(path: str, device: str) -> dict:
@@ -215,7 +219,10 @@ def main(argv=None) -> int:
         harness.warn_if_busy()
     runners = {"conv_bn": lambda d, out: (conv_bn.run(d, args.quick, out), []),
                "sequence": lambda d, out: sequence.run(d, args.quick, out),
-               "small_batch": lambda d, out: small_batch.run(d, args.quick, out)}
+               "small_batch": lambda d, out: small_batch.run(d, args.quick, out),
+               "cosine_norm": lambda d, out: cosine_norm.run(d, args.quick, out),
+               "weight_norm": lambda d, out: weight_norm.run(d, args.quick, out),
+               "models": lambda d, out: models.run(d, args.quick, out)}
     failures, conv_bn_rows, reports, op_runs = [], {}, [], []
     for path, path_devices in outs.items():
         for name in model_suites:

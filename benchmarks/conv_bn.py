@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -169,6 +169,39 @@ def verdict(value: float, goal: float) -> str:
     return f"{'met' if value <= goal else 'NOT met'} (goal <= {goal:.2f}x)"
 
 
+def checked_calls(suite: str, label: str, device: str, steps: Dict[str, Callable[[], Dict[str, Callable[[], None]]]],
+                  failures: List[Tuple[str, str]]) -> Dict[str, Dict[str, Callable[[], None]]]:
+    """The timed calls ``{mode: call}`` of each model of a ratio suite, from ``steps[model]()``,
+    after one untimed call of its last mode (errors surface there, not in the timing). A model
+    that fails is logged and added to ``failures``; the others are kept and timed."""
+    calls = {}
+    for name, make in steps.items():
+        try:
+            fns = make()
+            list(fns.values())[-1]()
+            calls[name] = fns
+        except Exception as e:  # noqa: BLE001 - report it, time the others
+            harness.log(f"{suite} {name} {label} on {device}: FAILED ({type(e).__name__}: {e})")
+            failures.append((f"{suite} {name} {label} {device}", f"{type(e).__name__}: {e}"))
+    return calls
+
+
+def median_columns(row: dict, rounds: Dict[str, List[float]], names) -> Dict[str, float]:
+    """Adds each model's median ms and interquartile range (``<name>_ms``, ``<name>_iqr_ms``;
+    empty for a model that was not timed) to a report row; returns the medians in ms."""
+    ms = {name: statistics.median(t) * 1e3 for name, t in rounds.items()}
+    for name in names:
+        row[f"{name}_ms"] = f"{ms[name]:.4g}" if name in ms else ""
+        row[f"{name}_iqr_ms"] = f"{iqr(rounds[name]) * 1e3:.3g}" if name in ms else ""
+    return ms
+
+
+def per_round_ratio(rounds: Dict[str, List[float]], numerator: str, denominator: str) -> float:
+    """The median over rounds of one model's time over another's: the two calls of a round ran
+    back to back, so their ratio is free of the machine's slower drifts, which move both medians."""
+    return statistics.median(a / b for a, b in zip(rounds[numerator], rounds[denominator]))
+
+
 def ratio_suite_main(prog: str, doc: str, slug: str, run: Callable, argv=None) -> int:
     """The command line of a model-level suite that writes a markdown report of
     ratios (sequence, small_batch): ``run(device, quick, out) -> (rows,
@@ -186,6 +219,32 @@ def ratio_suite_main(prog: str, doc: str, slug: str, run: Callable, argv=None) -
     with open(out) as f:
         print(f.read(), end="")
     return 1 if failures else 0
+
+
+def report_title(what: str, rows: List[dict], quick: bool) -> str:
+    """A ratio suite report's first line: what it times, the device, torch's
+    version and the threads of its rows (and that --quick is no measurement)."""
+    first = rows[0] if rows else {}
+    threads = first.get("threads", "")
+    return (f"# {what} ({first.get('device', '')}, torch {torch.__version__}, {threads} "
+            f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")")
+
+
+def median_cell(row: dict, name: str) -> str:
+    """A report cell: `name`'s median ms (interquartile range), or "failed"."""
+    return f"{row[name + '_ms']} ({row[name + '_iqr_ms']})" if row[name + "_ms"] else "failed"
+
+
+def write_report(rows: List[dict], columns: List[str], out_md: str, lines: List[str]) -> None:
+    """A suite's report: the rows as a CSV of `columns` beside out_md (same
+    stem, .csv), and the markdown lines in out_md."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 class SavedBytes:
@@ -383,17 +442,11 @@ COLUMNS = ["benchmark", "device", "shape", "torch", "torchnorm", "ratio"]
 
 
 def write(rows: List[dict], out_md: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
     lines = [f"# Conv+BatchNorm ({rows[0]['device'] if rows else ''}, torch {torch.__version__})", "",
              "| " + " | ".join(COLUMNS[:1] + COLUMNS[2:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in COLUMNS if c != "device") + " |")
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(rows, COLUMNS, out_md, lines)
 
 
 def run(device: str, quick: bool, out_md: str) -> List[dict]:

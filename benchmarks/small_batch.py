@@ -33,8 +33,6 @@ tensor, model and graph of the shape is dropped and freed heap handed back
 """
 from __future__ import annotations
 
-import csv
-import os
 import statistics
 import sys
 from typing import Callable, Dict, List, Tuple
@@ -42,7 +40,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from . import harness
-from .conv_bn import iqr, ratio_suite_main, timed_rounds, verdict
+from .conv_bn import iqr, median_cell, ratio_suite_main, report_title, timed_rounds, verdict, write_report
 
 
 FULL_SHAPES = ((32, 64, 56, 56), (256, 64, 28, 28))
@@ -134,7 +132,7 @@ def _time_shape(shape: tuple, device: str, warmup: int, reps: int,
                 # The calls of a round ran back to back: their ratio is free of
                 # the machine's slower drifts, which move both medians.
                 paired = statistics.median(a / b for a, b in zip(rounds[name], rounds[BASELINE]))
-                row[f"{name}_vs_bn"], row[f"{name}_vs_bn_per_round"] = f"{ratio:.3f}", f"{paired:.3f}"
+                row[f"{name}_vs_bn"], row[f"{name}_vs_bn_per_round"] = f"{ratio:.4g}", f"{paired:.4g}"
                 row[f"{name}_goal"] = verdict(ratio, GOAL_VS_BATCH_NORM)
             else:
                 row[f"{name}_vs_bn"] = row[f"{name}_vs_bn_per_round"] = ""
@@ -173,16 +171,8 @@ COLUMNS = (["benchmark", "mode", "shape", "dtype", "device", "threads", "torch_v
 
 def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
     """The report: a CSV of the rows (COLUMNS) and a markdown table beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
-    with open(os.path.splitext(out_md)[0] + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    first = rows[0] if rows else {}
-    threads = first.get("threads", "")
     others = [n for n in PROVIDERS if n != BASELINE]
-    lines = [f"# Small-batch norms ({first.get('device', '')}, torch {torch.__version__}, {threads} "
-             f"thread{'' if threads == 1 else 's'}" + (", --quick: not a measurement" if quick else "") + ")", "",
+    lines = [report_title("Small-batch norms", rows, quick), "",
              "float32, training mode, input and parameters requiring grad; forward+backward is "
              "`torch.autograd.grad` of the output for the input and the parameters. Median ms per call "
              "(interquartile range); ratios are each model's time over torchnorm's BatchNorm2d on the same "
@@ -196,9 +186,7 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
              "|---" * (2 + len(PROVIDERS) + len(others)) + "|"]
 
     def cell(r, name):
-        if r[name + "_ms"] == NOT_AVAILABLE:
-            return NOT_AVAILABLE
-        return f"{r[name + '_ms']} ({r[name + '_iqr_ms']})" if r[name + "_ms"] else "failed"
+        return NOT_AVAILABLE if r[name + "_ms"] == NOT_AVAILABLE else median_cell(r, name)
 
     def ratio(r, name):
         if not r[f"{name}_vs_bn"]:
@@ -208,8 +196,7 @@ def write(rows: List[dict], out_md: str, quick: bool = False) -> None:
     for r in rows:
         lines.append(f"| {r['shape']} | {r['mode']} | " + " | ".join(cell(r, n) for n in PROVIDERS) + " | "
                      + " | ".join(ratio(r, n) for n in others) + " |")
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(rows, COLUMNS, out_md, lines)
 
 
 def main(argv=None) -> int:

@@ -182,23 +182,71 @@ TORCH_LIBRARY(torchnorm, m) {
   // mean and biased variance of sample n over its positions,
   //   var <- a_f var + (1 - a_f) s2_n + a_f (1 - a_f) (m_n - mu)^2
   //   mu  <- mu + (1 - a_f) (m_n - mu)          (mu, var (C,), in place)
-  // Returns (out, mean, rstd): the (N, C) statistics each sample was
-  // normalized with. u, v and alpha_bkw, the backward's state and rate, are
-  // not used here: they are inputs so that autograd can hand them to the
-  // backward.
+  // With layer_scale (the error compensation "ls"), out is then scaled per
+  // sample: out <- out / sqrt(mean over the sample's channels and positions
+  // of out^2 + eps), in the same pass.
+  // Returns (out, mean, rstd, layer_rstd): the (N, C) statistics each sample
+  // was normalized with, and with layer_scale each sample's (N,) scale
+  // 1 / sqrt(mean(out^2) + eps) (else an empty (0,) tensor). u, v and
+  // alpha_bkw, the backward's state and rate, are not used here: they are
+  // inputs so that autograd can hand them to the backward.
   m.def(
       "online_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) mu, Tensor(b!) var, Tensor u, "
-      "Tensor v, float alpha_fwd, float alpha_bkw, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor v, float alpha_fwd, float alpha_bkw, float eps, bool layer_scale=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // The paper's backward, a control process rather than the forward's
   // derivative: per channel, for each sample n in order, with y_n the
   // forward's output (means over the sample's positions),
   //   g = weight dy_n - (1 - a_b) v y_n;  v += mean(g y_n);  g = g * rstd_n
   //   dx_n = g - (1 - a_b) u;             u += mean(dx_n)   (u, v (C,), in place)
+  // With layer_rstd (the forward's with layer_scale; bias is then the
+  // forward's bias), grad_output is the gradient of the layer-scaled output
+  // and dy above is its derivative through the scaling (per sample, with r =
+  // layer_rstd and z = weight y + bias: dy = r grad_output - r^3
+  // mean(grad_output z) z), folded into the same passes.
   // Returns (grad_input, grad_weight = sum dy y, grad_bias = sum dy); an
   // output whose output_mask entry is false is an empty tensor of shape (0,).
   m.def(
       "online_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, "
-      "Tensor(a!) u, Tensor(b!) v, float alpha_bkw, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "Tensor(a!) u, Tensor(b!) v, float alpha_bkw, bool[3] output_mask, Tensor? bias=None, "
+      "Tensor? layer_rstd=None) -> (Tensor, Tensor, Tensor)");
+
+  // Streaming Normalization (Liao, Kawaguchi and Poggio 2016), training, of
+  // an (N, C, *) input (at least one value per channel; one is allowed):
+  // per channel, the batch statistics s = (mean, std), std = sqrt(biased var
+  // + eps), are pushed into the short-term history (short_stats (2, C), rows
+  // mean and std, the average of the short_count batches pushed since the
+  // last weight update; both in place: short <- short + (s - short) /
+  // (short_count + 1), short_count += 1), and the input is normalized with
+  // s_hat = alpha_long * long + alpha_short * short, long the long-term
+  // statistics long_stats (2, C) (the short-term ones before the first
+  // weight update, long_count == 0):
+  //   out = (x - mean_hat) / std_hat * weight + bias
+  // Returns (out, mean, rstd, mean_hat, rstd_hat): the batch's (C,) mean and
+  // 1 / std, and those of s_hat, in the accumulation dtype. The gradient
+  // history (grad_*) and beta_*, the backward's, are checked but not used
+  // here: they are inputs so that autograd can hand them to the backward.
+  m.def(
+      "streaming_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) short_stats, "
+      "Tensor(b!) short_count, Tensor long_stats, Tensor long_count, Tensor grad_short, Tensor grad_short_count, "
+      "Tensor grad_long, Tensor grad_long_count, float alpha_long, float alpha_short, float beta_long, "
+      "float beta_short, float beta_current, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward, the paper's streamed gradient: per channel g =
+  // dL/d(mean_hat, std_hat) of this batch is pushed into the short-term
+  // gradient history (grad_short, grad_short_count, in place, as above), and
+  // the batch statistics s receive, in place of their derivative, g_hat =
+  // beta_long * grad_long + beta_short * grad_short + beta_current * g
+  // (grad_long the short-term one before its first weight update), which
+  // reaches the input through d mean/dx and d std/dx; the rest of grad_input
+  // is dy * weight / std_hat. Returns (grad_input, grad_weight = sum dy x_hat,
+  // grad_bias = sum dy), x_hat = (x - mean_hat) / std_hat; an output whose
+  // output_mask entry is false is an empty tensor of shape (0,). The history
+  // is updated whatever the mask.
+  m.def(
+      "streaming_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, "
+      "Tensor mean_hat, Tensor rstd_hat, Tensor(a!) grad_short, Tensor(b!) grad_short_count, Tensor grad_long, "
+      "Tensor grad_long_count, float beta_long, float beta_short, float beta_current, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // Internal ops: the per-channel pieces of conv_bn_frozen and
   // conv_bn_frozen_backward, which call them through the dispatcher, and of
@@ -263,6 +311,58 @@ TORCH_LIBRARY(torchnorm, m) {
       "Tensor cx, Tensor cy, Tensor? bias, Tensor bn_ih_weight, Tensor bn_hh_weight, Tensor bn_c_weight, "
       "Tensor bn_c_bias, Tensor stats, Tensor? valid, bool training, Tensor(a!) grad_input_gates, "
       "Tensor(b!) grad_hidden_gates, Tensor(c!) grad_cx, Tensor(d!) grad_params) -> ()");
+
+  // ------------------------------------------------ Cosine Normalization --
+  // Cosine Normalization (Luo et al. 2017; docs/cosine_norm.md): each output
+  // is the cosine of the angle between an output unit's weights and the
+  // input it sees, out = (w . x + b) / (|w| |x|), in [-1, 1], with the norms
+  // |w| = sqrt(sum w^2 + b^2 + eps) and |x| = sqrt(sum x^2 + [bias] + eps): a
+  // bias is the weight of a constant input 1 (once per patch), and eps
+  // (> 0) keeps an all-zero input's or weight's norm from 0 (its output is
+  // then 0, not NaN). Each returns (out, input_rnorm, weight_rnorm), the
+  // norms' reciprocals 1 / |x| and 1 / |w| (O,), in float32 (float64 for
+  // float64 input). Dtypes: float32, float64, float16, bfloat16, the weight
+  // and bias in the input's.
+  //
+  // A linear layer: input (*, I), weight (O, I), bias (O,); out (*, O),
+  // input_rnorm (*) per row.
+  m.def("cosine_linear(Tensor input, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // A 2-d convolution with zero padding: input (N, C, H, W), weight (O, C /
+  // groups, kh, kw), bias (O,); out (N, O, Ho, Wo) as aten::convolution's.
+  // |x| is the norm of the input patch under each output position, over the
+  // channels of the output's group: input_rnorm is (N, groups, Ho, Wo).
+  m.def(
+      "cosine_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  // Their gradients from the forward's arguments and what it returned:
+  // (grad_input, grad_weight, grad_bias); an output whose output_mask entry
+  // is false (grad_bias without a bias too) is an empty tensor of shape (0,).
+  m.def(
+      "cosine_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
+      "Tensor input_rnorm, Tensor weight_rnorm, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cosine_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, Tensor output, "
+      "Tensor input_rnorm, Tensor weight_rnorm, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // ---------------------------------------------- Weight Normalization --
+  // Weight Normalization (Salimans and Kingma 2016): w = g * v / ||v||, one
+  // 2-norm per slice of v along dim (dim None: the whole tensor is one
+  // slice; a negative dim counts from the end). The norm is clamped below by
+  // eps (w = g * v / max(||v||, eps)), so a zero slice gives w = 0, not NaN.
+  // g holds one value per slice: shaped (slices,), or like v with size 1
+  // outside dim. Returns (w, norms): w like v (contiguous), norms = ||v||
+  // per slice, unclamped, in g's shape and v's accumulation dtype (float32,
+  // float64 for float64 v): half weights get float32 norms.
+  m.def("weight_norm(Tensor v, Tensor g, int? dim, float eps) -> (Tensor, Tensor)");
+  // Gradients of weight_norm from the norms it returned. With d =
+  // sum(grad_w * v) per slice: grad_g = d / ||v|| and grad_v = (g / ||v||)
+  // (grad_w - v * d / ||v||^2); where ||v|| < eps, the clamped forward is
+  // linear in v: grad_g = d / eps, grad_v = (g / eps) grad_w. Returns
+  // (grad_v, grad_g) in v's and g's shapes and dtypes; an output whose
+  // output_mask entry is false is an empty tensor of shape (0,).
+  m.def(
+      "weight_norm_backward(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int? dim, float eps, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 // torchnorm._C is imported only for its side effect of running the
@@ -270,4 +370,48 @@ TORCH_LIBRARY(torchnorm, m) {
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
+}
+
+// ---------------------------------------------------------------------------
+// SyncBatchNorm's per-rank ops (torchnorm.nn.SyncBatchNorm,
+// docs/sync_batch_norm.md). The collectives between them run in Python
+// (torch.distributed._functional_collectives), so each op is local and not
+// differentiable: the module's autograd Function calls them.
+// ---------------------------------------------------------------------------
+TORCH_LIBRARY_FRAGMENT(torchnorm, m) {
+  // One rank's per-channel statistics of an (N, C, *) input (contiguous or
+  // channels-last, read in place): a float64 (3, C) tensor of rows count
+  // (N * S, the same for every channel), mean and M2 = sum((x - mean)^2),
+  // computed in the input's accumulation type (float32 for float32, float16
+  // and bfloat16) about a per-channel shift (on the CPU), then widened: the
+  // count stays exact and the mean keeps its digits below float32's spacing
+  // at its magnitude. An empty input gives zeros. The optional tensors are
+  // only checked, as batch_norm_train checks them against the input, so
+  // that a bad call fails before any collective or running-statistics update.
+  m.def(
+      "batch_norm_stats(Tensor input, Tensor? weight=None, Tensor? bias=None, Tensor? running_mean=None, "
+      "Tensor? running_var=None, Tensor? residual=None) -> Tensor");
+  // Merges W partials (count, mean, M2) given as a (W, 3, C) table (W
+  // batch_norm_stats results stacked: what an all_gather of them returns)
+  // with Chan's formula in order w = 0 .. W-1 (partials of count 0 skipped);
+  // returns (mean, rstd, count), each (C,) in the table's dtype (float32 or
+  // float64), rstd = 1/sqrt(M2 / count + eps). Updates the running statistics in place
+  // as batch_norm_train does, with the merged count for the unbiased
+  // variance; where the merged count is 0, mean is 0, rstd 1/sqrt(eps) and
+  // the running statistics stay as they are.
+  m.def(
+      "batch_norm_gather_stats(Tensor stats, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  // grad_input of training-mode BatchNorm from global statistics (mean,
+  // rstd) and the global means mean_dz = mean(dz) and mean_dz_xhat =
+  // mean(dz * (x - mean) * rstd), dz = dy * act'(z) being the gradient of the
+  // pre-activation (batch_norm_backward with training=False returns the local
+  // sums as grad_bias and grad_weight): grad_input = weight * rstd * (dz -
+  // mean_dz - xhat * mean_dz_xhat); grad_residual = dz. Returns (grad_input,
+  // grad_residual); an output whose output_mask entry is false is an empty
+  // tensor of shape (0,).
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor mean, Tensor rstd, Tensor mean_dz, Tensor mean_dz_xhat, str activation, float negative_slope, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 }

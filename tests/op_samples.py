@@ -593,15 +593,18 @@ SOURCES += [
 
 def online_norm_samples(device):
     """Online Normalization in training (1-d, spatial, float64, bfloat16 with
-    float32 state; with and without the fused affine; the input requiring grad
-    so autograd is checked), and its backward op from the forward's
-    statistics, with and without the weight and output masks."""
+    float32 state; with and without the fused affine and the layer scaling;
+    the input requiring grad so autograd is checked), and its backward op from
+    the forward's statistics, with and without the weight and output masks."""
     samples = []
-    for sid, shape, dtype, state_dtype, affine in (
-        ("NC-f32", (4, 3), torch.float32, torch.float32, False),
-        ("NCHW-f32-affine", (3, 2, 4, 5), torch.float32, torch.float32, True),
-        ("NCL-f64-affine", (3, 2, 6), torch.float64, torch.float64, True),
-        ("NCHW-bf16", (2, 3, 3, 3), torch.bfloat16, torch.float32, False),
+    for sid, shape, dtype, state_dtype, affine, ls in (
+        ("NC-f32", (4, 3), torch.float32, torch.float32, False, False),
+        ("NCHW-f32-affine", (3, 2, 4, 5), torch.float32, torch.float32, True, False),
+        ("NCL-f64-affine", (3, 2, 6), torch.float64, torch.float64, True, False),
+        ("NCHW-bf16", (2, 3, 3, 3), torch.bfloat16, torch.float32, False, False),
+        ("NCHW-f32-affine-ls", (3, 2, 4, 5), torch.float32, torch.float32, True, True),
+        ("NCL-f64-affine-ls", (3, 2, 6), torch.float64, torch.float64, True, True),
+        ("NC-f32-ls", (4, 3), torch.float32, torch.float32, False, True),
     ):
         C = shape[1]
         x = make_input(shape, dtype, device, seed=120 + len(samples))
@@ -610,14 +613,187 @@ def online_norm_samples(device):
         state = [torch.zeros(C, dtype=state_dtype, device=device), torch.ones(C, dtype=state_dtype, device=device),
                  torch.zeros(C, dtype=state_dtype, device=device), torch.zeros(C, dtype=state_dtype, device=device)]
         leaf_or_none = [None if t is None else t.clone().requires_grad_(grad) for t in (x, w, b)]
-        samples.append(("online_norm", sid, (*leaf_or_none, *state, 0.9, 0.8, EPS)))
+        samples.append(("online_norm", sid, (*leaf_or_none, *state, 0.9, 0.8, EPS, ls)))
         with torch.no_grad():
-            _, mean, rstd = OPS.online_norm(x, w, b, *[s.clone() for s in state], 0.9, 0.8, EPS)
+            _, mean, rstd, layer_rstd = OPS.online_norm(x, w, b, *[s.clone() for s in state], 0.9, 0.8, EPS, ls)
         dy = make_input(shape, dtype, device, seed=130 + len(samples), scale=1.0, offset=False)
-        mask = [True, affine, affine] if sid != "NCL-f64-affine" else [False, True, False]
+        mask = [True, affine, affine] if not sid.startswith("NCL-f64-affine") else [False, True, False]
+        layer_args = (b, layer_rstd) if ls else ()
         samples.append(("online_norm_backward", sid, (dy, x, w, mean, rstd, state[2].clone(), state[3].clone(), 0.8,
-                                                      mask)))
+                                                      mask, *layer_args)))
     return samples
 
 
 SOURCES.append(SampleSource(online_norm_samples, on_every_device=True))
+
+
+# ---------------------------------------------------------------------------
+# SyncBatchNorm's per-rank ops
+# ---------------------------------------------------------------------------
+
+
+def sync_batch_norm_samples(device):
+    """batch_norm_stats (layouts, dtypes, an empty share), batch_norm_gather_stats
+    (a table with an empty partial; float64; no running statistics; float16
+    running statistics) and batch_norm_backward_elemt (activations, residual,
+    output masks, float16 with float32 parameters)."""
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    samples = []
+    for sid, shape, layout, dtype, pdtype in [
+        ("4d-f32", (4, 3, 5, 5), "contiguous", f32, f32),
+        ("cl-f16-f32params", (2, 4, 3, 3), "channels_last", f16, f32),
+        ("2d-f64", (5, 3), "contiguous", f64, f64),
+        ("5d-bf16-cl3d", (2, 3, 2, 2, 3), "channels_last_3d", bf16, bf16),
+        ("empty", (0, 3, 4), "contiguous", f32, f32),
+    ]:
+        x = make_input(shape, dtype, device, layout=layout, seed=200 + len(samples))
+        w, b, rm, rv = make_params(shape[1], pdtype, device, seed=210 + len(samples))
+        samples.append(("batch_norm_stats", sid, (x, w, b, rm, rv, None)))
+    samples.append(("batch_norm_stats", "input-only", (make_input((3, 2, 4), f32, device, seed=220),)))
+
+    full = make_input((7, 3, 4), f32, device, seed=230)
+    table = torch.stack([OPS.batch_norm_stats(s) for s in (full[:3], full[3:3], full[3:])])
+    _, _, rm, rv = make_params(3, f32, device, seed=240)
+    samples.append(("batch_norm_gather_stats", "f32-3-partials-one-empty", (table, rm, rv, 0.1, EPS)))
+    samples.append(("batch_norm_gather_stats", "f64-no-running", (table.double(), None, None, 0.1, EPS)))
+    samples.append(("batch_norm_gather_stats", "f32-f16-running", (table, rm.half(), rv.half(), 0.3, 1e-3)))
+
+    for sid, shape, layout, dtype, pdtype, activation, affine, residual, mask in [
+        ("4d-f32-silu-res", (4, 3, 5, 5), "contiguous", f32, f32, "silu", True, True, [True, True]),
+        ("cl-f16-f32params-relu", (2, 4, 3, 3), "channels_last", f16, f32, "relu", True, False, [True, False]),
+        ("2d-f64-noaffine", (5, 3), "contiguous", f64, f64, "none", False, False, [True, False]),
+        ("cl3d-bf16-leaky-res-residual-only", (2, 3, 2, 2, 3), "channels_last_3d", bf16, bf16, "leaky_relu", True,
+         True, [False, True]),
+    ]:
+        seed = 250 + 10 * len(samples)
+        x = make_input(shape, dtype, device, layout=layout, seed=seed)
+        gy = make_input(shape, dtype, device, layout=layout, seed=seed + 1, scale=1.0, offset=False)
+        res = make_input(shape, dtype, device, layout=layout, seed=seed + 2, offset=False) if residual else None
+        w, b, _, _ = make_params(shape[1], pdtype, device, seed=seed + 3, affine=affine)
+        _, mean, rstd = OPS.batch_norm_train(x, w, b, None, None, 0.1, EPS, activation, 0.2, res)
+        mean_dz, mean_dz_xhat = (randn(shape[1], seed + k, mean.dtype, device) for k in (4, 5))
+        samples.append(("batch_norm_backward_elemt", sid,
+                        (gy, x, w, b, res, mean, rstd, mean_dz, mean_dz_xhat, activation, 0.2, mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(sync_batch_norm_samples, on_every_device=True))
+def cosine_norm_samples(device):
+    """Cosine Normalization: cosine_linear (2-d and 3-d input, with and
+    without a bias, float32, float64, bfloat16) and cosine_conv2d (padding,
+    stride, dilation, groups), inputs requiring grad so autograd is checked
+    (not bfloat16); and their backward ops from the forwards' outputs, with
+    and without each gradient."""
+    samples = []
+    linear_cases = (("2d-f32-bias", (5, 6), 4, torch.float32, True), ("3d-f64", (2, 3, 6), 4, torch.float64, False),
+                    ("2d-bf16-bias", (4, 6), 3, torch.bfloat16, True))
+    for sid, shape, out, dtype, bias in linear_cases:
+        x = make_input(shape, dtype, device, seed=150 + len(samples))
+        w = randn((out, shape[-1]), 160 + len(samples), dtype, device, scale=0.5)
+        b = randn((out,), 170 + len(samples), dtype, device, scale=0.5) if bias else None
+        grad = dtype != torch.bfloat16
+        samples.append(("cosine_linear", sid, (*[None if t is None else t.clone().requires_grad_(grad)
+                                                 for t in (x, w, b)], 1e-8)))
+        with torch.no_grad():
+            y, rx, rw = OPS.cosine_linear(x, w, b, 1e-8)
+        dy = make_input(tuple(y.shape), dtype, device, seed=180 + len(samples), scale=1.0, offset=False)
+        mask = [True, True, bias] if sid != "3d-f64" else [False, True, False]
+        samples.append(("cosine_linear_backward", sid, (dy, x, w, b, y, rx, rw, mask)))
+    conv_cases = (("3x3-pad1-f32-bias", (2, 3, 5, 6), 4, 1, [1, 1], [1, 1], [1, 1], torch.float32, True),
+                  ("stride2-dilation2-groups2-f64", (2, 4, 7, 7), 6, 2, [2, 1], [2, 0], [2, 1], torch.float64,
+                   False),
+                  ("3x3-bf16", (1, 2, 4, 4), 2, 1, [1, 1], [0, 0], [1, 1], torch.bfloat16, True))
+    for sid, shape, out, groups, stride, padding, dilation, dtype, bias in conv_cases:
+        conv = (stride, padding, dilation, groups)
+        x = make_input(shape, dtype, device, seed=190 + len(samples))
+        w = randn((out, shape[1] // groups, 3, 3), 200 + len(samples), dtype, device, scale=0.5)
+        b = randn((out,), 210 + len(samples), dtype, device, scale=0.5) if bias else None
+        grad = dtype != torch.bfloat16
+        samples.append(("cosine_conv2d", sid, (*[None if t is None else t.clone().requires_grad_(grad)
+                                                 for t in (x, w, b)], *conv, 1e-8)))
+        with torch.no_grad():
+            y, rx, rw = OPS.cosine_conv2d(x, w, b, *conv, 1e-8)
+        dy = make_input(tuple(y.shape), dtype, device, seed=220 + len(samples), scale=1.0, offset=False)
+        mask = [True, True, bias] if dtype != torch.float64 else [True, False, False]
+        samples.append(("cosine_conv2d_backward", sid, (dy, x, w, b, y, rx, rw, *conv, mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(cosine_norm_samples, on_every_device=True))
+def streaming_norm_samples(device):
+    """Streaming Normalization in training (1-d, spatial, channels-last,
+    float64 state, bfloat16 with float32 state, one value per channel; with
+    and without weight and bias; before and after a first weight update; the
+    input requiring grad so autograd is checked), and its backward op from
+    the forward's statistics, with and without the output masks."""
+    samples = []
+    for sid, shape, dtype, state_dtype, affine, updated, layout in (
+        ("NC-f32", (4, 3), torch.float32, torch.float32, False, False, "contiguous"),
+        ("NCHW-f32-affine-updated", (3, 2, 4, 5), torch.float32, torch.float32, True, True, "contiguous"),
+        ("NCHW-f32-channels-last", (2, 3, 4, 4), torch.float32, torch.float32, True, False, "channels_last"),
+        ("NCL-f64-affine", (3, 2, 6), torch.float64, torch.float64, True, True, "contiguous"),
+        ("NCHW-bf16", (2, 3, 3, 3), torch.bfloat16, torch.float32, True, False, "contiguous"),
+        ("1C-f32-one-value", (1, 3), torch.float32, torch.float32, True, True, "contiguous"),
+    ):
+        C = shape[1]
+        x = make_input(shape, dtype, device, layout=layout, seed=150 + len(samples))
+        grad = dtype != torch.bfloat16
+        w, b = (make_params(C, dtype, device, seed=160 + len(samples))[:2] if affine else (None, None))
+        gen = torch.Generator().manual_seed(170 + len(samples))
+
+        def history(count):
+            values = torch.stack([torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5])
+            return values.to(device, state_dtype), torch.tensor(float(count), dtype=state_dtype, device=device)
+
+        short, short_count = history(2)
+        long, long_count = history(1 if updated else 0)
+        grad_short, grad_short_count = history(1)
+        grad_long, grad_long_count = history(3 if updated else 0)
+        state = (short, short_count, long, long_count, grad_short, grad_short_count, grad_long, grad_long_count)
+        rates = (0.3, 0.7, 0.2, 0.5, 0.3)
+        leaf_or_none = [None if t is None else t.clone().requires_grad_(grad) for t in (x, w, b)]
+        samples.append(("streaming_norm", sid, (*leaf_or_none, *[t.clone() for t in state], *rates, EPS)))
+        with torch.no_grad():
+            _, mean, rstd, mean_hat, rstd_hat = OPS.streaming_norm(x, w, b, *[t.clone() for t in state], *rates, EPS)
+        dy = make_input(shape, dtype, device, layout=layout, seed=180 + len(samples), scale=1.0, offset=False)
+        mask = [True, affine, affine] if sid != "NCL-f64-affine" else [False, True, False]
+        samples.append(("streaming_norm_backward", sid, (dy, x, w, mean, rstd, mean_hat, rstd_hat,
+                                                         *[t.clone() for t in state[4:]], *rates[2:], mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(streaming_norm_samples, on_every_device=True))
+# ---------------------------------------------------------------------------
+# Weight Normalization
+# ---------------------------------------------------------------------------
+
+
+def weight_norm_samples(device):
+    """weight_norm along dim 0, a middle dim, the last (negative) and the whole
+    tensor (None), in float32, float64 and bfloat16 with a float32 g, v and g
+    requiring grad (so autograd is checked) but for bfloat16; and
+    weight_norm_backward from the forward's norms, with each output mask."""
+    from test_weight_norm import g_shape
+
+    samples = []
+    for sid, shape, dim, dtype, g_dtype, mask in (
+        ("2d-dim0-f32", (6, 5), 0, torch.float32, torch.float32, [True, True]),
+        ("4d-dim1-f64", (4, 3, 3, 3), 1, torch.float64, torch.float64, [True, False]),
+        ("3d-dim-1-f32", (3, 4, 20), -1, torch.float32, torch.float32, [False, True]),
+        ("4d-none-f32", (4, 3, 2, 2), None, torch.float32, torch.float32, [True, True]),
+        ("2d-dim0-bf16", (6, 40), 0, torch.bfloat16, torch.float32, [True, True]),
+    ):
+        seed = 200 + 3 * len(samples)
+        v = randn(shape, seed, dtype, device)
+        g = randn(g_shape(shape, dim), seed + 1, g_dtype, device, scale=0.5, offset=1.0)
+        grad = dtype != torch.bfloat16
+        samples.append(("weight_norm", sid, (v.clone().requires_grad_(grad), g.clone().requires_grad_(grad), dim,
+                                             1e-12)))
+        with torch.no_grad():
+            _, norms = OPS.weight_norm(v, g, dim, 1e-12)
+        grad_w = randn(shape, seed + 2, dtype, device)
+        samples.append(("weight_norm_backward", sid, (grad_w, v, g, norms, dim, 1e-12, mask)))
+    return samples
+
+
+SOURCES.append(SampleSource(weight_norm_samples, on_every_device=True))

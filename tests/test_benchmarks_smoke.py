@@ -4,7 +4,8 @@ The batch_norm suite runs with the torch provider only (no build needed); the
 per-sample-norm suites (layer_norm, rms_norm, group_norm, instance_norm) run
 with every provider (torch, torch_compile, torchnorm), so they need the built
 extension (skipped when torchnorm._C is not built; a missing op fails).
-The model-level suites (conv_bn, sequence, small_batch) and the examples
+The model-level suites (conv_bn, sequence, small_batch, cosine_norm) and the examples
+The model-level suites (conv_bn, sequence, small_batch, weight_norm) and the examples
 (sequence_norms.py, small_batch_norms.py) run at their --quick sizes; the
 sequence suite's baseline, the per-step composition, is checked to compute
 what torchnorm.nn.BNLSTM computes.
@@ -46,6 +47,20 @@ def _run(tmp_path, *args, returncodes=(0,)):
     md = (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return proc, rows, md
+
+
+def _run_model_suite(tmp_path, suite, slug):
+    """`python -m benchmarks --quick --suite <suite>` on the CPU, one thread:
+    (the process, the rows of its report's CSV, its markdown)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", suite,
+         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / f"bench-{slug}-cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc, rows, (tmp_path / f"bench-{slug}-cpu.md").read_text()
 
 
 def test_quick_cpu_torch(tmp_path):
@@ -216,15 +231,8 @@ def test_quick_sequence(tmp_path):
     """The BN-LSTM suite: forward and forward+backward rows with the times of all
     three models and both ratios, measured in the run, into its own report."""
     pytest.importorskip("torchnorm._C")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "sequence",
-         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc, rows, md = _run_model_suite(tmp_path, "sequence", "sequence")
     assert "sequence BN-LSTM forward (batch 4, input 8, hidden 16, 5 steps, cpu): timing" in proc.stderr
-    with open(tmp_path / "bench-sequence-cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [r["benchmark"] for r in rows] == ["BN-LSTM forward", "BN-LSTM forward+backward"]
     for r in rows:
         times = {p: float(r[f"{p}_ms"]) for p in ("torchnorm", "composition", "lstm")}
@@ -234,6 +242,10 @@ def test_quick_sequence(tmp_path):
         assert float(r["vs_lstm"]) == pytest.approx(times["torchnorm"] / times["lstm"], rel=2e-3)
         assert r["goal_vs_composition"].startswith(("met", "NOT met"))
         assert r["goal_vs_lstm"].startswith(("met", "NOT met"))
+        # The products floor: some product time was seen, and its ratio is of this run's composition.
+        assert float(r["products_ms"]) > 0, r
+        assert float(r["products_vs_composition"]) == pytest.approx(
+            float(r["products_ms"]) / times["composition"], rel=2e-3)
     md = (tmp_path / "bench-sequence-cpu.md").read_text()
     assert "| BN-LSTM forward+backward |" in md and "torchnorm / composition" in md
 
@@ -310,19 +322,11 @@ def test_quick_small_batch(tmp_path):
     import torchnorm.nn
     from benchmarks import small_batch
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--suite", "small_batch",
-         "--threads", "1", "--out", str(tmp_path / "bench.csv")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc, rows, md = _run_model_suite(tmp_path, "small_batch", "small-batch")
     assert "small_batch forward (2x8x8x8 float32, cpu): timing" in proc.stderr  # progress lines
-    with open(tmp_path / "bench-small-batch-cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     assert [(r["shape"], r["mode"]) for r in rows] == [
         (s, m) for s in ("2x8x8x8", "8x8x4x4") for m in ("forward", "forward+backward")]
     streaming = hasattr(torchnorm.nn, "StreamingNorm2d")
-    md = (tmp_path / "bench-small-batch-cpu.md").read_text()
     for r in rows:
         bn = float(r["batch_norm_ms"])
         assert bn > 0, r
@@ -364,3 +368,40 @@ def test_small_batch_norms_example_quick(tmp_path):
             assert run["curve"]["samples"][-1] == 64  # the same samples seen at every batch size
             assert all(0 <= acc <= 100 for acc in run["curve"]["test_acc"])
             assert run["final_test_acc"] == run["curve"]["test_acc"][-1]
+
+
+def test_quick_cosine_norm(tmp_path):
+    """The cosine_norm suite: forward and forward+backward rows of both
+    layers, with the composition's, torchnorm's and the dot product's times
+    and the speedup and ceiling from this run's medians, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    proc, rows, md = _run_model_suite(tmp_path, "cosine_norm", "cosine-norm")
+    log = proc.stderr
+    assert "cosine_norm CosineConv2d forward (2x8x8x8 float32, cpu): timing" in log  # progress lines
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (layer, mode) for layer in ("CosineConv2d", "CosineLinear") for mode in ("forward", "forward+backward")]
+    for r in rows:
+        comp, ours, dot = (float(r[f"{p}_ms"]) for p in ("composition", "torchnorm", "dot"))
+        assert min(comp, ours, dot) > 0, r
+        assert float(r["speedup"]) == pytest.approx(comp / ours, rel=2e-3)
+        assert float(r["ceiling"]) == pytest.approx(comp / dot, rel=2e-3)
+        assert r["goal"].startswith(("met", "NOT met"))
+    assert "| CosineLinear | 16x32 | forward+backward |" in md and "| speedup | ceiling |" in md
+
+
+def test_quick_weight_norm(tmp_path):
+    """The weight_norm suite: forward, training step and weight-only rows of
+    both layers, torchnorm.weight_norm's time and ratio to torch's
+    parametrization, measured in the run, into its own report."""
+    pytest.importorskip("torchnorm._C")
+    from benchmarks import weight_norm
+
+    proc, rows, md = _run_model_suite(tmp_path, "weight_norm", "weight-norm")
+    assert "weight_norm forward+backward (Linear(64, 64) on 8x64 float32, cpu): timing" in proc.stderr
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (label, m) for label, _, _ in weight_norm.QUICK_LAYERS.values() for m in weight_norm.MODES]
+    for r in rows:
+        assert float(r["torch_ms"]) > 0 and float(r["torchnorm_ms"]) > 0, r
+        assert float(r["ratio"]) == pytest.approx(float(r["torchnorm_ms"]) / float(r["torch_ms"]), rel=2e-3)
+        assert r["goal"].startswith(("met", "NOT met")) == (r["mode"] == "forward+backward")
+    assert "| Linear(64, 64) | 8x64 | forward+backward |" in md and "torchnorm / torch" in md

@@ -33,7 +33,7 @@ def batches(shape, count, seed):
 def run_op(state, x, dy, dtype, device):
     """One training forward and backward of the op; returns (y, dx)."""
     xa = x.detach().to(device, dtype).clone().requires_grad_()
-    y, _, _ = OPS.online_norm(xa, None, None, *state, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
+    y, _, _, _ = OPS.online_norm(xa, None, None, *state, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
     y.backward(dy.to(device, dtype))
     return y, xa.grad
 
@@ -83,7 +83,7 @@ def test_fused_affine_matches_reference(shape, dtype, device):
     for i, (x, dy) in enumerate(batches(shape, 2, seed=14)):
         x, dy = x.to(dtype).double(), dy.to(dtype).double()
         xa, w, b = (t.to(device, dtype).clone().requires_grad_() for t in (x, w64, b64))
-        y, _, _ = OPS.online_norm(xa, w, b, *ours, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
+        y, _, _, _ = OPS.online_norm(xa, w, b, *ours, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], ALPHAS["eps"])
         y.backward(dy.to(device, dtype))
         xr, wr, br = (t.clone().requires_grad_() for t in (x, w64, b64))
         z = reference.online_norm(xr, *ref, **ALPHAS) * wr.view(pshape) + br.view(pshape)
@@ -94,6 +94,64 @@ def test_fused_affine_matches_reference(shape, dtype, device):
             assert_close(got, want, dtype, "grad", f"batch {i} {name} grad")
         for name, a, e in zip("mu var u v".split(), ours, ref):
             assert_close(a, e, state_dtype, "stats", f"batch {i} {name}")
+
+
+def layer_scaled(z, eps):
+    """The error compensation "ls" written out: z / sqrt(mean over each sample's (C, *) of z^2 + eps)."""
+    return z / torch.sqrt(z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_layer_scale_matches_reference(shape, dtype, affine, device):
+    """layer_scale=True: the layer scaling fused into the op's passes against
+    the reference, the affine map and the scaling written out in float64, two
+    batches: output, each sample's layer_rstd, the input, weight and bias
+    gradients (the scaling's derivative, then the control process) and the
+    state. In float64 also against the unfused composition (the op, then
+    rms_norm), which the module ran before."""
+    C = shape[1]
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ours, ref, unfused = (fresh_state(C, device, state_dtype), fresh_state(C, dtype=torch.float64),
+                          fresh_state(C, device, state_dtype))
+    gen = torch.Generator().manual_seed(15)
+    w64, b64 = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5, torch.randn(C, generator=gen, dtype=torch.float64)
+    pshape = (1, -1) + (1,) * (len(shape) - 2)
+    eps = ALPHAS["eps"]
+    for i, (x, dy) in enumerate(batches(shape, 2, seed=16)):
+        x, dy = x.to(dtype).double(), dy.to(dtype).double()
+        xa, w, b = (t.to(device, dtype).clone().requires_grad_() for t in (x, w64, b64))
+        params = (w, b) if affine else (None, None)
+        y, _, _, layer_rstd = OPS.online_norm(xa, *params, *ours, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], eps, True)
+        y.backward(dy.to(device, dtype))
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w64, b64))
+        z = reference.online_norm(xr, *ref, **ALPHAS)
+        if affine:
+            z = z * wr.view(pshape) + br.view(pshape)
+        r_ref = 1 / torch.sqrt(z.detach().pow(2).mean(dim=tuple(range(1, z.dim()))) + eps)
+        z = layer_scaled(z, eps)
+        z.backward(dy)
+        assert_close(y, z, dtype, "forward", f"batch {i} output")
+        assert_close(layer_rstd, r_ref, dtype, "stats", f"batch {i} layer_rstd")
+        grads = [("input", xa.grad, xr.grad)]
+        if affine:
+            grads += [("weight", w.grad, wr.grad), ("bias", b.grad, br.grad)]
+        for name, got, want in grads:
+            assert_close(got, want, dtype, "grad", f"batch {i} {name} grad")
+        for name, a, e in zip("mu var u v".split(), ours, ref):
+            assert_close(a, e, state_dtype, "stats", f"batch {i} {name}")
+        if dtype == torch.float64:
+            xu, wu, bu = (t.to(device, dtype).clone().requires_grad_() for t in (x, w64, b64))
+            uparams = (wu, bu) if affine else (None, None)
+            yu, _, _, _ = OPS.online_norm(xu, *uparams, *unfused, ALPHAS["alpha_fwd"], ALPHAS["alpha_bkw"], eps)
+            yu = torchnorm.functional.rms_norm(yu, list(shape[1:]), None, eps)
+            yu.backward(dy.to(device))
+            assert_close(y, yu, dtype, "forward", f"batch {i} output against the composition")
+            unfused_grads = [xu.grad] + ([wu.grad, bu.grad] if affine else [])
+            for (name, got, _), want in zip(grads, unfused_grads):
+                assert_close(got, want, dtype, "grad", f"batch {i} {name} grad against the composition")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -164,7 +222,7 @@ def test_module_matches_reference_composition(cls, shape, ecm, device):
         xr = x.float().double().requires_grad_()
         z = reference.online_norm(xr, *ref_state, **ALPHAS) * w.view(pshape) + b.view(pshape)
         if ecm == "ls":
-            z = z / torch.sqrt(z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True) + m.eps)
+            z = layer_scaled(z, m.eps)
         elif ecm == "ac":
             z = z.clamp(-5, 5)
         z.backward(dy)
@@ -191,7 +249,7 @@ def test_half_modules_keep_float32_state():
 def test_backward_twice_raises_and_leaves_the_state():
     x = make_input((3, 2, 4), torch.float32, seed=8).requires_grad_()
     state = fresh_state(2)
-    y, _, _ = OPS.online_norm(x, None, None, *state, 0.9, 0.8, 1e-5)
+    y, _, _, _ = OPS.online_norm(x, None, None, *state, 0.9, 0.8, 1e-5)
     y.sum().backward(retain_graph=True)
     after_first = [s.clone() for s in state]
     with pytest.raises(RuntimeError, match="backward already ran"):

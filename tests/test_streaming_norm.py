@@ -125,6 +125,45 @@ def test_batch_size_one_trains():
     assert_close(bn_like(x), bn_like.bias.detach().expand(shape), torch.float32, "forward")
 
 
+def test_channels_last_matches_contiguous():
+    """The op keeps a channels-last input in its layout (BatchNorm's rowwise
+    passes): the same outputs, gradients and state as the contiguous input."""
+    shape = (3, 4, 5, 6)
+    mods = [module_for(shape, **MIX) for _ in range(2)]
+    for i, (x, dy) in enumerate(batches(shape, 3, seed=19)):
+        results = []
+        for m, fmt in zip(mods, (torch.contiguous_format, torch.channels_last)):
+            xa = x.float().contiguous(memory_format=fmt).requires_grad_()
+            y = m(xa)
+            y.backward(dy.float().contiguous(memory_format=fmt))
+            results.append((y, xa.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+            m.weight.grad = m.bias.grad = None
+        assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+        for a, b in zip(*results):
+            assert_close(a, b, torch.float32, "forward", f"batch {i}")
+        for name in _STATE:
+            assert_close(getattr(mods[1], name), getattr(mods[0], name), torch.float32, "stats", name)
+        if i == 1:
+            for m in mods:
+                m.weight_update()
+
+
+def test_op_refuses_a_bad_history_and_leaves_the_state():
+    """The op checks every history before it writes any: a wrong shape or a
+    half-precision history raises, naming it, and nothing changes."""
+    m = torchnorm.nn.StreamingNorm1d(3)
+    state = [getattr(m, name) for name in _STATE]
+    x = make_input((4, 3), torch.float32, seed=20)
+    for index, bad, match in ((2, torch.zeros(2, 4), "long_stats of shape"),
+                              (7, torch.zeros(1), "grad_long_count a 0-dim"),
+                              (4, torch.zeros(2, 3, dtype=torch.float16), "grad_short in float32 or float64")):
+        args = list(state)
+        args[index] = bad
+        guard = StatsUnchanged(*state)
+        expect_error(lambda: torch.ops.torchnorm.streaming_norm(x, None, None, *args, 0.5, 0.5, 0.5, 0.5, 0.0, 1e-5),
+                     match, guard)
+
+
 def test_half_keeps_float32_state():
     m = torchnorm.nn.StreamingNorm2d(3).half()
     assert m.weight.dtype == torch.float16

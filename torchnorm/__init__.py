@@ -18,6 +18,10 @@ except ImportError as error:  # pragma: no cover - only without a build
 from . import _fake  # noqa: F401,E402  (fake kernels; autograd is registered in C++)
 from . import functional, fx, nn, reference  # noqa: E402
 from .nn import convert  # noqa: E402
+from .nn.weight_norm import weight_norm, weight_norm_init_  # noqa: E402
+from .nn.convert import ConversionReport, NotConvertible, register_conversion  # noqa: E402
+from . import integrations  # noqa: E402  (registers third-party conversions by name; imports no library)
 
-__all__ = ["functional", "fx", "nn", "reference", "convert"]
+__all__ = ["functional", "fx", "nn", "reference", "convert", "register_conversion", "NotConvertible",
+           "ConversionReport", "integrations", "weight_norm", "weight_norm_init_"]
 __version__ = "0.1.0"

@@ -394,19 +394,168 @@ def _bn_lstm_step_backward(grad_hy, grad_cy, input_gates, hidden_gates, cx, cy, 
 # Online Normalization.
 
 @torch.library.register_fake("torchnorm::online_norm")
-def _online_norm(input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps):
+def _online_norm(input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps, layer_scale=False):
     _check_devices("torchnorm.online_norm", input, weight=weight, bias=bias, mu=mu, var=var, u=u, v=v)
     if input.dim() < 2:
         raise RuntimeError(f"torchnorm.online_norm: expected an (N, C, *) input, got shape {list(input.shape)}")
     stats = input.new_empty(input.shape[:2], dtype=_accumulate_dtype(input.dtype))
-    return _contiguous_like(input), stats, torch.empty_like(stats)
+    layer_rstd = stats.new_empty((input.shape[0] if layer_scale else 0,))
+    return _contiguous_like(input), stats, torch.empty_like(stats), layer_rstd
 
 
 @torch.library.register_fake("torchnorm::online_norm_backward")
-def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bkw, output_mask):
+def _online_norm_backward(grad_output, input, weight, mean, rstd, u, v, alpha_bkw, output_mask, bias=None,
+                          layer_rstd=None):
     _check_devices("torchnorm.online_norm_backward", input, grad_output=grad_output, weight=weight, mean=mean,
-                   rstd=rstd, u=u, v=v)
+                   rstd=rstd, u=u, v=v, bias=bias, layer_rstd=layer_rstd)
     param_dtype = weight.dtype if weight is not None else input.dtype
     grad_input = _contiguous_like(input) if output_mask[0] else input.new_empty((0,))
     return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
                           for wanted in output_mask[1:]))
+
+
+# SyncBatchNorm's per-rank ops.
+
+@torch.library.register_fake("torchnorm::batch_norm_stats")
+def _batch_norm_stats(input, weight=None, bias=None, running_mean=None, running_var=None, residual=None):
+    _check_devices("torchnorm.batch_norm_stats", input, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, residual=residual)
+    if input.dim() < 2:
+        raise RuntimeError(f"torchnorm.batch_norm_stats: expected an (N, C, *) input, got shape {list(input.shape)}")
+    return input.new_empty((3, input.shape[1]), dtype=torch.float64)
+
+
+@torch.library.register_fake("torchnorm::batch_norm_gather_stats")
+def _batch_norm_gather_stats(stats, running_mean, running_var, momentum, eps):
+    _check_devices("torchnorm.batch_norm_gather_stats", stats, running_mean=running_mean, running_var=running_var)
+    if stats.dim() != 3 or stats.shape[1] != 3:
+        raise RuntimeError(f"torchnorm.batch_norm_gather_stats: expected stats of shape (W, 3, C), got shape "
+                           f"{list(stats.shape)}")
+    mean = stats.new_empty((stats.shape[2],))
+    return mean, torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("torchnorm::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt(grad_output, input, weight, bias, residual, mean, rstd, mean_dz, mean_dz_xhat,
+                               activation, negative_slope, output_mask):
+    _check_devices("torchnorm.batch_norm_backward_elemt", input, grad_output=grad_output, weight=weight, bias=bias,
+                   residual=residual, mean=mean, rstd=rstd, mean_dz=mean_dz, mean_dz_xhat=mean_dz_xhat)
+    return tuple(_kernel_layout(input) if wanted else input.new_empty((0,)) for wanted in output_mask)
+# Cosine Normalization.
+
+def _cosine_outputs(input, out_shape, rx_shape, out_features):
+    """(output, input_rnorm, weight_rnorm) as the kernels return them: contiguous, the norms in the accumulation
+    dtype."""
+    acc = _accumulate_dtype(input.dtype)
+    return (input.new_empty(out_shape), input.new_empty(rx_shape, dtype=acc),
+            input.new_empty((out_features,), dtype=acc))
+
+
+def _cosine_grads(input, weight, bias, output_mask):
+    """(grad_input, grad_weight, grad_bias): contiguous, empty (0,) where not wanted (grad_bias without a bias)."""
+    return (_contiguous_like(input) if output_mask[0] else input.new_empty((0,)),
+            _contiguous_like(weight) if output_mask[1] else input.new_empty((0,)),
+            input.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else input.new_empty((0,)))
+
+
+def _cosine_linear_shapes(op, input, weight):
+    if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"{op}: expected an input (*, in_features) and a weight (out_features, in_features), "
+                           f"got {list(input.shape)} and {list(weight.shape)}")
+    return (*input.shape[:-1], weight.shape[0]), input.shape[:-1]
+
+
+def _cosine_conv2d_shapes(op, input, weight, stride, padding, dilation, groups):
+    if input.dim() != 4 or weight.dim() != 4 or groups < 1 or input.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(f"{op}: expected an (N, C, H, W) input and an (O, C / groups, kh, kw) weight, got "
+                           f"{list(input.shape)} and {list(weight.shape)} with groups={groups}")
+    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+              for size, k, s, p, d in zip(input.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    if min(out_hw) < 1:
+        raise RuntimeError(f"{op}: the input {list(input.shape)} is smaller than the dilated kernel")
+    n = input.shape[0]
+    return (n, weight.shape[0], *out_hw), (n, groups, *out_hw)
+
+
+@torch.library.register_fake("torchnorm::cosine_linear")
+def _cosine_linear(input, weight, bias, eps):
+    _check_devices("torchnorm.cosine_linear", input, weight=weight, bias=bias)
+    out_shape, rx_shape = _cosine_linear_shapes("torchnorm.cosine_linear", input, weight)
+    return _cosine_outputs(input, out_shape, rx_shape, weight.shape[0])
+
+
+@torch.library.register_fake("torchnorm::cosine_linear_backward")
+def _cosine_linear_backward(grad_output, input, weight, bias, output, input_rnorm, weight_rnorm, output_mask):
+    _check_devices("torchnorm.cosine_linear_backward", input, grad_output=grad_output, weight=weight, bias=bias,
+                   output=output, input_rnorm=input_rnorm, weight_rnorm=weight_rnorm)
+    _cosine_linear_shapes("torchnorm.cosine_linear_backward", input, weight)
+    return _cosine_grads(input, weight, bias, output_mask)
+
+
+@torch.library.register_fake("torchnorm::cosine_conv2d")
+def _cosine_conv2d(input, weight, bias, stride, padding, dilation, groups, eps):
+    _check_devices("torchnorm.cosine_conv2d", input, weight=weight, bias=bias)
+    out_shape, rx_shape = _cosine_conv2d_shapes("torchnorm.cosine_conv2d", input, weight, stride, padding, dilation,
+                                                groups)
+    return _cosine_outputs(input, out_shape, rx_shape, weight.shape[0])
+
+
+@torch.library.register_fake("torchnorm::cosine_conv2d_backward")
+def _cosine_conv2d_backward(grad_output, input, weight, bias, output, input_rnorm, weight_rnorm, stride, padding,
+                            dilation, groups, output_mask):
+    _check_devices("torchnorm.cosine_conv2d_backward", input, grad_output=grad_output, weight=weight, bias=bias,
+                   output=output, input_rnorm=input_rnorm, weight_rnorm=weight_rnorm)
+    _cosine_conv2d_shapes("torchnorm.cosine_conv2d_backward", input, weight, stride, padding, dilation, groups)
+    return _cosine_grads(input, weight, bias, output_mask)
+@torch.library.register_fake("torchnorm::streaming_norm")
+def _streaming_norm(input, weight, bias, short_stats, short_count, long_stats, long_count, grad_short,
+                    grad_short_count, grad_long, grad_long_count, alpha_long, alpha_short, beta_long, beta_short,
+                    beta_current, eps):
+    _check_devices("torchnorm.streaming_norm", input, weight=weight, bias=bias, short_stats=short_stats,
+                   short_count=short_count, long_stats=long_stats, long_count=long_count, grad_short=grad_short,
+                   grad_short_count=grad_short_count, grad_long=grad_long, grad_long_count=grad_long_count)
+    stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
+    return _kernel_layout(input), stats, torch.empty_like(stats), torch.empty_like(stats), torch.empty_like(stats)
+
+
+@torch.library.register_fake("torchnorm::streaming_norm_backward")
+def _streaming_norm_backward(grad_output, input, weight, mean, rstd, mean_hat, rstd_hat, grad_short, grad_short_count,
+                             grad_long, grad_long_count, beta_long, beta_short, beta_current, output_mask):
+    _check_devices("torchnorm.streaming_norm_backward", input, grad_output=grad_output, weight=weight, mean=mean,
+                   rstd=rstd, mean_hat=mean_hat, rstd_hat=rstd_hat, grad_short=grad_short,
+                   grad_short_count=grad_short_count, grad_long=grad_long, grad_long_count=grad_long_count)
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_input = _kernel_layout(input) if output_mask[0] else input.new_empty((0,))
+    return (grad_input, *(input.new_empty((input.shape[1] if wanted else 0,), dtype=param_dtype)
+                          for wanted in output_mask[1:]))
+# ---------------------------------------------------------------------------
+# Weight Normalization
+# ---------------------------------------------------------------------------
+
+
+def _weight_norm_slices(op, v, dim):
+    # The number of slices of v along dim (None: one), with the kernels'
+    # range check (a meta v sends the whole call here).
+    if dim is None:
+        return 1
+    if not -v.dim() <= dim < v.dim():
+        raise RuntimeError(f"{op}: expected dim in [{-v.dim()}, {v.dim()}) for v of shape {list(v.shape)}, "
+                           f"or None for the whole tensor, got {dim}")
+    return v.shape[dim]
+
+
+@torch.library.register_fake("torchnorm::weight_norm")
+def _weight_norm(v, g, dim, eps):
+    _check_devices("torchnorm.weight_norm", v, g=g)
+    slices = _weight_norm_slices("torchnorm.weight_norm", v, dim)
+    torch._check(g.numel() == slices, lambda: f"torchnorm.weight_norm: expected g to hold one value per slice "
+                                              f"of v ({slices}), got shape {list(g.shape)}")
+    return _contiguous_like(v), g.new_empty(g.shape, dtype=_accumulate_dtype(v.dtype))
+
+
+@torch.library.register_fake("torchnorm::weight_norm_backward")
+def _weight_norm_backward(grad_w, v, g, norms, dim, eps, output_mask):
+    _check_devices("torchnorm.weight_norm_backward", v, grad_w=grad_w, g=g, norms=norms)
+    _weight_norm_slices("torchnorm.weight_norm_backward", v, dim)
+    grad_v = _contiguous_like(v) if output_mask[0] else v.new_empty((0,))
+    return grad_v, g.new_empty(g.shape if output_mask[1] else (0,))

@@ -370,10 +370,13 @@ def online_norm(
     training: bool = True,
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
+    layer_scale: bool = False,
 ) -> Tensor:
     """Online Normalization of an ``(N, C, *)`` input, samples in order, with
     state carried across batches (``torchnorm::online_norm``), then the affine
-    map ``y * weight + bias`` in the same pass when given.
+    map ``y * weight + bias`` in the same pass when given, and with
+    ``layer_scale`` the paper's layer scaling ``out / sqrt(mean over each
+    sample's (C, *) of out^2 + eps)`` (in the same pass too, in training).
 
     Training normalizes each sample with the running ``mu``, ``var`` ``(C,)``
     from before it and then updates them with the sample's own mean and
@@ -385,6 +388,90 @@ def online_norm(
     :func:`torchnorm.reference.online_norm` for the equations.
     """
     if not training:
-        return batch_norm(x, mu, var, weight, bias, training=False, eps=eps)
-    out, _, _ = torch.ops.torchnorm.online_norm.default(x, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps)
+        out = batch_norm(x, mu, var, weight, bias, training=False, eps=eps)
+        return rms_norm(out, list(out.shape[1:]), None, eps) if layer_scale else out
+    out, _, _, _ = torch.ops.torchnorm.online_norm.default(x, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps,
+                                                           layer_scale)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Cosine Normalization (Luo et al. 2017). The float64 references with the same
+# signatures are torchnorm.reference.cosine_linear and cosine_conv2d.
+# ---------------------------------------------------------------------------
+
+__all__ += ["cosine_linear", "cosine_conv2d"]
+
+_IntPair = Union[int, Sequence[int]]
+
+
+def _pair(value: _IntPair, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def cosine_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+    """Cosine Normalization of a linear layer (``torchnorm::cosine_linear``):
+    ``out = (x . w_o + b_o) / (|x| |w_o|)`` for each row x of the input
+    ``(*, in_features)`` and row w_o of the weight ``(out_features,
+    in_features)``, so ``-1 <= out <= 1``. The norms are ``|x| = sqrt(sum x^2
+    + [bias] + eps)`` and ``|w_o| = sqrt(sum w_o^2 + b_o^2 + eps)``: a bias is
+    the weight of a constant input 1, and eps keeps an all-zero row's norm
+    from 0 (its output is 0). See docs/cosine_norm.md."""
+    out, _, _ = torch.ops.torchnorm.cosine_linear.default(input, weight, bias, eps)
+    return out
+
+
+def cosine_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntPair = 1,
+                  padding: _IntPair = 0, dilation: _IntPair = 1, groups: int = 1, eps: float = 1e-8) -> Tensor:
+    """Cosine Normalization of a 2-d convolution (``torchnorm::cosine_conv2d``):
+    ``torch.nn.functional.conv2d(input, weight, bias, ...)`` (zero padding)
+    divided at each output position by ``|x| |w_o|``, where x is the input
+    patch under that position over the channels of the output's group
+    (padding counts as zeros) and w_o the output channel's weights; ``-1 <=
+    out <= 1``. Norms and bias as :func:`cosine_linear` (the bias's constant
+    input is once per patch). See docs/cosine_norm.md."""
+    out, _, _ = torch.ops.torchnorm.cosine_conv2d.default(input, weight, bias, _pair(stride, "stride"),
+                                                         _pair(padding, "padding"), _pair(dilation, "dilation"),
+                                                         groups, eps)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Weight Normalization (Salimans and Kingma 2016). The float64 reference with
+# the same signature is torchnorm.reference.weight_norm; the parametrization
+# that applies it to a module's weight is torchnorm.weight_norm.
+# ---------------------------------------------------------------------------
+
+__all__ += ["weight_norm", "WEIGHT_NORM_EPS"]
+
+# The smallest norm a slice is divided by: a zero slice gives w = 0, not NaN.
+WEIGHT_NORM_EPS = 1e-12
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: Optional[int] = 0, eps: float = WEIGHT_NORM_EPS) -> Tensor:
+    """Weight normalization ``w = g * v / max(||v||, eps)`` in one fused op
+    (``torchnorm::weight_norm``), differentiable in ``v`` and ``g``.
+
+    Args:
+        v: the direction, float32, float64, float16 or bfloat16, any shape.
+        g: the magnitudes, one per slice of ``v`` along ``dim``: shaped
+            ``(v.shape[dim],)``, or like ``v`` with size 1 outside ``dim``
+            (what ``torch.norm_except_dim`` returns); ``v``'s dtype (or float32
+            for float16/bfloat16 ``v``).
+        dim: the dimension whose slices ``v.select(dim, s)`` each get one norm
+            (over every other dimension); negative counts from the end;
+            ``None``: one norm of the whole tensor. (Unlike this,
+            ``torch._weight_norm`` and the parametrizations take ``dim=-1`` to
+            mean the whole tensor; :func:`torchnorm.weight_norm` follows them.)
+        eps: a slice's norm is clamped to at least ``eps`` (> 0), so a zero
+            slice gives zeros and finite gradients.
+
+    Norms are accumulated in float32 for float16/bfloat16 ``v`` (float64 for
+    float64). Returns ``w``, contiguous, in ``v``'s dtype.
+    """
+    w, _ = torch.ops.torchnorm.weight_norm.default(v, g, dim, eps)
+    return w

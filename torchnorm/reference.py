@@ -652,3 +652,94 @@ def streaming_norm_weight_update(state: dict, k1: float = 0.7, k3: Optional[floa
         state[long_count].add_(1)
         state[short].zero_()
         state[count].zero_()
+
+
+# ---------------------------------------------------------------------------
+# Cosine Normalization (Luo et al. 2017, arXiv 1702.05870): out = (w . x + b)
+# / (|w| |x|), norms with eps inside the square root and the bias as the
+# weight of a constant input 1 (docs/cosine_norm.md). The compositions are
+# the torch ops a user would write, in the inputs' dtype (the benchmarks'
+# baseline); the references are the same in float64.
+# ---------------------------------------------------------------------------
+
+__all__ += ["cosine_linear", "cosine_conv2d", "cosine_linear_composition", "cosine_conv2d_composition"]
+
+
+def _weight_norm(weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    """|w_o| = sqrt(sum w_o^2 + b_o^2 + eps) per output unit (row of the weight)."""
+    sq = weight.pow(2).flatten(1).sum(1)
+    if bias is not None:
+        sq = sq + bias.pow(2)
+    return (sq + eps).sqrt()
+
+
+def cosine_linear_composition(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                              eps: float = 1e-8) -> Tensor:
+    """``linear(x, w, b) / (|x| |w|)`` by torch ops, in the inputs' dtype:
+    |x| = sqrt(sum x^2 (+ 1 with a bias) + eps) per row."""
+    x_sq = x.pow(2).sum(-1, keepdim=True)
+    if bias is not None:
+        x_sq = x_sq + 1
+    return F.linear(x, weight, bias) / ((x_sq + eps).sqrt() * _weight_norm(weight, bias, eps))
+
+
+def cosine_conv2d_composition(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                              dilation=1, groups: int = 1, eps: float = 1e-8) -> Tensor:
+    """``conv2d(x, w, b) / (|patch| |w_o|)`` by torch ops, in the inputs'
+    dtype: the squared patch norms by a convolution of x^2 with ones (one
+    output per group, over the group's channels; + 1 with a bias, the
+    constant input of every patch)."""
+    dot = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    ones = x.new_ones(groups, x.shape[1] // groups, *weight.shape[2:])
+    x_sq = F.conv2d(x * x, ones, None, stride, padding, dilation, groups)  # (N, groups, Ho, Wo)
+    if bias is not None:
+        x_sq = x_sq + 1
+    n, out, h, w = dot.shape
+    x_norm = (x_sq + eps).sqrt().unsqueeze(2)  # each group's norm over its out / groups channels
+    w_norm = _weight_norm(weight, bias, eps).view(1, groups, out // groups, 1, 1)
+    return (dot.view(n, groups, out // groups, h, w) / (x_norm * w_norm)).view(n, out, h, w)
+
+
+def _double(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def cosine_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+    """float64 Cosine Normalization of a linear layer
+    (:func:`cosine_linear_composition` in float64)."""
+    return cosine_linear_composition(*_double(x, weight, bias), eps)
+
+
+def cosine_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                  groups: int = 1, eps: float = 1e-8) -> Tensor:
+    """float64 Cosine Normalization of a 2-d convolution
+    (:func:`cosine_conv2d_composition` in float64)."""
+    return cosine_conv2d_composition(*_double(x, weight, bias), stride, padding, dilation, groups, eps)
+# Weight Normalization (Salimans and Kingma 2016, arXiv 1602.07868):
+# w = g * v / ||v||, one norm per slice of v. See docs/weight_norm.md.
+# ---------------------------------------------------------------------------
+
+__all__ += ["weight_norm"]
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: Optional[int] = 0, eps: float = 1e-12) -> Tensor:
+    """float64 ``w = g * v / max(||v||, eps)``; same arguments as
+    :func:`torchnorm.functional.weight_norm`.
+
+    One 2-norm per slice ``v.select(dim, s)`` (over every other dimension);
+    ``dim=None``: one norm of the whole tensor. A negative ``dim`` counts from
+    the end, as everywhere in torch (torchnorm.weight_norm's parametrization
+    maps torch's ``dim=-1`` to None before it gets here). ``g`` holds one
+    value per slice, in any shape of that many elements. Differentiable: the
+    clamp's gradient is zero below eps, so a slice with ``||v|| < eps`` is
+    ``g * v / eps``.
+    """
+    v = v.double()
+    if dim is None:
+        norm = torch.linalg.vector_norm(v)
+    elif v.dim() == 1:  # each element is a slice (vector_norm would take dim=[] as every dim)
+        norm = v.abs()
+    else:
+        d = dim % v.dim()
+        norm = torch.linalg.vector_norm(v, dim=[k for k in range(v.dim()) if k != d], keepdim=True)
+    return g.double().reshape(norm.shape) * v / norm.clamp_min(eps)

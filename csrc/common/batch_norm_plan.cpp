@@ -9,9 +9,7 @@ static void check_per_channel(const char* op, const char* name, const at::Tensor
   check_parameter(op, name, t, input, {input.size(1)}, "the input's channels");
 }
 
-// Checks every argument of a BatchNorm forward; throws a clear error naming
-// the argument on the first problem.
-static void check_batch_norm_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+void check_batch_norm_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, bool training,
     double eps) {
@@ -37,23 +35,25 @@ static void check_batch_norm_args(const char* op, const at::Tensor& input, const
   }
 }
 
+void check_channel_statistic(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input) {
+  const auto acc = accumulate_type(input.scalar_type());
+  TORCH_CHECK(stat.dim() == 1 && stat.size(0) == input.size(1) && stat.scalar_type() == acc &&
+                  stat.device() == input.device(),
+              op, ": expected ", name, " of shape (", input.size(1), ",) and dtype ", acc, " on ", input.device(),
+              ", got ", stat.sizes(), ", ", stat.scalar_type(), ", ", stat.device());
+}
+
 // Checks of the backward's saved tensors and incoming gradient.
-static void check_batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+static void check_batch_norm_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& rstd) {
-  const char* op = "torchnorm.batch_norm_backward";
   check_batch_norm_args(op, input, weight, bias, std::nullopt, std::nullopt, residual, false, 0.0);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type() &&
                   grad_out.device() == input.device(),
               op, ": expected grad_output like the input (", input.sizes(), ", ", input.scalar_type(), ", ",
               input.device(), "), got ", grad_out.sizes(), ", ", grad_out.scalar_type(), ", ", grad_out.device());
-  const auto acc = accumulate_type(input.scalar_type());
-  for (const auto* stat : {&mean, &rstd}) {
-    TORCH_CHECK(stat->dim() == 1 && stat->size(0) == input.size(1) && stat->scalar_type() == acc &&
-                    stat->device() == input.device(),
-                op, ": expected saved statistics of shape (", input.size(1), ",) and dtype ", acc, " on ",
-                input.device(), ", got ", stat->sizes(), ", ", stat->scalar_type(), ", ", stat->device());
-  }
+  check_channel_statistic(op, "saved statistics", mean, input);
+  check_channel_statistic(op, "saved statistics", rstd, input);
 }
 
 ForwardPlan plan_forward(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -79,10 +79,10 @@ ForwardPlan plan_apply(const at::Tensor& input, const at::Tensor& mean, const at
   return plan_forward(op, input, weight, bias, mean, rstd, residual, /*training=*/false, 0.0, activation);
 }
 
-BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+BackwardPlan plan_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
     const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask) {
-  check_batch_norm_backward_args(grad_out, input, weight, bias, residual, mean, rstd);
+  check_batch_norm_backward_args(op, grad_out, input, weight, bias, residual, mean, rstd);
   BackwardPlan p;
   p.activation = parse_activation(activation);
   p.x = as_kernel_layout(input, p.g);

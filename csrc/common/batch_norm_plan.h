@@ -13,6 +13,14 @@
 
 namespace torchnorm {
 
+// Checks every argument of a BatchNorm forward; throws a clear error naming
+// the argument on the first problem. (Also used by SyncBatchNorm's per-rank
+// ops, csrc/common/sync_batch_norm_plan.cpp.)
+void check_batch_norm_args(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, bool training,
+    double eps);
+
 // Everything a backend needs to run a forward, prepared once for CPU and CUDA:
 // arguments checked, input/residual in the kernel layout, outputs allocated.
 struct ForwardPlan {
@@ -42,8 +50,13 @@ struct BackwardPlan {
   Activation activation = Activation::None;
 };
 
-BackwardPlan plan_backward(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+BackwardPlan plan_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
     const at::Tensor& rstd, const std::string& activation, std::array<bool, 4> output_mask);
+
+// A per-channel statistic (saved mean / rstd, or another (C,) vector in the
+// accumulation dtype) of a BatchNorm input: shape (C,), dtype
+// accumulate_type(input), input's device.
+void check_channel_statistic(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input);
 
 }  // namespace torchnorm

@@ -49,4 +49,55 @@ TN_HOST_DEVICE T online_input_grad(const OnlineGradCoefficients<acc_t>& k, T dy,
   return dy * T(k.dy) + y * T(k.y) + T(k.constant);
 }
 
+// Layer scaling (the paper's error compensation "ls"), fused into the ops:
+// per sample n, out = z * r_n with z = weight * y + bias the affine output and
+// r_n = 1 / sqrt(mean over the sample's channels and positions of z^2 + eps).
+// No pass of its own: both directions get what it needs from the
+// per-(sample, channel) moments they compute anyway.
+
+// Plane (n, c)'s mean of z^2 from the sample's mean m and biased variance s2
+// over the plane, normalized with mu and rstd: with k = weight * rstd, z has
+// variance k^2 s2 and mean k (m - mu) + bias, and its mean square is their
+// sum of squares (no cancellation). The sample's r_n is
+// rstd_from_var(mean over c of these, eps).
+template <typename acc_t>
+TN_HOST_DEVICE acc_t layer_scale_plane_mean_square(acc_t m, acc_t s2, acc_t mu, acc_t rstd, acc_t weight,
+                                                   acc_t bias) {
+  const acc_t k = weight * rstd;
+  const acc_t centre = k * (m - mu) + bias;
+  return k * k * s2 + centre * centre;
+}
+
+// ls's backward, the derivative of out = z * r_n: dz = r dout - t z with
+// t = r^3 mean(dout z) over the sample. Plane (n, c)'s mean of dout * z from
+// the backward's plane means of dout * y and dout: weight E[dout y] + bias
+// E[dout]; t is layer_scale_grad_t(r, mean over c of these).
+template <typename acc_t>
+TN_HOST_DEVICE acc_t layer_scale_plane_grad_dot(acc_t mean_dy_y, acc_t mean_dy, acc_t weight, acc_t bias) {
+  return weight * mean_dy_y + bias * mean_dy;
+}
+
+template <typename acc_t>
+TN_HOST_DEVICE acc_t layer_scale_grad_t(acc_t r, acc_t mean_dy_z) {
+  return r * r * r * mean_dy_z;
+}
+
+// The plane means of dz * y and dz (dz = r dout - t (weight y + bias)), the
+// control process's inputs, from those of dout * y and dout (replaced in
+// place) and the plane's means of y^2 and y.
+template <typename acc_t>
+TN_HOST_DEVICE void layer_scale_grad_moments(acc_t& mean_dy_y, acc_t& mean_dy, acc_t mean_y2, acc_t mean_y, acc_t r,
+                                             acc_t t, acc_t weight, acc_t bias) {
+  mean_dy_y = r * mean_dy_y - t * (weight * mean_y2 + bias * mean_y);
+  mean_dy = r * mean_dy - t * (weight * mean_y + bias);
+}
+
+// dx's coefficients on dout instead of dz: dx = dz k.dy + y k.y + k.constant
+// with dz = r dout - t (weight y + bias).
+template <typename acc_t>
+TN_HOST_DEVICE OnlineGradCoefficients<acc_t> layer_scale_input_grad(const OnlineGradCoefficients<acc_t>& k, acc_t r,
+                                                                    acc_t t, acc_t weight, acc_t bias) {
+  return {k.dy * r, k.y - t * weight * k.dy, k.constant - t * bias * k.dy};
+}
+
 }  // namespace torchnorm

@@ -63,11 +63,19 @@ void check_online_norm(const char* op, const at::Tensor& input, const std::optio
 }
 
 void check_online_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
-                                const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& u,
-                                const at::Tensor& v, double alpha_bkw) {
+                                const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& rstd, const at::Tensor& u, const at::Tensor& v, double alpha_bkw,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& layer_rstd) {
   check_input(op, input);
   check_like_input(op, "grad_output", grad_output, input);
   if (weight) check_parameter(op, "weight", *weight, input, {input.size(1)}, "one per channel");
+  if (bias) check_parameter(op, "bias", *bias, input, {input.size(1)}, "one per channel");
+  if (layer_rstd) {
+    TORCH_CHECK(layer_rstd->dim() == 1 && layer_rstd->size(0) == input.size(0) &&
+                    at::isFloatingType(layer_rstd->scalar_type()) && layer_rstd->device() == input.device(),
+                op, ": expected layer_rstd a floating (N,) = (", input.size(0), ",) tensor on ", input.device(),
+                ", got ", layer_rstd->scalar_type(), " ", layer_rstd->sizes(), " on ", layer_rstd->device());
+  }
   check_state(op, {{"u", &u}, {"v", &v}}, input);
   check_state_writable(u, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {

@@ -17,10 +17,11 @@ void check_online_norm(const char* op, const at::Tensor& input, const std::optio
                        const std::optional<at::Tensor>& bias, const at::Tensor& mu, const at::Tensor& var,
                        const at::Tensor& u, const at::Tensor& v, double alpha_fwd, double alpha_bkw, double eps);
 
-// online_norm_backward: grad_output like the input; weight (C,); mean and rstd (N, C);
-// u, v as above; 0 <= alpha_bkw < 1.
+// online_norm_backward: grad_output like the input; weight and bias (C,); mean and rstd (N, C);
+// layer_rstd (N,); u, v as above; 0 <= alpha_bkw < 1.
 void check_online_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
-                                const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& u,
-                                const at::Tensor& v, double alpha_bkw);
+                                const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& rstd, const at::Tensor& u, const at::Tensor& v, double alpha_bkw,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& layer_rstd);
 
 }  // namespace torchnorm

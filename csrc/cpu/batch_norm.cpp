@@ -10,7 +10,9 @@
 // tasks reduce row blocks into per-channel partials, the partials are merged,
 // and a second parallel pass normalizes: two reads and one write of x.
 // The backward has the same two shapes, with sum(dz) and sum(dz * (x - mean))
-// in place of the statistics.
+// in place of the statistics. The passes of both directions are in
+// cpu/channel_passes.h, shared with Streaming Normalization; here only how a
+// channel's statistics or sums become its coefficients.
 //
 // All math runs on acc_t (float, or double for double input): float16 and
 // bfloat16 segments are converted into small scratch buffers first. The
@@ -32,6 +34,7 @@
 #include "common/batch_norm_plan.h"
 #include "common/batch_norm_math.h"
 #include "common/welford.h"
+#include "cpu/channel_passes.h"
 #include "cpu/kernel_helpers.h"
 
 namespace torchnorm {
@@ -41,21 +44,6 @@ using at::vec::Vectorized;
 using namespace cpu;
 
 // ------------------------------------------------------------------- ops --
-
-template <typename acc_t>
-ChannelCoefs<acc_t> forward_channel_coefs(const std::vector<acc_t>& mean, const std::vector<acc_t>& rstd,
-                                          const std::optional<at::Tensor>& weight,
-                                          const std::optional<at::Tensor>& bias) {
-  const int64_t C = mean.size();
-  const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
-  ChannelCoefs<acc_t> cc{mean, std::vector<acc_t>(C), std::vector<acc_t>(C)};
-  for (int64_t c = 0; c < C; ++c) {
-    const auto f = forward_coefficients(rstd[c], w[c], b[c]);
-    cc.scale[c] = f.scale;
-    cc.shift[c] = f.shift;
-  }
-  return cc;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -76,35 +64,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
     const acc_t slope = static_cast<acc_t>(negative_slope), eps_acc = static_cast<acc_t>(eps);
     std::vector<MeanM2<acc_t>> stats(C);
     std::vector<acc_t> mean(C), rstd(C);
-    if (p.g.layout == Layout::Planar) {
-      // Statistics and normalization of a channel in one task, so the second
-      // read of the channel comes from cache.
-      const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
-      const auto d = forward_data<scalar_t>(p.x, p.residual, p.out, p.activation);
-      const int64_t S = p.g.S;
-      at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
-        auto s = scratch_for<scalar_t, acc_t>(kSegment);
-        for (int64_t c = c0; c < c1; ++c) {
-          stats[c] = MeanM2<acc_t>{};
-          for (int64_t n = 0; n < p.g.N; ++n) {
-            stats[c] = combine(stats[c], range_mean_m2<scalar_t, acc_t>(d.x + (n * C + c) * S, S, s));
-          }
-          mean[c] = stats[c].mean;
-          rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
-          const auto f = forward_coefficients(rstd[c], w[c], b[c]);
-          const ForwardCoefs<false, acc_t> coefs{{&mean[c]}, {&f.scale}, {&f.shift}};
-          for (int64_t n = 0; n < p.g.N; ++n) normalize_range<scalar_t, acc_t>(d.at((n * C + c) * S), S, coefs, slope, s);
-        }
-      });
-    } else {
-      stats = rowwise_stats<scalar_t, acc_t>(p.x.const_data_ptr<scalar_t>(), p.x.numel(), C);
-      for (int64_t c = 0; c < C; ++c) {
-        mean[c] = stats[c].mean;
-        rstd[c] = rstd_from_var(stats[c].m2 / stats[c].count, eps_acc);
-      }
-      normalize_rowwise<scalar_t, acc_t>(forward_data<scalar_t>(p.x, p.residual, p.out, p.activation), p.x.numel(), C,
-                                         forward_channel_coefs(mean, rstd, weight, bias), slope);
-    }
+    const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
+    forward_channel_passes<scalar_t, acc_t>(p, slope, [&](int64_t c, const MeanM2<acc_t>& channel_stats) {
+      stats[c] = channel_stats;
+      mean[c] = channel_stats.mean;
+      rstd[c] = rstd_from_var(channel_stats.m2 / channel_stats.count, eps_acc);
+      const auto f = forward_coefficients(rstd[c], w[c], b[c]);
+      return ForwardChannel<acc_t>{mean[c], f.scale, f.shift};
+    });
     if (running_mean) {
       auto rm = channel_values<acc_t>(running_mean, C, 0), rv = channel_values<acc_t>(running_var, C, 1);
       for (int64_t c = 0; c < C; ++c) {
@@ -177,10 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const at::Tensor& mean,
     const at::Tensor& rstd, bool training, c10::string_view activation, double negative_slope,
     std::array<bool, 4> output_mask) {
-  BackwardPlan p = plan_backward(grad_out, input, weight, bias, residual, mean, rstd, std::string(activation),
-                                 output_mask);
+  BackwardPlan p = plan_backward("torchnorm.batch_norm_backward", grad_out, input, weight, bias, residual, mean, rstd,
+                                 std::string(activation), output_mask);
   const int64_t C = p.g.C;
-  const bool want_elementwise = p.grad_input.numel() > 0 || p.grad_residual.numel() > 0;
   const bool want_sums = p.grad_weight.numel() > 0 || p.grad_bias.numel() > 0 || (training && p.grad_input.numel() > 0);
   if (p.g.count_per_channel() == 0) {
     // Empty batch: the parameter gradients are empty sums.
@@ -195,59 +161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const auto r = channel_values<acc_t>(rstd, C, 1), w = channel_values<acc_t>(weight, C, 1);
     const auto cc = forward_channel_coefs(channel_values<acc_t>(mean, C, 0), r, weight, bias);
     std::vector<acc_t> sum_dz(C, 0), sum_dz_xc(C, 0);
-    std::vector<BackwardCoefficients<acc_t>> k(C);
-    const auto d = backward_data<scalar_t>(p.x, p.grad_out, p.residual, p.grad_input, p.grad_residual, p.activation);
-    if (p.g.layout == Layout::Planar) {
-      // Sums and element-wise gradients of a channel in one task, so the
-      // second read of x and dy comes from cache.
-      at::parallel_for(0, C, grain_for(p.g.count_per_channel()), [&](int64_t c0, int64_t c1) {
-        auto s = scratch_for<scalar_t, acc_t>(kSegment);
-        for (int64_t c = c0; c < c1; ++c) {
-          const ForwardCoefs<false, acc_t> fc{{&cc.mean[c]}, {&cc.scale[c]}, {&cc.shift[c]}};
-          auto for_each_channel_segment = [&](auto&& fn) {
-            for (int64_t n = 0; n < p.g.N; ++n) {
-              const int64_t plane = (n * C + c) * p.g.S;
-              for_each_segment(p.g.S, [&](int64_t s0, int64_t len) { fn(plane + s0, len); });
-            }
-          };
-          if (want_sums) {
-            std::array<acc_t, Vectorized<acc_t>::size()> lanes_dz{}, lanes_dz_xc{};
-            for_each_channel_segment([&](int64_t off, int64_t len) {
-              backward_sums<false, scalar_t, acc_t>(d.at(off), len, fc, slope, s, lanes_dz.data(), lanes_dz_xc.data());
-            });
-            sum_dz[c] = std::accumulate(lanes_dz.begin(), lanes_dz.end(), acc_t(0));
-            sum_dz_xc[c] = std::accumulate(lanes_dz_xc.begin(), lanes_dz_xc.end(), acc_t(0));
-          }
-          k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
-          if (want_elementwise) {
-            const GradCoefs<false, acc_t> gc{{&k[c].dz_coef}, {&k[c].xc_coef}, {&k[c].const_coef}};
-            for_each_channel_segment([&](int64_t off, int64_t len) {
-              backward_elementwise<false, scalar_t, acc_t>(d.at(off), len, fc, gc, slope, s);
-            });
-          }
-        }
-      });
-    } else {
-      auto dx_pass = d;
-      acc_t* dz_out = want_sums && want_elementwise ? keep_dz_in_grad_input<scalar_t, acc_t>(dx_pass) : nullptr;
-      if (want_sums) {
-        rowwise_grad_sums<scalar_t, acc_t>(d, p.x.numel(), C, cc, slope, sum_dz.data(), sum_dz_xc.data(), dz_out);
-      }
-      ChannelGradCoefs<acc_t> gc(C);
-      for (int64_t c = 0; c < C; ++c) {
-        k[c] = backward_coefficients(training, r[c], w[c], sum_dz[c], sum_dz_xc[c], count);
-        gc.dz_coef[c] = k[c].dz_coef;
-        gc.xc_coef[c] = k[c].xc_coef;
-        gc.const_coef[c] = k[c].const_coef;
-      }
-      if (want_elementwise) rowwise_grad_elementwise<scalar_t, acc_t>(dx_pass, p.x.numel(), C, cc, gc, slope);
-    }
-    if (p.grad_weight.numel()) {
-      std::vector<acc_t> gw(C);
-      for (int64_t c = 0; c < C; ++c) gw[c] = sum_dz_xc[c] * r[c];
-      p.grad_weight.copy_(to_tensor(gw, input));
-    }
-    if (p.grad_bias.numel()) p.grad_bias.copy_(to_tensor(sum_dz, input));
+    backward_channel_passes<scalar_t, acc_t>(p, cc, want_sums, slope, [&](int64_t c, acc_t dz, acc_t dz_xc) {
+      sum_dz[c] = dz;
+      sum_dz_xc[c] = dz_xc;
+      return backward_coefficients(training, r[c], w[c], dz, dz_xc, count);
+    });
+    store_parameter_grads(p, sum_dz, sum_dz_xc, r);
   });
   return {p.grad_input, p.grad_weight, p.grad_bias, p.grad_residual};
 }

@@ -352,6 +352,22 @@ struct ChannelCoefs {
   std::vector<acc_t> mean, scale, shift;
 };
 
+// The forward coefficients of every channel from its mean and rstd.
+template <typename acc_t>
+ChannelCoefs<acc_t> forward_channel_coefs(const std::vector<acc_t>& mean, const std::vector<acc_t>& rstd,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias) {
+  const int64_t C = mean.size();
+  const auto w = channel_values<acc_t>(weight, C, 1), b = channel_values<acc_t>(bias, C, 0);
+  ChannelCoefs<acc_t> cc{mean, std::vector<acc_t>(C), std::vector<acc_t>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    const auto f = forward_coefficients(rstd[c], w[c], b[c]);
+    cc.scale[c] = f.scale;
+    cc.shift[c] = f.shift;
+  }
+  return cc;
+}
+
 // Tensor of acc_t values, shape (C,).
 template <typename acc_t>
 at::Tensor to_tensor(const std::vector<acc_t>& v, const at::Tensor& like) {
@@ -489,6 +505,16 @@ MeanM2<acc_t> range_mean_m2(const scalar_t* x, int64_t len, Scratch<acc_t>& s) {
   return acc;
 }
 
+// (count, mean, M2) of channel c of planar (N, C, S) data: its N planes, each
+// by range_mean_m2, merged in order.
+template <typename scalar_t, typename acc_t>
+MeanM2<acc_t> planar_channel_mean_m2(const scalar_t* x, int64_t N, int64_t C, int64_t S, int64_t c,
+                                     Scratch<acc_t>& s) {
+  MeanM2<acc_t> acc;
+  for (int64_t n = 0; n < N; ++n) acc = combine(acc, range_mean_m2<scalar_t, acc_t>(x + (n * C + c) * S, S, s));
+  return acc;
+}
+
 // Normalizes len contiguous elements from d's start with one set of coefficients.
 template <typename scalar_t, typename acc_t>
 void normalize_range(const ForwardData<scalar_t>& d, int64_t len, const ForwardCoefs<false, acc_t>& coefs,
@@ -548,8 +574,11 @@ void for_each_segment(int64_t len, const Fn& fn) {
 // the partial means are of the order of the spread, not of the mean: with a
 // mean of 1e4 the updates and the many merges would otherwise each round to
 // float's spacing there, and their bias would add up.
+// With `shift` given, the means are returned relative to the first row,
+// which is stored there, so a caller can add it back in a wider type.
 template <typename scalar_t, typename acc_t>
-std::vector<MeanM2<acc_t>> rowwise_stats(const scalar_t* data, int64_t total, int64_t C) {
+std::vector<MeanM2<acc_t>> rowwise_stats(const scalar_t* data, int64_t total, int64_t C,
+                                         std::vector<acc_t>* shift_out = nullptr) {
   const RowPeriod period(C);
   std::vector<acc_t> first_row(C, acc_t(0));
   for (int64_t c = 0; c < C && c < total; ++c) first_row[c] = static_cast<acc_t>(data[c]);
@@ -579,7 +608,11 @@ std::vector<MeanM2<acc_t>> rowwise_stats(const scalar_t* data, int64_t total, in
   for (int64_t k = 0; k < chunks; ++k) {
     for (int64_t c = 0; c < C; ++c) stats[c] = combine(stats[c], partial[k][c]);
   }
-  for (int64_t c = 0; c < C; ++c) stats[c].mean += first_row[c];
+  if (shift_out != nullptr) {
+    *shift_out = first_row;
+  } else {
+    for (int64_t c = 0; c < C; ++c) stats[c].mean += first_row[c];
+  }
   return stats;
 }
 

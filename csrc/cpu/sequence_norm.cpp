@@ -35,6 +35,23 @@ struct ElementMath<at::vec::Vectorized<acc_t>> {
   static Vec tanh(const Vec& x) { return x.tanh(); }
 };
 
+// In float32, tanh from one exp: sign(x) (1 - e) / (1 + e) with e =
+// exp(-2|x|). The step kernels evaluate two tanh per hidden unit each way,
+// and at::vec's tanh (Sleef, 1 ulp) costs three exps on AVX2: with it the
+// tanh alone were a quarter of a step. This form's absolute error stays
+// below 1e-7 (1.5 ulp of 1; measured over [-12, 12] against float64), e <= 1
+// so nothing overflows, and it saturates to +-1 exactly.
+template <>
+struct ElementMath<at::vec::Vectorized<float>> {
+  using Vec = at::vec::Vectorized<float>;
+  static Vec exp(const Vec& x) { return x.exp(); }
+  static Vec tanh(const Vec& x) {
+    const Vec one(1.0f), e = (x.abs() * Vec(-2.0f)).exp();
+    const Vec magnitude = (one - e) / (one + e);
+    return Vec::blendv(magnitude, magnitude.neg(), x < Vec(0.0f));
+  }
+};
+
 namespace cpu {
 namespace {
 

@@ -1,7 +1,8 @@
 #pragma once
 // Device and launch helpers shared by the CUDA kernels (batch_norm.cu,
-// group_norm.cu, layer_norm.cu, conv_bn.cu): vector loads, per-channel
-// parameters of a run-time dtype, occupancy-based grid sizing and the launch
+// group_norm.cu, layer_norm.cu, conv_bn.cu, online_norm.cu,
+// streaming_norm.cu): vector loads, per-channel parameters of a run-time
+// dtype, float32-or-float64 state tensors, occupancy-based grid sizing and the launch
 // of the element-wise kernels, the flat (N, C, S) walks of those kernels and
 // their gathers of per-channel (BatchNorm) and per-(sample, channel)
 // (GroupNorm / InstanceNorm) coefficients, the accumulators of the reductions
@@ -213,6 +214,46 @@ ChannelParam<scalar_t> channel_param(const at::Tensor& t, bool writable) {
 template <typename scalar_t>
 ChannelParam<scalar_t> channel_param(const std::optional<at::Tensor>& t, bool writable) {
   return t.has_value() ? channel_param<scalar_t>(*t, writable) : ChannelParam<scalar_t>{};
+}
+
+// ---------------------------------------------------------------------------
+// State tensors (online_norm.cu, streaming_norm.cu)
+// ---------------------------------------------------------------------------
+
+// A state tensor of (C,) values (mu, var, u or v of Online Normalization;
+// one row of a Streaming Normalization history) or a 0-dim one (a history's
+// count, read at index 0): float32 or float64 whatever the input's dtype,
+// possibly strided, read as acc_t and written back in place. The conversions
+// are the CPU's: state.to(acc_t) and state.copy_(acc_t values) are
+// static_casts (round to nearest) either way.
+struct StateRef {
+  void* ptr = nullptr;
+  int64_t stride = 1;
+  bool is_double = false;
+
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t load(int64_t c) const {
+    if (is_double) return static_cast<acc_t>(static_cast<const double*>(ptr)[c * stride]);
+    return static_cast<acc_t>(static_cast<const float*>(ptr)[c * stride]);
+  }
+
+  template <typename acc_t>
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    if (is_double) {
+      static_cast<double*>(ptr)[c * stride] = static_cast<double>(v);
+    } else {
+      static_cast<float*>(ptr)[c * stride] = static_cast<float>(v);
+    }
+  }
+};
+
+inline StateRef state_ref(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() <= 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble));
+  StateRef s;
+  s.ptr = t.mutable_data_ptr();
+  s.stride = t.dim() == 1 ? t.stride(0) : 0;
+  s.is_double = t.scalar_type() == at::kDouble;
+  return s;
 }
 
 // ---------------------------------------------------------------------------

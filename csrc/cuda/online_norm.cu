@@ -57,9 +57,20 @@
 // and written back in place, mu before var and u before v. Empty tensors:
 // N * C == 0 returns empty outputs and leaves the state as it is.
 //
+// Layer scaling (layer_scale / layer_rstd, the error compensation "ls") adds
+// no pass over the data: the forward's recurrence also writes each plane's
+// mean square of the affine output (from the plane's mean and variance), a
+// one-thread-per-sample kernel turns them into the sample's scale, which
+// multiplies the element-wise pass's per-plane scale and shift; the
+// backward's one-thread-per-sample kernel turns the planes' means of dy * y
+// and dy into those of the affine output's gradient before the control
+// process, whose coefficients then take the scaling's derivative along
+// (common/online_norm_math.h).
+//
 // Launches: online_norm: moments (1, +1 finalize when split) + recurrence (1)
-// + normalize (1, when the input has elements); online_norm_backward: the
-// same, with grad moments, the control process and grad_input.
+// (+ layer scale (1)) + normalize (1, when the input has elements);
+// online_norm_backward: the same, with grad moments, the control process and
+// grad_input.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -69,6 +80,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -98,44 +110,6 @@ constexpr int kRecurrenceThreads = 128;  // channels per block of the recurrence
 using torchnorm::load_partial;
 using torchnorm::merge;
 using torchnorm::store_partial;
-
-// ---------------------------------------------------------------------------
-// The state
-// ---------------------------------------------------------------------------
-
-// One (C,) state tensor (mu, var, u or v): float32 or float64 whatever the
-// input's dtype, possibly strided, read as acc_t and written back in place.
-// The conversions are the CPU's: state.to(acc_t) and state.copy_(acc_t values)
-// are static_casts (round to nearest) either way.
-struct StateRef {
-  void* ptr = nullptr;
-  int64_t stride = 1;
-  bool is_double = false;
-
-  template <typename acc_t>
-  __device__ __forceinline__ acc_t load(int64_t c) const {
-    if (is_double) return static_cast<acc_t>(static_cast<const double*>(ptr)[c * stride]);
-    return static_cast<acc_t>(static_cast<const float*>(ptr)[c * stride]);
-  }
-
-  template <typename acc_t>
-  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
-    if (is_double) {
-      static_cast<double*>(ptr)[c * stride] = static_cast<double>(v);
-    } else {
-      static_cast<float*>(ptr)[c * stride] = static_cast<float>(v);
-    }
-  }
-};
-
-StateRef state_ref(const Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.dim() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble));
-  StateRef s;
-  s.ptr = t.mutable_data_ptr();
-  s.stride = t.stride(0);
-  s.is_double = t.scalar_type() == at::kDouble;
-  return s;
-}
 
 // ---------------------------------------------------------------------------
 // What the plane reductions accumulate
@@ -378,7 +352,9 @@ __global__ void __launch_bounds__(kThreads) plane_serial_kernel(Op op, int64_t p
 
 // Forward: for each sample n, mean[n, c] = mu and rstd[n, c] = 1 / sqrt(var +
 // eps) with the state before the sample, then online_state_update with the
-// sample's mean and variance; the final mu, var go back to the state.
+// sample's mean and variance; the final mu, var go back to the state. With
+// plane_mean_square (layer scaling) also each plane's mean of the affine
+// output's square (weight and bias (C,) acc_t, given then).
 template <typename acc_t>
 __global__ void __launch_bounds__(kRecurrenceThreads) forward_recurrence_kernel(
     const acc_t* __restrict__ sample_mean,  // (N, C)
@@ -390,7 +366,10 @@ __global__ void __launch_bounds__(kRecurrenceThreads) forward_recurrence_kernel(
     acc_t alpha_fwd,
     acc_t eps,
     acc_t* __restrict__ mean,  // (N, C)
-    acc_t* __restrict__ rstd) {
+    acc_t* __restrict__ rstd,
+    const acc_t* __restrict__ weight,           // (C,), with plane_mean_square
+    const acc_t* __restrict__ bias,             // (C,), with plane_mean_square
+    acc_t* __restrict__ plane_mean_square) {    // (N, C) or null
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   acc_t mu = mu_state.load<acc_t>(c);
@@ -400,19 +379,71 @@ __global__ void __launch_bounds__(kRecurrenceThreads) forward_recurrence_kernel(
     const int64_t i = n * C + c;
     mean[i] = mu;
     rstd[i] = rstd_from_var(var, eps);  // acc_t(1) / sqrt(var + eps), as the CPU
+    if (plane_mean_square != nullptr) {
+      plane_mean_square[i] = layer_scale_plane_mean_square(sample_mean[i], sample_var[i], mu, rstd[i], weight[c],
+                                                            bias[c]);
+    }
     online_state_update(mu, var, sample_mean[i], sample_var[i], alpha_fwd);
   }
   mu_state.store(c, mu);
   var_state.store(c, var);
 }
 
+// Layer scaling, one thread per sample, channels summed in order (as the
+// CPU): layer_rstd[n] = 1 / sqrt(mean over c of plane_mean_square + eps).
+template <typename acc_t>
+__global__ void __launch_bounds__(kRecurrenceThreads) layer_scale_kernel(
+    const acc_t* __restrict__ plane_mean_square,  // (N, C)
+    int64_t N,
+    int64_t C,
+    acc_t eps,
+    acc_t* __restrict__ layer_rstd) {  // (N,)
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  acc_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) sum += plane_mean_square[n * C + c];
+  layer_rstd[n] = rstd_from_var(sum / static_cast<acc_t>(C > 1 ? C : 1), eps);
+}
+
 // The rows of the backward's (3, N * C) coefficients of dx.
 enum GradCoef : int { kCoefDy = 0, kCoefY, kCoefConst, kNumGradCoef };
 
+// Layer scaling's backward, one thread per sample, channels summed in order
+// (as the CPU): the sample's t from its planes' means of dy * z, then each
+// plane's means of dy * y and dy replaced, in place, by those of the affine
+// output's gradient r dy - t z.
+template <typename acc_t>
+__global__ void __launch_bounds__(kRecurrenceThreads) layer_scale_grad_kernel(
+    acc_t* __restrict__ moments,            // (kNumGradMoments, N * C)
+    int64_t N,
+    int64_t C,
+    const acc_t* __restrict__ weight,       // (C,)
+    const acc_t* __restrict__ bias,         // (C,)
+    const acc_t* __restrict__ layer_rstd,   // (N,)
+    acc_t* __restrict__ layer_t) {          // (N,)
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int64_t NC = N * C;
+  acc_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t i = n * C + c;
+    sum += layer_scale_plane_grad_dot(moments[kMeanDyY * NC + i], moments[kMeanDy * NC + i], weight[c], bias[c]);
+  }
+  const acc_t r = layer_rstd[n];
+  const acc_t t = layer_scale_grad_t(r, sum / static_cast<acc_t>(C > 1 ? C : 1));
+  layer_t[n] = t;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t i = n * C + c;
+    layer_scale_grad_moments(moments[kMeanDyY * NC + i], moments[kMeanDy * NC + i], moments[kMeanY2 * NC + i],
+                             moments[kMeanY * NC + i], r, t, weight[c], bias[c]);
+  }
+}
+
 // Backward: the control process, for each sample n in order
 // online_backward_step with u, v before the sample (which it updates) and the
-// sample's saved rstd; dx's coefficients to coef; the final u, v back to the
-// state.
+// sample's saved rstd; dx's coefficients to coef (with layer_rstd given, on
+// the incoming gradient through layer scaling: layer_scale_input_grad); the
+// final u, v back to the state.
 template <typename acc_t>
 __global__ void __launch_bounds__(kRecurrenceThreads) backward_recurrence_kernel(
     const acc_t* __restrict__ moments,  // (kNumGradMoments, N * C)
@@ -424,9 +455,12 @@ __global__ void __launch_bounds__(kRecurrenceThreads) backward_recurrence_kernel
     StateRef u_state,
     StateRef v_state,
     acc_t alpha_bkw,
-    acc_t* __restrict__ coef,         // (kNumGradCoef, N * C)
-    acc_t* __restrict__ grad_weight,  // (C,): sum dy y
-    acc_t* __restrict__ grad_bias) {  // (C,): sum dy
+    acc_t* __restrict__ coef,              // (kNumGradCoef, N * C)
+    acc_t* __restrict__ grad_weight,       // (C,): sum dy y
+    acc_t* __restrict__ grad_bias,         // (C,): sum dy
+    const acc_t* __restrict__ bias,        // (C,), with layer_rstd
+    const acc_t* __restrict__ layer_rstd,  // (N,) or null
+    const acc_t* __restrict__ layer_t) {   // (N,), with layer_rstd
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const int64_t NC = N * C;
@@ -436,9 +470,10 @@ __global__ void __launch_bounds__(kRecurrenceThreads) backward_recurrence_kernel
 #pragma unroll 4
   for (int64_t n = 0; n < N; ++n) {
     const int64_t i = n * C + c;
-    const OnlineGradCoefficients<acc_t> k =
+    OnlineGradCoefficients<acc_t> k =
         online_backward_step(u, v, moments[kMeanDyY * NC + i], moments[kMeanY2 * NC + i],
                              moments[kMeanDy * NC + i], moments[kMeanY * NC + i], rstd[i], weight[c], alpha_bkw);
+    if (layer_rstd != nullptr) k = layer_scale_input_grad(k, layer_rstd[n], layer_t[n], weight[c], bias[c]);
     coef[kCoefDy * NC + i] = k.dy;
     coef[kCoefY * NC + i] = k.y;
     coef[kCoefConst * NC + i] = k.constant;
@@ -651,10 +686,16 @@ unsigned recurrence_grid(int64_t C) {
 // The ops
 // ---------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const std::optional<Tensor>& weight,
-                                                    const std::optional<Tensor>& bias, const Tensor& mu,
-                                                    const Tensor& var, const Tensor& u, const Tensor& v,
-                                                    double alpha_fwd, double alpha_bkw, double eps) {
+// weight and bias as contiguous (C,) acc_t values (1 and 0 when absent).
+Tensor channel_acc(const std::optional<Tensor>& t, int64_t C, double fill, const at::TensorOptions& acc_options) {
+  return t ? t->to(acc_options.dtype()).contiguous() : at::full({C}, fill, acc_options);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                            const std::optional<Tensor>& bias, const Tensor& mu,
+                                                            const Tensor& var, const Tensor& u, const Tensor& v,
+                                                            double alpha_fwd, double alpha_bkw, double eps,
+                                                            bool layer_scale) {
   constexpr const char* op = "torchnorm.online_norm";
   check_online_norm(op, input, weight, bias, mu, var, u, v, alpha_fwd, alpha_bkw, eps);
   // After the check, which puts the state on the input's device: the input is
@@ -666,8 +707,15 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const s
   const auto acc_options = x.options().dtype(acc_type);
   Tensor out = at::empty_like(x);
   Tensor mean = at::empty({N, C}, acc_options), rstd = at::empty({N, C}, acc_options);
-  if (N * C == 0) return {out, mean, rstd};  // no sample or no channel: the state stays as it is
+  Tensor layer_rstd = at::empty({layer_scale ? N : 0}, acc_options);
+  // No sample or no channel: the state stays as it is (and r = 1 / sqrt(eps)
+  // for the samples of no channel, as the CPU).
+  if (N * C == 0) return {out, mean, rstd, layer_scale ? layer_rstd.fill_(1.0 / std::sqrt(eps)) : layer_rstd};
   const int64_t NC = N * C;
+  // The parameters as (C,) acc_t values, read per channel by the layer
+  // scaling's kernels.
+  const Tensor weight_acc = layer_scale ? channel_acc(weight, C, 1.0, acc_options) : Tensor();
+  const Tensor bias_acc = layer_scale ? channel_acc(bias, C, 0.0, acc_options) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_norm_cuda", [&] {
     using acc_t = acc_type_of<scalar_t>;
@@ -687,21 +735,35 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const s
                                                         stream);
     }
 
-    // 2. The recurrence over the samples, channel by channel.
+    // 2. The recurrence over the samples, channel by channel (with layer
+    //    scaling also each plane's mean square of the affine output, then
+    //    each sample's scale).
     acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
     acc_t* rstd_p = rstd.mutable_data_ptr<acc_t>();
+    Tensor plane_mean_square = layer_scale ? at::empty({NC}, acc_options) : Tensor();
+    acc_t* plane_ms_p = layer_scale ? plane_mean_square.mutable_data_ptr<acc_t>() : nullptr;
     forward_recurrence_kernel<acc_t><<<recurrence_grid(C), kRecurrenceThreads, 0, stream>>>(
         sample_mean, sample_var, N, C, state_ref(mu), state_ref(var), static_cast<acc_t>(alpha_fwd),
-        static_cast<acc_t>(eps), mean_p, rstd_p);
+        static_cast<acc_t>(eps), mean_p, rstd_p, layer_scale ? weight_acc.const_data_ptr<acc_t>() : nullptr,
+        layer_scale ? bias_acc.const_data_ptr<acc_t>() : nullptr, plane_ms_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (layer_scale) {
+      layer_scale_kernel<acc_t><<<recurrence_grid(N), kRecurrenceThreads, 0, stream>>>(
+          plane_ms_p, N, C, static_cast<acc_t>(eps), layer_rstd.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
 
-    // 3. out = (x - mean) * rstd * weight + bias with each sample's
-    //    statistics: per (sample, channel) scale and shift, a few ATen ops on
-    //    (N, C) values.
+    // 3. out = ((x - mean) * rstd * weight + bias) * r with each sample's
+    //    statistics (r = 1 without layer scaling): per (sample, channel) scale
+    //    and shift, a few ATen ops on (N, C) values.
     const int64_t numel = x.numel();
     if (numel == 0) return;  // S == 0
-    const Tensor scale = weight ? rstd * weight->to(acc_type).view({1, C}) : rstd;
-    const Tensor shift = bias ? bias->to(acc_type).view({1, C}).expand({N, C}).contiguous() : at::zeros_like(rstd);
+    Tensor scale = weight ? rstd * weight->to(acc_type).view({1, C}) : rstd;
+    Tensor shift = bias ? bias->to(acc_type).view({1, C}).expand({N, C}).contiguous() : at::zeros_like(rstd);
+    if (layer_scale) {
+      scale = scale * layer_rstd.view({N, 1});
+      shift = shift * layer_rstd.view({N, 1});
+    }
     const acc_t* scale_p = scale.const_data_ptr<acc_t>();
     const acc_t* shift_p = shift.const_data_ptr<acc_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
@@ -713,15 +775,17 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_cuda(const Tensor& input, const s
                                                                      shift_p, numel, C, S);
     }
   });
-  return {out, mean, rstd};
+  return {out, mean, rstd, layer_rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> online_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                                              const std::optional<Tensor>& weight, const Tensor& mean,
                                                              const Tensor& rstd, const Tensor& u, const Tensor& v,
-                                                             double alpha_bkw, std::array<bool, 3> output_mask) {
+                                                             double alpha_bkw, std::array<bool, 3> output_mask,
+                                                             const std::optional<Tensor>& bias,
+                                                             const std::optional<Tensor>& layer_rstd) {
   constexpr const char* op = "torchnorm.online_norm_backward";
-  check_online_norm_backward(op, grad_output, input, weight, mean, rstd, u, v, alpha_bkw);
+  check_online_norm_backward(op, grad_output, input, weight, mean, rstd, u, v, alpha_bkw, bias, layer_rstd);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous(), dy = grad_output.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = N * C > 0 ? x.numel() / (N * C) : 0;
@@ -737,7 +801,10 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_backward_cuda(const Tensor& grad_
   };
   if (N * C == 0) return result();  // no sample or no channel: the state stays as it is
   const int64_t NC = N * C;
-  const Tensor weight_acc = weight ? weight->to(acc_type).contiguous() : at::ones({C}, acc_options);
+  const Tensor weight_acc = channel_acc(weight, C, 1.0, acc_options);
+  const bool layer_scale = layer_rstd.has_value();
+  const Tensor bias_acc = layer_scale ? channel_acc(bias, C, 0.0, acc_options) : Tensor();
+  const Tensor layer_rstd_acc = layer_scale ? layer_rstd->to(acc_type).contiguous() : Tensor();
   // The saved statistics in the accumulation dtype (a no-op for the forward's
   // own mean and rstd).
   const Tensor mean_acc = mean.to(acc_type).contiguous(), rstd_acc = rstd.to(acc_type).contiguous();
@@ -762,13 +829,25 @@ std::tuple<Tensor, Tensor, Tensor> online_norm_backward_cuda(const Tensor& grad_
                                                        stream);
     }
 
+    // 1b. Layer scaling: dy was the gradient of the scaled output; the means
+    //     become those of the affine output's gradient, per sample.
+    const acc_t* w = weight_acc.const_data_ptr<acc_t>();
+    const acc_t* b = layer_scale ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* lr = layer_scale ? layer_rstd_acc.const_data_ptr<acc_t>() : nullptr;
+    Tensor layer_t = layer_scale ? at::empty({N}, acc_options) : Tensor();
+    acc_t* lt = layer_scale ? layer_t.mutable_data_ptr<acc_t>() : nullptr;
+    if (layer_scale) {
+      layer_scale_grad_kernel<acc_t><<<recurrence_grid(N), kRecurrenceThreads, 0, stream>>>(moments_p, N, C, w, b,
+                                                                                              lr, lt);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+
     // 2. The control process over the samples, channel by channel.
     Tensor coef = at::empty({kNumGradCoef, NC}, acc_options);
     acc_t* coef_p = coef.mutable_data_ptr<acc_t>();
     backward_recurrence_kernel<acc_t><<<recurrence_grid(C), kRecurrenceThreads, 0, stream>>>(
-        moments_p, r, N, C, S, weight_acc.const_data_ptr<acc_t>(), state_ref(u), state_ref(v),
-        static_cast<acc_t>(alpha_bkw), coef_p, grad_weight.mutable_data_ptr<acc_t>(),
-        grad_bias.mutable_data_ptr<acc_t>());
+        moments_p, r, N, C, S, w, state_ref(u), state_ref(v), static_cast<acc_t>(alpha_bkw), coef_p,
+        grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(), b, lr, lt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // 3. dx = dy * k_dy + y * k_y + k_const.

@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..nn import batch_norm as tn_batch_norm
+from ..nn import sync_batch_norm as tn_sync_batch_norm
 from ..nn.conv_bn import _ConvBNNd
 
 CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -44,7 +45,7 @@ def batch_norm_epilogue(module: torch.nn.Module, training: bool = False) -> Opti
     if type(module) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                         tn_batch_norm.BatchNorm1d, tn_batch_norm.BatchNorm2d, tn_batch_norm.BatchNorm3d):
         return "none", 0.01
-    if type(module) is tn_batch_norm.BatchNormAct2d:
+    if type(module) in (tn_batch_norm.BatchNormAct2d, tn_sync_batch_norm.SyncBatchNorm):
         return (module.activation or "none"), module.negative_slope
     identities = (torch.nn.Identity,) if training else (torch.nn.Identity, torch.nn.Dropout)
     if is_timm_batch_norm_act(module) and isinstance(module.drop, identities):
@@ -62,16 +63,17 @@ class Tracer(fx.Tracer):
         return batch_norm_epilogue(m) is not None or super().is_leaf_module(m, qualname)
 
 
-def trace(model: torch.nn.Module, copy_model: bool) -> fx.GraphModule:
+def trace(model: torch.nn.Module, copy_model: bool, tracer: Optional[fx.Tracer] = None) -> fx.GraphModule:
     """A new GraphModule of `model` (of a deep copy of it when copy_model;
-    else sharing its modules, parameters and buffers)."""
+    else sharing its modules, parameters and buffers), traced by `tracer`
+    (default: Tracer())."""
     if copy_model:
         model = copy.deepcopy(model)
     if isinstance(model, fx.GraphModule):
         graph = fx.Graph()
         graph.output(graph.graph_copy(model.graph, {}))
     else:
-        graph = Tracer().trace(model)
+        graph = (tracer or Tracer()).trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.fx as fx
 
 from ..nn.conv_bn import conv_bn_forward, save_memory_in
+from ..nn.sync_batch_norm import SyncBatchNorm
 from . import _graph
 
 __all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedChain"]
@@ -68,8 +69,8 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
         return None
     if _graph.output_size_of(conv_node, conv) is _graph.UNKNOWN_CALL:
         return None
-    if conv.weight.dim() - 2 != {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2,
-                                 torch.nn.BatchNorm3d: 3}.get(_bn_base(bn), -1):
+    if conv.weight.dim() - 2 != {torch.nn.BatchNorm1d: 1, torch.nn.BatchNorm2d: 2, torch.nn.BatchNorm3d: 3,
+                                 SyncBatchNorm: conv.weight.dim() - 2}.get(_bn_base(bn), -1):
         return None
     chain, residual = [conv_node, bn_node], None
     if epilogue[0] != "none" or len(bn_node.args) > 1 or bn_node.kwargs:
@@ -94,7 +95,7 @@ def _match(bn_node: fx.Node, modules: Dict[str, torch.nn.Module]):
 
 
 def _bn_base(bn: torch.nn.Module) -> Optional[type]:
-    for base in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
+    for base in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, SyncBatchNorm):
         if isinstance(bn, base):
             return base
     return None

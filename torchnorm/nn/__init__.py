@@ -19,3 +19,12 @@ __all__ = [
 from .streaming_norm import StreamingNorm1d, StreamingNorm2d, streaming_norm_hook
 
 __all__ += ["StreamingNorm1d", "StreamingNorm2d", "streaming_norm_hook"]
+from .sync_batch_norm import SyncBatchNorm
+
+__all__ += ["SyncBatchNorm"]
+from .cosine_norm import CosineConv2d, CosineLinear
+
+__all__ += ["CosineLinear", "CosineConv2d"]
+from .weight_norm import WeightNorm, weight_norm, weight_norm_init_
+
+__all__ += ["WeightNorm", "weight_norm", "weight_norm_init_"]

@@ -201,6 +201,11 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
     if output_size is not None and not _is_transposed(conv):
         raise TypeError(f"conv_bn_forward: output_size applies to ConvTranspose only, got a {type(conv).__name__}")
     activation = F._activation_name(activation)
+    if getattr(bn, "synchronizes", None) is not None and bn.synchronizes():
+        # A SyncBatchNorm exchanging statistics with other ranks: the conv
+        # runs on its own and the SyncBatchNorm normalizes its output (none of
+        # the memory savings below, which need the statistics in one op).
+        return bn.normalize(_call(conv, input, output_size), residual, activation, negative_slope)
     call = _BatchNormCall(bn)
     if call.use_batch_stats:
         if residual is not None and _may_bypass_conv_call(conv, input):

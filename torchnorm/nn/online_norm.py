@@ -72,12 +72,11 @@ class _OnlineNorm(torch.nn.Module):
                 "recomputation does. Online Normalization updates its state in the forward (mu, var) and in the "
                 "backward (u, v), so a recomputed forward would update it twice: keep this layer out of "
                 "checkpointed regions")
-        # The affine map runs in the normalization's pass (the kernel's).
+        # The affine map and "ls" (layer scaling: y / sqrt(mean over C, H, W
+        # of y^2 + eps), per sample) run in the normalization's passes.
         y = F.online_norm(x, self.mu, self.var, self.u, self.v, self.alpha_fwd, self.alpha_bkw, self.eps,
-                          self.training, self.weight, self.bias)
-        if self.ecm == "ls":  # layer scaling: y / sqrt(mean over C, H, W of y^2 + eps), per sample
-            y = F.rms_norm(y, list(y.shape[1:]), None, self.eps)
-        elif self.ecm == "ac":
+                          self.training, self.weight, self.bias, layer_scale=self.ecm == "ls")
+        if self.ecm == "ac":
             y = y.clamp(-ACTIVATION_CLAMP, ACTIVATION_CLAMP)
         return y
 

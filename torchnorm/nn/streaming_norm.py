@@ -41,6 +41,11 @@ is 0, its std sqrt(eps) and its mean the value itself; training still works
 (no error, unlike BatchNorm), since s_hat mixes in the long-term statistics;
 with alpha = (0, 1) the output is then bias (the input minus itself).
 
+Kernels: training runs torchnorm::streaming_norm and its backward
+streaming_norm_backward, BatchNorm's passes with the streaming step (push,
+mix) per channel between the statistics and the element-wise pass, so a
+step costs about what BatchNorm's does.
+
 Hazards: the backward updates the gradient histories, so one forward's graph
 may be backpropagated once (a second backward raises); the forward refuses
 to run inside a backward pass (activation checkpointing's recomputation
@@ -58,79 +63,26 @@ _STATE = ("short_stats", "short_count", "long_stats", "long_count",
           "grad_short", "grad_short_count", "grad_long", "grad_long_count")
 
 
-def _push(avg: Tensor, count: Tensor, value: Tensor) -> None:
-    """avg <- the mean of the values pushed since it was cleared (no host sync)."""
-    avg.add_((value.to(avg.dtype) - avg) / (count + 1))
-    count.add_(1)
-
-
-def _long_or_short(long: Tensor, long_count: Tensor, short: Tensor) -> Tensor:
-    # Before the first weight update the long-term average is not defined
-    # (the paper does not say how it starts); as the authors' code, the
-    # short-term one stands in for it.
-    return torch.where(long_count > 0, long, short)
-
-
-def _batch_stats(x: Tensor, eps: float):
-    """(mean, rstd) of each channel over N and the positions, float32 (float64
-    for float64 input), by torchnorm's batch_norm_train; one value per channel
-    (which that kernel refuses) gives the value and 1 / sqrt(eps)."""
-    C = x.shape[1]
-    if x.numel() == C:
-        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.reshape(C).to(stat), torch.full((C,), eps ** -0.5, dtype=stat, device=x.device)
-    _, mean, rstd = _OPS.batch_norm_train(x, None, None, None, None, 0.0, eps, "none", 0.0, None)
-    return mean, rstd
-
-
-class _StreamingNormFn(torch.autograd.Function):
-    """y = (x - mean_hat) * rstd_hat * weight + bias by batch_norm_apply.
-
-    Backward: the gradient with the statistics held fixed (batch_norm_backward,
-    training=False) plus, when ``module`` is given (training), the streamed
-    gradient of the batch statistics: with g = dL/d(mean_hat, std_hat),
-    pushed into the module's short-term gradient history, and g_hat its mix,
-    dx += g_hat_mean / M + g_hat_std * (x - mean) * rstd / M, added in one
-    batch_norm_apply pass (M values per channel; mean, rstd of the batch)."""
+class _EvalNormFn(torch.autograd.Function):
+    """Evaluation: y = (x - mean) * rstd * weight + bias with the long-term
+    statistics held fixed, by batch_norm_apply; backward by
+    batch_norm_backward (training=False). (Training goes through
+    torchnorm::streaming_norm, whose autograd is in C++.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_hat, rstd_hat, mean, rstd, module):
-        ctx.save_for_backward(x, weight, bias, mean_hat, rstd_hat, mean, rstd)
-        ctx.module, ctx.done = module, False
-        return _OPS.batch_norm_apply(x, mean_hat, rstd_hat, weight, bias, "none", 0.0, None)
+    def forward(ctx, x, weight, bias, mean, rstd):
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return _OPS.batch_norm_apply(x, mean, rstd, weight, bias, "none", 0.0, None)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.done:
-            raise RuntimeError("StreamingNorm: backward already ran for this forward. Streaming Normalization "
-                               "pushes the statistics' gradient into its history in backward, so a graph may be "
-                               "backpropagated once")
-        x, weight, bias, mean_hat, rstd_hat, mean, rstd = ctx.saved_tensors
-        module = ctx.module
-        streamed = module is not None
-        # With weight None batch_norm_backward still returns sum(dy * x_hat) and sum(dy).
-        mask = [ctx.needs_input_grad[0], streamed or (weight is not None and ctx.needs_input_grad[1]),
-                streamed or (bias is not None and ctx.needs_input_grad[2]), False]
-        dx, dw, db, _ = _OPS.batch_norm_backward(grad_output.contiguous(), x, weight, bias, None, mean_hat,
-                                                 rstd_hat, False, "none", 0.0, mask)
-        if streamed:
-            ctx.done = True
-            # With dy_hat = dy * weight and x_hat = (x - mean_hat) * rstd_hat, db = sum(dy) and
-            # dw = sum(dy * x_hat) per channel:
-            #   dL/dmean_hat = -rstd_hat * weight * db,  dL/dstd_hat = -rstd_hat * weight * dw.
-            scale = -rstd_hat if weight is None else -rstd_hat * weight.to(rstd_hat.dtype)
-            g = torch.stack([scale * db.to(scale.dtype), scale * dw.to(scale.dtype)])
-            g_hat = module._stream_gradient(g)
-            if ctx.needs_input_grad[0]:
-                # dx += g_hat_mean / M + g_hat_std * (x - mean) * rstd / M: d mean/dx = 1/M,
-                # d std/dx = (x - mean) / (M std), in one pass with dx as the residual.
-                M = x.numel() // x.shape[1]
-                dx = _OPS.batch_norm_apply(x, mean, rstd, (g_hat[1] / M).contiguous(),
-                                           (g_hat[0] / M).contiguous(), "none", 0.0, dx)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dw if weight is not None and ctx.needs_input_grad[1] else None,
-                db if bias is not None and ctx.needs_input_grad[2] else None, None, None, None, None, None)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2], False]
+        dx, dw, db, _ = _OPS.batch_norm_backward(grad_output.contiguous(), x, weight, bias, None, mean, rstd, False,
+                                                 "none", 0.0, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None)
 
 
 class _StreamingNorm(torch.nn.Module):
@@ -202,14 +154,6 @@ class _StreamingNorm(torch.nn.Module):
             short.zero_()
             count.zero_()
 
-    def _stream_gradient(self, g: Tensor) -> Tensor:
-        """Backward's part: push g (2, C) and return g_hat = beta . (long, short, g)."""
-        with torch.no_grad():
-            _push(self.grad_short, self.grad_short_count, g)
-            long = _long_or_short(self.grad_long, self.grad_long_count, self.grad_short)
-            b = self.beta
-            return (b[0] * long + b[1] * self.grad_short).to(g.dtype) + b[2] * g
-
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._dims or x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__} expects an input of {' or '.join(map(str, self._dims))} "
@@ -219,7 +163,6 @@ class _StreamingNorm(torch.nn.Module):
                              f"{tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
-        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self.training:
             if torch._C._current_graph_task_id() != -1:
                 raise RuntimeError(
@@ -227,18 +170,17 @@ class _StreamingNorm(torch.nn.Module):
                     "recomputation does. Streaming Normalization pushes each batch's statistics into its history "
                     "in the forward (and their gradient in the backward), so a recomputed forward would push them "
                     "twice: keep this layer out of checkpointed regions")
-            mean, rstd = _batch_stats(x, self.eps)  # validates x before any state changes
-            with torch.no_grad():
-                _push(self.short_stats, self.short_count, torch.stack([mean, 1 / rstd]))
-                long = _long_or_short(self.long_stats, self.long_count, self.short_stats)
-                s_hat = (self.alpha[0] * long + self.alpha[1] * self.short_stats).to(stat)
-            module = self
-        else:
-            s_hat, mean, rstd, module = self.long_stats.to(stat), None, None, None
-        mean_hat, rstd_hat = s_hat[0].contiguous(), (1 / s_hat[1]).contiguous()
-        if mean is None:
-            mean, rstd = mean_hat, rstd_hat
-        return _StreamingNormFn.apply(x, self.weight, self.bias, mean_hat, rstd_hat, mean, rstd, module)
+            # One op: the batch statistics, their push into the short-term
+            # history, the mix and the normalization in BatchNorm's passes;
+            # its backward streams the statistics' gradient the same way.
+            out, _, _, _, _ = _OPS.streaming_norm(
+                x, self.weight, self.bias, self.short_stats, self.short_count, self.long_stats, self.long_count,
+                self.grad_short, self.grad_short_count, self.grad_long, self.grad_long_count, *self.alpha,
+                *self.beta, self.eps)
+            return out
+        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        s_hat = self.long_stats.to(stat)
+        return _EvalNormFn.apply(x, self.weight, self.bias, s_hat[0].contiguous(), (1 / s_hat[1]).contiguous())
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, alpha={self.alpha}, k1={self.k1}, eps={self.eps}, affine={self.affine}, "
