@@ -74,9 +74,11 @@ limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exi
   > "$OUT/sanitizer_sequence.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer_sequence.log"
 # The kernels added since: Streaming Normalization, weight and cosine
-# normalization (never run on a GPU before this script).
+# normalization, SyncBatchNorm's per-rank ops (never run on a GPU before this
+# script).
 limited "${MEMCHECK_TIMEOUT:-420}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-  $PY -m pytest tests/test_streaming_norm.py tests/test_weight_norm.py tests/test_cosine_norm.py -q -x \
+  $PY -m pytest tests/test_streaming_norm.py tests/test_weight_norm.py tests/test_cosine_norm.py \
+  tests/test_sync_batch_norm.py -q -x \
   -p no:cacheprovider -k "cuda and not gradcheck and not compile" \
   > "$OUT/sanitizer_weight_side.log" 2>&1 || status=1
 tail -5 "$OUT/sanitizer_weight_side.log"

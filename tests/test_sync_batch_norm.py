@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 import torchnorm
 from torchnorm.nn import SyncBatchNorm
 
-from conftest import NEGATIVE_SLOPE, StatsUnchanged, apply_layout, expect_error, generator, torch_act
+from conftest import DEVICES, NEGATIVE_SLOPE, StatsUnchanged, apply_layout, expect_error, generator, torch_act
 from tolerances import SYNC_BATCH_NORM_F64, tol
 
 OPS = torch.ops.torchnorm
@@ -580,29 +580,63 @@ def test_ops_reject_bad_input_clearly():
           "torchnorm.batch_norm_backward_elemt: expected saved statistics")
 
 
-def test_stats_and_merge_are_exact_and_order_independent_of_layout():
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_and_merge_are_exact_and_order_independent_of_layout(device):
     """batch_norm_stats of every layout, and batch_norm_gather_stats of
     shards (an empty one included), against float64 statistics of the whole."""
-    full = torch.randn(7, 3, 4, 5, dtype=torch.float64, generator=generator(3)) * 3 + 100
+    full = (torch.randn(7, 3, 4, 5, dtype=torch.float64, generator=generator(3)) * 3 + 100).to(device)
     for layout in ("contiguous", "channels_last"):
         stats = OPS.batch_norm_stats(apply_layout(full, layout))
         flat = full.transpose(0, 1).reshape(3, -1)
-        torch.testing.assert_close(stats[0], torch.full((3,), 140.0, dtype=torch.float64), rtol=0, atol=0)
+        torch.testing.assert_close(stats[0], full.new_full((3,), 140.0), rtol=0, atol=0)
         torch.testing.assert_close(stats[1], flat.mean(1), **SYNC_BATCH_NORM_F64)
         torch.testing.assert_close(stats[2], (flat - flat.mean(1, keepdim=True)).square().sum(1), **SYNC_BATCH_NORM_F64)
     empty = OPS.batch_norm_stats(full[:0])
-    assert torch.equal(empty, torch.zeros(3, 3, dtype=torch.float64))
+    assert torch.equal(empty, full.new_zeros(3, 3))
     shards = [full[:2], full[2:2], full[2:]]
     table = torch.stack([OPS.batch_norm_stats(s) for s in shards])
-    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm, rv = full.new_zeros(3), full.new_ones(3)
     mean, rstd, count = OPS.batch_norm_gather_stats(table, rm, rv, 0.5, 1e-5)
     flat = full.transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(mean, flat.mean(1), **SYNC_BATCH_NORM_F64)
     torch.testing.assert_close(rstd, (flat.var(1, unbiased=False) + 1e-5).rsqrt(), **SYNC_BATCH_NORM_F64)
     torch.testing.assert_close(rv, 0.5 + 0.5 * flat.var(1), **SYNC_BATCH_NORM_F64)
-    assert torch.equal(count, torch.full((3,), 140.0, dtype=torch.float64))
+    assert torch.equal(count, full.new_full((3,), 140.0))
     # All partials empty: running statistics untouched, finite statistics.
     rm2, rv2 = rm.clone(), rv.clone()
-    mean, rstd, count = OPS.batch_norm_gather_stats(torch.zeros(2, 3, 3, dtype=torch.float64), rm2, rv2, 0.5, 1e-5)
-    assert torch.equal(rm2, rm) and torch.equal(rv2, rv) and torch.equal(count, torch.zeros(3, dtype=torch.float64))
-    assert torch.equal(mean, torch.zeros(3, dtype=torch.float64)) and torch.isfinite(rstd).all()
+    mean, rstd, count = OPS.batch_norm_gather_stats(full.new_zeros(2, 3, 3), rm2, rv2, 0.5, 1e-5)
+    assert torch.equal(rm2, rm) and torch.equal(rv2, rv) and torch.equal(count, full.new_zeros(3))
+    assert torch.equal(mean, full.new_zeros(3)) and torch.isfinite(rstd).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_per_rank_ops_match_cpu(layout, dtype):
+    """The three per-rank ops on CUDA against the same ops on the CPU (whose
+    numerics the multi-process tests check against the global batch): stats,
+    merge with running statistics, and the element-wise backward with a
+    residual and an activation."""
+    gen = generator(11)
+    x = apply_layout((torch.randn(6, 5, 7, 9, generator=gen) * 2 + 30).to(dtype), layout)
+    gy, res = (apply_layout(torch.randn(6, 5, 7, 9, generator=gen).to(dtype), layout) for _ in range(2))
+    w, b = torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen)
+    mean_dz, mean_dz_xhat = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        on = lambda t: t.to(device)  # noqa: E731
+        table = torch.stack([OPS.batch_norm_stats(on(x[:2])), OPS.batch_norm_stats(on(x[2:2])),
+                             OPS.batch_norm_stats(on(x[2:]))])
+        rm, rv = on(torch.zeros(5)), on(torch.ones(5))
+        mean, rstd, count = OPS.batch_norm_gather_stats(table, rm, rv, 0.1, 1e-5)
+        # The merge is float64 (the table's dtype); the kernels take the
+        # statistics in the accumulation dtype, as the module passes them.
+        grads = OPS.batch_norm_backward_elemt(on(gy), on(x), on(w), on(b), on(res), mean.float(), rstd.float(),
+                                              on(mean_dz), on(mean_dz_xhat), "silu", 0.0, [True, True])
+        outputs[device] = [t.cpu() for t in (table, mean, rstd, count, rm, rv, *grads)]
+    # Statistics accumulate in float32 for both input dtypes (float64 only
+    # holds the per-rank results); the gradients are in the input dtype.
+    kinds = ["stats"] * 6 + ["grad"] * 2
+    for got, want, kind in zip(outputs["cuda"], outputs["cpu"], kinds):
+        torch.testing.assert_close(got, want, **tol(dtype if kind == "grad" else torch.float32, kind))
