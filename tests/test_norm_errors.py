@@ -378,3 +378,74 @@ def test_ln_module_wrong_input_shape(name):
         m(make_input((3, 5, 7), torch.float32), residual=make_input((1, 5, 7), torch.float32))
     with pytest.raises(ERRORS, match=r"weight|dtype|type"):
         m(make_input((3, 5, 7), torch.float64))
+
+
+# ---------------------------------------------------------------------------
+# Compatibility with torch's own refusals (found with PyTorch's test inputs).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 0, 4), 1), ((2, 4, 0), 2), ((2, 4, 3, 0), 2), ((3, 0), 1)],
+                         ids=["zero-channels", "zero-length", "zero-width", "2d-zero-channels"])
+@pytest.mark.parametrize("entry", GN_ENTRIES)
+def test_gn_zero_channels_or_spatial_size_raise_as_torch(entry, shape, groups):
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError):  # torch's own behaviour, which ours follows
+        torch.nn.functional.group_norm(x, groups)
+    expect_error(lambda: call_gn(entry, x, groups, None, None), "greater than 0", types=RuntimeError)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4), (2, 4, 0)], ids=["zero-channels", "zero-length"])
+def test_in_zero_channels_or_spatial_size_allowed_as_torch(shape):
+    """instance_norm shares group_norm's kernels but, as torch's, accepts these."""
+    x = torch.randn(shape)
+    assert tnf.instance_norm(x).shape == torch.nn.functional.instance_norm(x).shape == shape
+
+
+def _batch_norm_modules(eps):
+    from torchnorm.nn import SyncBatchNorm
+    return [tnn.BatchNorm1d(3, eps=eps), tnn.BatchNorm2d(3, eps=eps), tnn.BatchNorm3d(3, eps=eps),
+            tnn.BatchNormAct2d(3, eps=eps), SyncBatchNorm(3, eps=eps), tnn.SequenceBatchNorm1d(3, eps=eps)]
+
+
+_BN_INPUT = {"BatchNorm1d": (4, 3), "BatchNorm2d": (4, 3, 2, 2), "BatchNorm3d": (4, 3, 2, 2, 2),
+             "BatchNormAct2d": (4, 3, 2, 2), "SyncBatchNorm": (4, 3, 2, 2), "SequenceBatchNorm1d": (5, 4, 3)}
+
+
+@pytest.mark.parametrize("eps,train,message", [(0.0, True, "positive during training"),
+                                                (-1e-5, True, "positive during training"),
+                                                (-1e-5, False, "non-negative")],
+                         ids=["zero-train", "negative-train", "negative-eval"])
+def test_bn_modules_refuse_eps_as_torch(eps, train, message):
+    """torch.nn's BatchNorm modules raise ValueError at forward for eps <= 0 in
+    training and eps < 0 in evaluation; ours do the same, before touching any
+    state."""
+    torch_bn = torch.nn.BatchNorm2d(3, eps=eps).train(train)
+    with pytest.raises(ValueError, match=message):
+        torch_bn(torch.randn(4, 3, 2, 2))
+    for module in _batch_norm_modules(eps):
+        module.train(train)
+        name = type(module).__name__
+        stats = StatsUnchanged(module.running_mean, module.running_var, module.num_batches_tracked)
+        x = torch.randn(_BN_INPUT[name])
+        expect_error(lambda: module(x), message, stats=stats, types=ValueError)
+
+
+def test_bn_modules_accept_zero_eps_in_evaluation_as_torch():
+    x = torch.randn(4, 3, 2, 2)
+    ours, theirs = tnn.BatchNorm2d(3, eps=0.0).eval(), torch.nn.BatchNorm2d(3, eps=0.0).eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"])
+def test_functionals_refuse_negative_eps(fn):
+    """Documented: a negative eps is refused (torch computes with it, except
+    batch_norm, which refuses it too)."""
+    x = torch.randn(4, 3, 5)
+    calls = {"batch_norm": lambda: tnf.batch_norm(x, None, None, training=True, eps=-1e-3),
+             "layer_norm": lambda: tnf.layer_norm(x, (5,), eps=-1e-3),
+             "rms_norm": lambda: tnf.rms_norm(x, (5,), eps=-1e-3),
+             "group_norm": lambda: tnf.group_norm(x, 3, eps=-1e-3),
+             "instance_norm": lambda: tnf.instance_norm(x, eps=-1e-3)}
+    expect_error(calls[fn], "eps", types=RuntimeError)
+    assert "negative eps" in getattr(tnf, fn).__doc__

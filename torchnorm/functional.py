@@ -46,7 +46,9 @@ def batch_norm(
         weight, bias: optional ``(C,)`` affine parameters.
         training: normalize with batch statistics (and update the running ones).
         momentum: weight of the batch statistics in the running average.
-        eps: added to the variance.
+        eps: added to the variance; must be >= 0 (a negative eps is refused with a
+            RuntimeError). Unlike torch.nn.functional.batch_norm, eps = 0 is allowed in
+            training; the BatchNorm modules refuse it with torch.nn's ValueError.
         activation: ``None``, ``"relu"``, ``"leaky_relu"`` or ``"silu"``.
         negative_slope: slope of ``"leaky_relu"`` for negative inputs.
         residual: optional tensor of the input's shape added before the activation.
@@ -92,7 +94,9 @@ def layer_norm(
         normalized_shape: trailing dimensions to normalize over.
         weight, bias: optional tensors of shape ``normalized_shape`` (float32
             allowed with float16/bfloat16 input).
-        eps: added to the variance.
+        eps: added to the variance; must be >= 0 (a negative eps is refused with a
+            RuntimeError, where torch computes with it and may take the square root of
+            a negative number).
         residual: optional tensor of the input's shape and dtype.
 
     Returns:
@@ -121,7 +125,8 @@ def rms_norm(
         input, normalized_shape, weight, residual: as :func:`layer_norm`.
         eps: added to the mean square; ``None`` means the machine epsilon of
             the computation type (float32's for float32, float16 and bfloat16
-            input, float64's for float64), as torch resolves it.
+            input, float64's for float64), as torch resolves it. A negative eps
+            is refused with a RuntimeError, where torch computes with it.
     """
     out, total, _ = torch.ops.torchnorm.rms_norm.default(input, _shape_list(normalized_shape), weight, eps, residual)
     return out if residual is None else (out, total)
@@ -145,7 +150,9 @@ def group_norm(
         input: ``(N, C, *)``; contiguous or channels-last (the output keeps it).
         num_groups: number of groups; must divide ``C``.
         weight, bias: optional ``(C,)`` affine parameters.
-        eps: added to the variance.
+        eps: added to the variance; must be >= 0 (a negative eps is refused with a
+            RuntimeError, where torch computes with it and may take the square root of
+            a negative number).
         activation: ``None``, ``"relu"``, ``"leaky_relu"`` or ``"silu"``.
         negative_slope: slope of ``"leaky_relu"`` for negative inputs.
     """
@@ -177,7 +184,9 @@ def instance_norm(
         weight, bias: optional ``(C,)`` affine parameters.
         use_input_stats: normalize with each instance's own statistics.
         momentum: weight of the batch statistics in the running average.
-        eps: added to the variance.
+        eps: added to the variance; must be >= 0 (a negative eps is refused with a
+            RuntimeError, where torch computes with it and may take the square root of
+            a negative number).
     """
     if use_input_stats:
         out, _, _ = torch.ops.torchnorm.instance_norm.default(

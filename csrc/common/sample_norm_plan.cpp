@@ -126,9 +126,11 @@ GroupNormGeometry group_geometry(const at::Tensor& input, int64_t num_groups, at
 
 }  // namespace
 
-GroupNormPlan plan_group_norm(const char* op, const at::Tensor& input, int64_t num_groups,
-                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                              double eps, const std::string& activation, bool want_var) {
+// The plan of both group_norm and instance_norm (which allows what
+// group_norm refuses below, as torch's does).
+static GroupNormPlan plan_groups(const char* op, const at::Tensor& input, int64_t num_groups,
+                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                 double eps, const std::string& activation, bool want_var) {
   check_supported_input(op, input);
   check_groups(op, input, num_groups);
   TORCH_CHECK(eps >= 0, op, ": expected eps >= 0, got ", eps);
@@ -145,6 +147,19 @@ GroupNormPlan plan_group_norm(const char* op, const at::Tensor& input, int64_t n
   p.rstd = at::empty({p.g.N, p.g.G}, stats_options);
   if (want_var) p.var = at::empty({p.g.N, p.g.G}, stats_options);
   return p;
+}
+
+GroupNormPlan plan_group_norm(const char* op, const at::Tensor& input, int64_t num_groups,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              double eps, const std::string& activation, bool want_var) {
+  // torch.nn.functional.group_norm refuses these (an empty batch is fine).
+  TORCH_CHECK(input.dim() < 2 || input.size(1) > 0, op, ": expected the number of channels to be greater than 0, got ",
+              input.sizes());
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  TORCH_CHECK(spatial > 0, op, ": expected the spatial size (H x W ...) to be greater than 0, got input size ",
+              input.sizes());
+  return plan_groups(op, input, num_groups, weight, bias, eps, activation, want_var);
 }
 
 GroupNormPlan plan_instance_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -164,8 +179,8 @@ GroupNormPlan plan_instance_norm(const at::Tensor& input, const std::optional<at
   // Same condition and message as torch.nn.functional.instance_norm.
   TORCH_CHECK_VALUE(spatial != 1, "Expected more than 1 spatial element when training, got input size ",
                     input.sizes());
-  return plan_group_norm(op, input, std::max<int64_t>(input.size(1), 1), weight, bias, eps, "none",
-                         running_mean.has_value());
+  return plan_groups(op, input, std::max<int64_t>(input.size(1), 1), weight, bias, eps, "none",
+                     running_mean.has_value());
 }
 
 void update_instance_running_stats(const GroupNormPlan& p, const std::optional<at::Tensor>& running_mean,

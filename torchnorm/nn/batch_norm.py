@@ -27,6 +27,12 @@ class _BatchNormCall:
             # Cumulative moving average: this batch is number num_batches_tracked + 1.
             self.momentum = 1.0 / float(module.num_batches_tracked + 1)
         self.use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+        # torch.nn's modules refuse these at forward (torch.nn.functional.batch_norm
+        # does): a zero eps divides by a zero batch variance.
+        if self.use_batch_stats and module.eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {module.eps}")
+        if module.eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {module.eps}")
         keep_running = not module.training or module.track_running_stats
         self.running_mean = module.running_mean if keep_running else None
         self.running_var = module.running_var if keep_running else None
