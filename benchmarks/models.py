@@ -316,7 +316,7 @@ def write(rows: List[dict], out_md: str, quick: bool = False, device: str = "cpu
     def cell(r, v):
         if r.get(v + "_ms"):
             return f"{r[v + '_ms']} ({r[v + '_iqr_ms']})"
-        return r.get("compiled_status") or "failed" if v == "compiled" else "failed"
+        return (r.get("compiled_status") or "failed") if v == "compiled" else "failed"
 
     def speed(r, v):
         if not r.get(f"{v}_speedup"):
