@@ -124,9 +124,14 @@ def warm_pages_env(argv: list) -> Optional[dict]:
 # Modelled seconds of each model-level suite on the CPU, (full, --quick), for
 # the time estimate (see harness.Progress): measured on the 2-core VM of the
 # committed results while other jobs shared it (load average 4-5). A GPU
-# takes them as they are.
+# takes them as they are. "models" is an estimate, not a run: 60 training steps
+# per model (4 variants x (1 untimed + 2 warm-up + 11 timed + 1 for peak
+# memory)) at the step times measured there under a load of 5 (Llama 17 s,
+# the UNet 16 s, BERT, convnext_tiny and resnet50 3.5 s) plus torch.compile's
+# first steps (resnet50's took 106 s; about 700 s for the five); its --quick
+# took 54 s under a load of 6.
 MODEL_SUITE_COST_S = {"conv_bn": (430.0, 7.0), "sequence": (220.0, 0.5), "small_batch": (12.0, 0.5),
-                      "cosine_norm": (120.0, 2.0), "weight_norm": (60.0, 1.0), "models": (300.0, 10.0)}
+                      "cosine_norm": (120.0, 2.0), "weight_norm": (60.0, 1.0), "models": (3400.0, 30.0)}
 
 
 def _model_suite_paths(path: str, device: str) -> dict:

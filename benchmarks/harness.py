@@ -456,6 +456,50 @@ def resident_bytes() -> int:
         return 0
 
 
+def _reset_resident_peak() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its resident memory now
+    (Linux >= 4.0: writing 5 to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _resident_peak_bytes_now() -> Optional[int]:
+    """VmHWM of /proc/self/status: peak resident memory since the last reset (None where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def step_peak_mib(step: Callable[[], None], device: str) -> Optional[float]:
+    """MiB one call of ``step`` holds at its peak beyond what was held before it, or None
+    where it cannot be measured. CUDA: torch.cuda.max_memory_allocated (tensors). CPU, which
+    has no allocator statistics: the peak of resident memory, reset after collecting garbage
+    and giving the free heap back (:func:`_malloc_trim`), so the pages the call touches at
+    its peak count, fragmentation included; another thread's allocations in the meantime
+    would count too, so call it while nothing else runs."""
+    if device == "cuda":
+        return float(peak_memory_mb(None, step, device))
+    gc.collect()
+    _malloc_trim()
+    if not _reset_resident_peak():
+        return None
+    base = resident_bytes()
+    step()
+    peak = _resident_peak_bytes_now()
+    if peak is None or not base:
+        return None
+    return max(peak - base, 0) / 2**20
+
+
 def release_memory(device: str, compiled: bool = False) -> None:
     """Return what a finished row used: collect unreachable objects (autograd graphs in cycles),
     drop torch.compile's graphs when ``compiled``, give freed heap back to the system, and on

@@ -1,12 +1,15 @@
 """benchmarks/models.py (the ``models`` suite) at its --quick sizes: a row per
-model with the three variants' times and speeds from the same run, and the
-report; a missing library gives a skipped row, not a failure."""
+model with the four variants' times, speeds and peak memory from the same
+run, and the report; a missing library gives a skipped row, not a failure;
+a compile that fails gives a reason, not a failure."""
 import csv
+import sys
 
 import pytest
+import torch
 
 from benchmarks import __main__ as cli
-from benchmarks import models
+from benchmarks import harness, models
 
 
 def test_models_is_a_suite():
@@ -22,21 +25,100 @@ def test_quick_models(tmp_path):
     assert not failures
     assert [r["model"] for r in rows] == list(models.MODELS)
     with open(tmp_path / "models.csv", newline="") as f:
-        assert [r["model"] for r in csv.DictReader(f)] == list(models.MODELS)
+        csv_rows = list(csv.DictReader(f))
+    assert [r["model"] for r in csv_rows] == list(models.MODELS)
+    assert set(csv_rows[0]) == set(models.COLUMNS)
     md = out.read_text()
+    assert "Peak memory of one step" in md
     for r in rows:
         if r["config"] == models.SKIPPED:
             assert f"| {r['model']} | skipped" in md
             continue
         base = float(r["original_ms"])
-        for v in models.VARIANTS[1:]:
+        assert r["compiled_status"] == "not compiled (--quick)" and not r["compiled_ms"]
+        assert r["compiled_status"] in md
+        timed = [v for v in models.VARIANTS if r[f"{v}_ms"]]
+        for v in timed[1:]:
             assert float(r[f"{v}_speedup"]) == pytest.approx(base / float(r[f"{v}_ms"]), rel=2e-3)
+        for v in models.TORCHNORM_VARIANTS:
             assert r[f"{v}_goal"].startswith(("met", "NOT met"))
+        if sys.platform.startswith("linux"):  # peak resident memory is measured there
+            for v in timed:
+                assert float(r[f"{v}_peak_mib"]) > 0, (r["model"], v)
+            for v in timed[1:]:
+                assert float(r[f"{v}_peak_ratio"]) == pytest.approx(
+                    float(r[f"{v}_peak_mib"]) / float(r["original_peak_mib"]), rel=2e-2)
         assert f"| {r['model']} | {r['config']} |" in md
+
+
+@pytest.mark.slow
+def test_compiled_variant(tmp_path, monkeypatch):
+    """torch.compile of the original (dynamo's capture, the eager backend: inductor takes minutes
+    here) is timed beside the others, or says why not."""
+    pytest.importorskip("torchnorm._C")
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(models, "MODELS", {"llama": models.MODELS["llama"]})
+    rows, failures = models.run("cpu", True, str(tmp_path / "m.md"), compile_backend="eager")
+    assert not failures
+    (r,) = rows
+    if r["compiled_status"]:  # a torch that cannot compile it: the reason, not a failure
+        assert r["compiled_status"].startswith("compile failed: ") and not r["compiled_ms"]
+        return
+    assert float(r["compile_s"]) > 0 and float(r["compiled_ms"]) > 0
+    assert float(r["compiled_speedup"]) == pytest.approx(float(r["original_ms"]) / float(r["compiled_ms"]), rel=2e-3)
+    assert float(r["fuse_vs_compiled"]) == pytest.approx(float(r["compiled_ms"]) / float(r["convert+fuse_ms"]),
+                                                         rel=2e-3)
+    if sys.platform.startswith("linux"):
+        assert float(r["compiled_peak_mib"]) > 0
+    assert f"{float(r['fuse_vs_compiled']):.2f}x" in (tmp_path / "m.md").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak resident memory is reset on Linux only")
+def test_step_peak_mib_counts_what_a_step_holds():
+    held = []
+
+    def step():  # touches 64 MiB of fresh pages, keeps them past the call
+        held.append(torch.ones(16 * 2**20))
+
+    def nothing():
+        pass
+
+    assert harness.step_peak_mib(step, "cpu") >= 63
+    held.clear()
+    assert harness.step_peak_mib(nothing, "cpu") < 8
+
+
+@pytest.mark.slow
+def test_compile_failure_is_a_reason(tmp_path, monkeypatch):
+    """A model torch.compile cannot run is reported with the reason; the other variants are timed."""
+    pytest.importorskip("torchnorm._C")
+    pytest.importorskip("timm")
+
+    class Refused(torch.nn.Module):  # what a compile that fails at its first call looks like
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            raise RuntimeError("no backend here\nmore lines")
+
+    def refuse(model, backend=None):
+        return Refused(model)
+
+    monkeypatch.setattr(models, "MODELS", {"convnext_tiny": models.MODELS["convnext_tiny"]})
+    monkeypatch.setattr(torch, "compile", refuse)
+    rows, failures = models.run("cpu", True, str(tmp_path / "m.md"), compile_backend="eager")
+    assert not failures
+    (r,) = rows
+    assert r["compiled_status"] == "compile failed: RuntimeError: no backend here"
+    assert not r["compiled_ms"] and float(r["convert+fuse_ms"]) > 0
+    assert "compile failed: RuntimeError: no backend here" in (tmp_path / "m.md").read_text()
 
 
 def test_goal_verdict():
     assert models.goal_verdict("llama", 1.06).startswith("met")
     assert models.goal_verdict("llama", 1.01).startswith("NOT met")
+    assert models.goal_verdict("llama", 1.01, "convert").startswith("met")  # only the floor for a plain convert
+    assert models.goal_verdict("llama", 0.97, "convert").startswith("NOT met")
     assert models.goal_verdict("bert", 0.99).startswith("met")
     assert models.goal_verdict("bert", 0.97).startswith("NOT met")
