@@ -131,8 +131,11 @@ def test_suite_option():
     from benchmarks import suites
 
     every = list(suites.SUITES) + list(cli.MODEL_SUITES)
-    assert cli.parse_args([]).suites == every  # default: every suite, op suites first
+    default = [name for name in every if name != "models"]
+    assert cli.OPT_IN_SUITES == ("models",)
+    assert cli.parse_args([]).suites == default  # default: every suite but models, op suites first
     assert cli.parse_args(["--suite", "all"]).suites == every
+    assert cli.parse_args(["--suite", "default,models"]).suites == every
     assert cli.parse_args(["--suite", "conv_bn"]).suites == ["conv_bn"]
     assert "small_batch" in every  # make bench runs it
     assert list(suites.SUITES)[0] == "batch_norm" and set(NORM_SUITES) <= set(suites.SUITES)
