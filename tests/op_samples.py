@@ -823,9 +823,9 @@ def conv_rebuilt_samples():
             continue  # batch statistics need two values per channel
         transposed, output_padding = rest if rest else (False, [])
         y, recipe = _recipe_of(x.requires_grad_(), activation, seed=700 + n)
-        samples.append(("conv_rebuilt_input", sid, (y,) + recipe + (w.requires_grad_(), None if b is None else b.requires_grad_(),
-                                                                   stride, padding, dilation, groups, transposed,
-                                                                   output_padding)))
+        conv = (w.requires_grad_(), None if b is None else b.requires_grad_(), stride, padding, dilation, groups,
+                transposed, output_padding)
+        samples.append(("conv_rebuilt_input", sid, (y,) + recipe + conv))
         train = list(conv_bn_train_call(frozen_args, activation, with_residual=n % 2 == 0, seed=n))
         train = [a.requires_grad_(i in TRAIN_GRAD_ARGS) if isinstance(a, torch.Tensor) and i not in
                  TRAIN_RUNNING_STATS else a for i, a in enumerate(train)]

@@ -37,7 +37,8 @@ def _model(name, frozen=False, dtype=torch.float32, source=None):
     return _freeze_bn(model, frozen)
 
 
-@pytest.mark.parametrize("frozen, limit", [(False, 0.60), (True, 0.70)], ids=["train", "frozen"])
+@pytest.mark.parametrize("frozen, limit", [(False, 0.60), pytest.param(True, 0.70, marks=pytest.mark.slow)],
+                         ids=["train", "frozen"])
 def test_resnet50_memory_contract(frozen, limit):
     """Bytes of what autograd keeps after forward (the tensors the forward
     made that are still alive), fused against unfused: no saved-tensor hooks
@@ -147,8 +148,9 @@ def test_checkpointed_fused_stage_keeps_nothing(frozen):
     seen = []
 
     def run():
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.untyped_storage().data_ptr()) or t,
-                                                      lambda t: t), torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.untyped_storage().data_ptr()) or t,
+                                                         lambda t: t)
+        with hooks, torch.utils.checkpoint.set_checkpoint_early_stop(False):
             return checkpoint(stage, x, use_reentrant=False)
 
     out, alive = _alive_after(run, stage, x)
@@ -193,7 +195,7 @@ def _compiled_steps_match_eager(model, x, steps=2, backend="aot_eager"):
             assert_close(c, b, x.dtype, "stats", f"{name}, step {step}")
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["train", "frozen"])
+@pytest.mark.parametrize("frozen", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["train", "frozen"])
 def test_compile_fullgraph_resnet18(frozen):
     """torch.compile(fuse_conv_bn(resnet18), fullgraph=True) traces (no graph
     break) and trains as eager (AOTAutograd's graphs run eagerly here; the
@@ -226,3 +228,38 @@ def test_unfuse_drops_the_recipes():
     x = make_input((2, 3, 32, 32), torch.float32, seed=7)
     assert "input_recipe" not in back.code and "getitem" not in back.code
     assert_close(back.eval()(x), copy.deepcopy(model).eval()(x), torch.float32, "forward", "unfused output")
+
+
+def _generator(dtype):
+    """DCGAN's generator in small: ConvTranspose + BN + ReLU chains, then a
+    plain ConvTranspose (no BatchNorm) and Tanh."""
+    torch.manual_seed(1)
+    ct = torch.nn.ConvTranspose2d
+    return torch.nn.Sequential(
+        ct(16, 32, 4, 1, 0, bias=False), torch.nn.BatchNorm2d(32), torch.nn.ReLU(True),
+        ct(32, 16, 4, 2, 1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(True),
+        ct(16, 3, 4, 2, 1, bias=False), torch.nn.Tanh()).to(dtype).train()
+
+
+def test_plain_conv_after_a_block_keeps_the_recipe():
+    """The generator's last ConvTranspose keeps its input block's recipe
+    (ConvOnRecipe): the fused generator keeps about half the bytes, trains
+    as the unfused one, and unfuses back to it."""
+    model = _generator(torch.float64)
+    fused = fuse_conv_bn(copy.deepcopy(model))
+    assert sum(isinstance(m, torchnorm.fx.ConvOnRecipe) for m in fused.modules()) == 1
+    x = make_input((4, 16, 1, 1), torch.float64, seed=8)
+    unfused_bytes = _bytes_kept_after_forward(copy.deepcopy(model), x)
+    fused_bytes = _bytes_kept_after_forward(copy.deepcopy(fused), x)
+    assert fused_bytes <= 0.6 * unfused_bytes, (fused_bytes, unfused_bytes)
+    reference = copy.deepcopy(model)
+    out, expected = fused(x), reference(x)
+    assert_close(out, expected, torch.float64, "forward", "output")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float64, "grad", name)
+    back = unfuse_conv_bn(fused)
+    assert not any(isinstance(m, torchnorm.fx.ConvOnRecipe) for m in back.modules())
+    assert "input_recipe" not in back.code
+    assert_close(back(x), model(x), torch.float64, "forward", "unfused output")

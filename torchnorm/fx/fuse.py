@@ -6,11 +6,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from ..nn.conv_bn import conv_bn_forward
+from ..nn.conv_bn import conv_bn_forward, conv_forward
 from ..nn.sync_batch_norm import SyncBatchNorm
 from . import _graph
 
-__all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedChain"]
+__all__ = ["fuse_conv_bn", "unfuse_conv_bn", "FusedChain", "ConvOnRecipe"]
 
 # Placeholders in a recorded step's arguments: the chain's running value,
 # the block input, the residual and a ConvTranspose's output_size.
@@ -49,6 +49,25 @@ class FusedChain(torch.nn.Module):
     def extra_repr(self) -> str:
         conv_name, bn_name = self.steps[0][1], self.steps[1][1]
         return f"conv={conv_name}, bn={bn_name}, activation={self.activation!r}"
+
+
+class ConvOnRecipe(torch.nn.Module):
+    """A conv without BatchNorm after it (a generator's last ConvTranspose,
+    say) whose input is a :class:`FusedChain`'s output, in a model from
+    :func:`fuse_conv_bn`: it keeps that block's recipe instead of the input
+    (:func:`torchnorm.nn.conv_bn.conv_forward`). The conv stays registered
+    where it was (``conv_name``), as with FusedChain."""
+
+    def __init__(self, conv: torch.nn.Module, conv_name: str) -> None:
+        super().__init__()
+        self.__dict__["_shared"] = (conv,)  # plain attribute: not a submodule
+        self.conv_name = conv_name
+
+    def forward(self, input: torch.Tensor, output_size=None, input_recipe: Optional[tuple] = None) -> torch.Tensor:
+        return conv_forward(self._shared[0], input, output_size, input_recipe)
+
+    def extra_repr(self) -> str:
+        return f"conv={self.conv_name}"
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -176,16 +195,30 @@ def fuse_conv_bn(model: torch.nn.Module, save_memory: bool = True) -> fx.GraphMo
     return gm
 
 
+def _plain_conv_user(user: fx.Node, node: fx.Node, modules: Dict[str, torch.nn.Module]) -> bool:
+    """Whether ``user`` calls a Conv / ConvTranspose module on ``node`` alone
+    (a ConvTranspose's output_size aside)."""
+    if user.op != "call_module" or not user.args or user.args[0] is not node:
+        return False
+    conv = modules.get(user.target)
+    return (type(conv) in _graph.CONV_TYPES + _graph.TRANSPOSED_TYPES
+            and _graph.output_size_of(user, conv) is not _graph.UNKNOWN_CALL
+            and node not in user.args[1:] and node not in user.kwargs.values())
+
+
 def _wire_recipes(graph: fx.Graph, made: List[fx.Node], modules: Dict[str, torch.nn.Module]) -> None:
     """Makes every block without residual whose users are all other blocks
-    taking it as their input or their residual (not both) hand those its
-    recipe. Other users would keep the output anyway, or might change it in
-    place before the rebuild."""
+    taking it as their input or their residual (not both), or plain convs of
+    it, hand those its recipe (a plain conv's call becomes a ConvOnRecipe's).
+    Other users would keep the output anyway, or might change it in place
+    before the rebuild."""
     blocks = set(made)
     for node in made:
         users = list(node.users)
-        if len(node.args) != 1 or not users or any(u not in blocks or list(u.args).count(node) != 1
-                                                   or node in u.kwargs.values() for u in users):
+        if len(node.args) != 1 or not users or any(
+                not _plain_conv_user(u, node, modules) and (u not in blocks or list(u.args).count(node) != 1
+                                                            or node in u.kwargs.values())
+                for u in users):
             continue
         modules[node.target].exports_recipe = True
         with graph.inserting_after(node):
@@ -194,8 +227,22 @@ def _wire_recipes(graph: fx.Graph, made: List[fx.Node], modules: Dict[str, torch
             recipe = graph.call_function(operator.getitem, (node, 1))
         node.replace_all_uses_with(out, delete_user_cb=lambda u: u not in (out, recipe))
         for u in users:
-            role = "input_recipe" if u.args[0] is out else "residual_recipe"
-            u.kwargs = {**u.kwargs, role: recipe}
+            if u in blocks:
+                role = "input_recipe" if u.args[0] is out else "residual_recipe"
+                u.kwargs = {**u.kwargs, role: recipe}
+                continue
+            output_size = _graph.output_size_of(u, modules[u.target])
+            name = f"{u.target}_on_recipe"
+            while name in modules:
+                name += "_"
+            modules[name] = ConvOnRecipe(modules[u.target], u.target)
+            graph.owning_module.add_submodule(name, modules[name])
+            kwargs = {"input_recipe": recipe} if output_size is None else {"output_size": output_size,
+                                                                           "input_recipe": recipe}
+            with graph.inserting_after(u):
+                new = graph.call_module(name, (out,), kwargs)
+            u.replace_all_uses_with(new)
+            graph.erase_node(u)
 
 
 def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
@@ -211,6 +258,10 @@ def unfuse_conv_bn(model: fx.GraphModule) -> fx.GraphModule:
     restored = 0
     for node in model.graph.nodes:
         target = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(target, ConvOnRecipe):
+            kwargs = {k: fx.map_arg(v, lambda n: env[n]) for k, v in node.kwargs.items() if k != "input_recipe"}
+            env[node] = graph.call_module(target.conv_name, (env[node.args[0]],), kwargs)
+            continue
         if not isinstance(target, FusedChain):
             source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
             if isinstance(source, fx.Node) and source.op == "call_module" and isinstance(

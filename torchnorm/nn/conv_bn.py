@@ -64,7 +64,7 @@ from .. import functional as F
 from .batch_norm import _BatchNormCall
 
 __all__ = ["ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
-           "conv_bn_forward"]
+           "conv_bn_forward", "conv_forward"]
 
 # A block output's recipe: (pre_norm, batch mean, batch rstd, BN weight, BN
 # bias, activation, negative_slope), the arguments batch_norm_apply rebuilds it
@@ -162,20 +162,17 @@ def _forward(conv, bn, input, activation, negative_slope, residual, output_size,
         return bn.normalize(_call(conv, input, output_size), residual, activation, negative_slope), None
     call = _BatchNormCall(bn)
     if call.use_batch_stats:
-        bypass = _may_bypass_conv_call(conv, input)
-        if bypass:
-            conv_input, *conv_args = _conv_op_args(conv, input, output_size)
-        # The recipe describes `input`, not a padded copy of it.
-        rebuild = input_recipe is not None and bypass and conv_input is input
-        if residual is not None and bypass:
+        if residual is not None and _may_bypass_conv_call(conv, input):
             # The torchnorm::conv_bn_train op keeps the conv input (or its
             # recipe) and recomputes the conv in backward (see the module
-            # docstring).
-            if rebuild or residual_recipe is not None:
+            # docstring). A recipe describes `input`, not a padded copy.
+            conv_input, *conv_args = _conv_op_args(conv, input, output_size)
+            in_recipe = input_recipe if conv_input is input else None
+            if in_recipe is not None or residual_recipe is not None:
                 out, _, _, new_mean, new_var = torch.ops.torchnorm.conv_bn_train_rebuilt(
-                    conv_input, *(input_recipe if rebuild else _NO_RECIPE), conv.weight, conv.bias, bn.weight,
-                    bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation, negative_slope,
-                    residual, *(_NO_RECIPE if residual_recipe is None else residual_recipe), *conv_args)
+                    conv_input, *(in_recipe or _NO_RECIPE), conv.weight, conv.bias, bn.weight, bn.bias,
+                    call.running_mean, call.running_var, call.momentum, bn.eps, activation, negative_slope,
+                    residual, *(residual_recipe or _NO_RECIPE), *conv_args)
                 # The op is functional (see torchnorm/_rebuild_ops.py).
                 with torch.no_grad():
                     for running, new in ((call.running_mean, new_mean), (call.running_var, new_var)):
@@ -187,11 +184,7 @@ def _forward(conv, bn, input, activation, negative_slope, residual, output_size,
                     call.momentum, bn.eps, activation, negative_slope, residual, *conv_args)
             call.count_batch()
             return out, None
-        if rebuild:
-            pre_norm = torch.ops.torchnorm.conv_rebuilt_input(conv_input, *input_recipe, conv.weight, conv.bias,
-                                                              *conv_args)
-        else:
-            pre_norm = _call(conv, input, output_size)
+        pre_norm = conv_forward(conv, input, output_size, input_recipe)
         out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
             pre_norm, bn.weight, bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation,
             negative_slope, residual)
@@ -213,6 +206,20 @@ def _forward(conv, bn, input, activation, negative_slope, residual, output_size,
             residual.shape == z.shape or torch.broadcast_shapes(z.shape, residual.shape) == z.shape)
         z = z.add_(residual) if same else z + residual
     return _activate(z, activation, negative_slope, inplace=True), None
+
+
+def conv_forward(conv: torch.nn.Module, input: Tensor, output_size=None,
+                 input_recipe: Optional[Recipe] = None) -> Tensor:
+    """``conv(input)`` for a Conv or ConvTranspose module; given the recipe of
+    ``input`` (an earlier block's, see :func:`conv_bn_forward`), through
+    ``torchnorm::conv_rebuilt_input``, which keeps the recipe instead of
+    ``input``, where the conv's arithmetic may bypass the module call and
+    needs no padded copy of the input."""
+    if input_recipe is not None and _may_bypass_conv_call(conv, input):
+        conv_input, *conv_args = _conv_op_args(conv, input, output_size)
+        if conv_input is input:
+            return torch.ops.torchnorm.conv_rebuilt_input(input, *input_recipe, conv.weight, conv.bias, *conv_args)
+    return _call(conv, input, output_size)
 
 
 def _call(conv: torch.nn.Module, input: Tensor, output_size) -> Tensor:
@@ -273,7 +280,8 @@ class _ConvBNNd(torch.nn.Module):
         block.activation, block.negative_slope = activation, negative_slope
         return block
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None, input_recipe: Optional[Recipe] = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                input_recipe: Optional[Recipe] = None) -> Tensor:
         """``input_recipe``: see :func:`conv_bn_forward`."""
         return conv_bn_forward(self.conv, self.bn, input, self.activation, self.negative_slope, residual,
                                input_recipe=input_recipe)
