@@ -24,9 +24,13 @@ torchvision = pytest.importorskip("torchvision")
 
 
 def _freeze_bn(model, frozen=True):
+    """BatchNorm in eval mode when frozen; dropout off always (its random
+    masks differ between eager and compiled runs)."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train(not frozen)
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
     return model
 
 
