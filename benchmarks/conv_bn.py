@@ -14,6 +14,7 @@ model, a rebuildable block output counts as the tensors its recipe keeps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import os
@@ -265,16 +266,12 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def training_step(model: torch.nn.Module, x: torch.Tensor, counter: Optional[SavedBytes] = None,
-                  fused: bool = False) -> None:
-    """Forward, backward, drop the gradients (one SGD-free training step)."""
-    import torchnorm
-    if counter is None:
-        context = torchnorm.nn.rebuild_outputs() if fused else torch.autograd.graph.saved_tensors_hooks(
-            lambda t: t, lambda t: t)
-    elif fused:
-        context = torchnorm.nn.rebuild_outputs(on_save=counter)
-    else:
+def training_step(model: torch.nn.Module, x: torch.Tensor, counter: Optional[SavedBytes] = None) -> None:
+    """Forward, backward, drop the gradients (one SGD-free training step).
+    ``counter`` sees every tensor saved for backward, through ordinary
+    saved-tensor hooks (the fused blocks keep theirs through autograd too)."""
+    context = contextlib.nullcontext()
+    if counter is not None:
         def pack(t):
             counter(t)
             return t
@@ -308,7 +305,7 @@ def _train_rows_of(model_name: str, factory: Callable[[], torch.nn.Module], x: t
     rows = []
     for mode in ("batch statistics", "frozen BN"):
         plain = factory().to(device)
-        fused = torchnorm.fx.fuse_conv_bn(copy.deepcopy(plain), save_memory=False)
+        fused = torchnorm.fx.fuse_conv_bn(copy.deepcopy(plain))
         for model in (plain, fused):
             model.train()
             if mode == "frozen BN":
@@ -317,19 +314,18 @@ def _train_rows_of(model_name: str, factory: Callable[[], torch.nn.Module], x: t
                         m.eval()
         result = {}
         for name, model in (("torch", plain), ("torchnorm", fused)):
-            is_fused = model is fused
             counter = SavedBytes(model)
-            training_step(model, x, counter, is_fused)
+            training_step(model, x, counter)
             peak = ""
             if device == "cuda":
                 torch.cuda.synchronize()
                 harness.reset_device_peak()
-                training_step(model, x, None, is_fused)
+                training_step(model, x)
                 peak = torch.cuda.max_memory_allocated() / 2**20
             result[name] = (counter.total, peak)
         harness.log(f"conv_bn train {model_name} ({mode}): timing {reps} steps each, torch and torchnorm in turn")
-        rounds = timed_rounds({"torch": lambda: training_step(plain, x, None, False),
-                               "torchnorm": lambda: training_step(fused, x, None, True)}, device, warmup, reps)
+        rounds = timed_rounds({"torch": lambda: training_step(plain, x),
+                               "torchnorm": lambda: training_step(fused, x)}, device, warmup, reps)
         (base_bytes, base_peak), base_s = result["torch"], statistics.median(rounds["torch"])
         (ours_bytes, ours_peak), ours_s = result["torchnorm"], statistics.median(rounds["torchnorm"])
         # The two steps of a round ran back to back: their ratio is free of

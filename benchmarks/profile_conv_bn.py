@@ -38,7 +38,7 @@ def _set_mode(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model
 
 
-def step_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: str, steps: int) -> Tuple[float, float]:
+def step_times(model: torch.nn.Module, x: torch.Tensor, device: str, steps: int) -> Tuple[float, float]:
     """Median (host, wall) seconds of a step: host until the step's Python
     call returns (on a GPU the kernels may still run), wall until the device
     is done."""
@@ -46,7 +46,7 @@ def step_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: str
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        training_step(model, x, None, fused)
+        training_step(model, x)
         issued = time.perf_counter()
         _sync(device)
         host.append(issued - start)
@@ -62,14 +62,14 @@ def _short(name: str, width: int = 110) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def kernel_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: str,
+def kernel_times(model: torch.nn.Module, x: torch.Tensor, device: str,
                  steps: int) -> Dict[str, Tuple[float, float]]:
     """Per kernel (name shortened): (calls per step, microseconds per step)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     _sync(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            training_step(model, x, None, fused)
+            training_step(model, x)
         _sync(device)
     totals: Dict[str, List[float]] = {}
     for e in prof.key_averages():
@@ -91,14 +91,14 @@ def kernel_times(model: torch.nn.Module, x: torch.Tensor, fused: bool, device: s
 def profile_mode(mode: str, x: torch.Tensor, device: str, steps: int) -> dict:
     import torchnorm.fx
     plain = _set_mode(resnet50().to(device), mode)
-    fused = _set_mode(torchnorm.fx.fuse_conv_bn(copy.deepcopy(plain), save_memory=False), mode)
+    fused = _set_mode(torchnorm.fx.fuse_conv_bn(copy.deepcopy(plain)), mode)
     result = {}
-    for name, model, is_fused in (("torch", plain, False), ("torchnorm", fused, True)):
+    for name, model in (("torch", plain), ("torchnorm", fused)):
         for _ in range(3):
-            training_step(model, x, None, is_fused)
+            training_step(model, x)
         harness.log(f"profile_conv_bn {mode}, {name}: timing and profiling {steps} steps")
-        host, wall = step_times(model, x, is_fused, device, steps)
-        kernels = kernel_times(model, x, is_fused, device, steps)
+        host, wall = step_times(model, x, device, steps)
+        kernels = kernel_times(model, x, device, steps)
         result[name] = {"host_ms": host * 1e3, "wall_ms": wall * 1e3, "kernels": kernels,
                         "device_ms": sum(us for _, us in kernels.values()) / 1e3,
                         "launches": sum(calls for calls, _ in kernels.values())}

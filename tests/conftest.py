@@ -362,7 +362,7 @@ def assert_same_state(ours, ref, dtype, msg=""):
 
 
 # ---------------------------------------------------------------------------
-# Conv + BatchNorm blocks (tests/test_conv_bn_*.py, tests/test_rebuild_outputs.py)
+# Conv + BatchNorm blocks (tests/test_conv_bn_*.py)
 # ---------------------------------------------------------------------------
 
 CONV_BN_CLASSES = {1: ConvBN1d, 2: ConvBN2d, 3: ConvBN3d}
@@ -412,6 +412,22 @@ def make_conv_bn_block(dim, dtype, activation, seed=0, in_channels=5, out_channe
     return randomize_conv_bn(block, seed)
 
 
+def block_output_with_recipe(like, seed, activation="none"):
+    """(y, recipe): y = act(BN(pre_norm)) in batch statistics, shaped, laid out
+    and typed like `like`, as a fused block without residual returns it, and
+    the recipe it hands the next block (torchnorm.nn.conv_bn_forward's
+    input_recipe). y is a leaf (no grad yet). No activation by default: its
+    zero-mean output keeps torch.nn's conv-bias gradient, whose exact value is
+    zero in training mode, within the tolerance of zero (a ReLU'd input's
+    rounding noise exceeds it); tests/op_samples.py covers the activations."""
+    pre_norm = like.detach().clone()
+    w, b, _, _ = make_params(like.shape[1], like.dtype, like.device, seed=seed)
+    with torch.no_grad():
+        y, mean, rstd = torch.ops.torchnorm.batch_norm_train(pre_norm, w, b, None, None, 0.1, 1e-5, activation,
+                                                             NEGATIVE_SLOPE, None)
+    return y, (pre_norm, mean, rstd, w, b, activation, NEGATIVE_SLOPE)
+
+
 def unfused_conv_bn(conv, bn, x, residual, activation):
     y = bn(conv(x))
     if residual is not None:
@@ -420,8 +436,7 @@ def unfused_conv_bn(conv, bn, x, residual, activation):
 
 
 class SavedTensors:
-    """Records every tensor saved for backward (only usable where no inner
-    saved_tensors_hooks, e.g. rebuild_outputs, is active: the innermost wins)."""
+    """Records every tensor saved for backward."""
 
     def __init__(self):
         self.saved = []

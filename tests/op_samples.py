@@ -797,3 +797,46 @@ def weight_norm_samples(device):
 
 
 SOURCES.append(SampleSource(weight_norm_samples, on_every_device=True))
+
+
+def _recipe_of(like, activation, seed):
+    """(tensor, recipe args) with tensor = act(BN(pre_norm)) in batch
+    statistics, shaped like `like`: what a fused block without residual hands
+    the next (torchnorm/_rebuild_ops.py)."""
+    pre_norm = make_input(tuple(like.shape), like.dtype, like.device, seed=seed, scale=1.0, offset=True)
+    w, b, _, _ = make_params(like.shape[1], like.dtype, like.device, seed=seed + 1)
+    with torch.no_grad():
+        y, mean, rstd = OPS.batch_norm_train(pre_norm, w, b, None, None, 0.1, EPS, activation, NEGATIVE_SLOPE, None)
+    return y.requires_grad_(like.requires_grad), (pre_norm, mean, rstd, w, b, activation, NEGATIVE_SLOPE)
+
+
+def conv_rebuilt_samples():
+    """conv_rebuilt_input and conv_bn_train_rebuilt: schema, fake kernel and
+    autograd (the gradient of the rebuilt input and of the parameters), over
+    the conv cases of conv_bn_frozen (CPU: Python custom ops of CPU and CUDA
+    ops alike) and each activation of the input's block."""
+    samples = []
+    for n, (sid, frozen_args) in enumerate(_conv_bn_frozen_cases()):
+        activation = ACTIVATIONS[n % len(ACTIVATIONS)] or "none"
+        x, w, b, _, _, _, _, _, stride, padding, dilation, groups, *rest = frozen_args
+        if x.numel() // x.shape[1] < 2:
+            continue  # batch statistics need two values per channel
+        transposed, output_padding = rest if rest else (False, [])
+        y, recipe = _recipe_of(x.requires_grad_(), activation, seed=700 + n)
+        conv = (w.requires_grad_(), None if b is None else b.requires_grad_(), stride, padding, dilation, groups,
+                transposed, output_padding)
+        samples.append(("conv_rebuilt_input", sid, (y,) + recipe + conv))
+        train = list(conv_bn_train_call(frozen_args, activation, with_residual=n % 2 == 0, seed=n))
+        train = [a.requires_grad_(i in TRAIN_GRAD_ARGS) if isinstance(a, torch.Tensor) and i not in
+                 TRAIN_RUNNING_STATS else a for i, a in enumerate(train)]
+        train[0], in_recipe = _recipe_of(train[0], activation, seed=800 + n)
+        res_recipe = (None, None, None, None, None, "none", 0.0)
+        if train[11] is not None and n % 4 == 0:
+            train[11], res_recipe = _recipe_of(train[11], ACTIVATIONS[(n + 1) % len(ACTIVATIONS)] or "none",
+                                               seed=900 + n)
+        args = (train[0],) + in_recipe + tuple(train[1:12]) + res_recipe + tuple(train[12:])
+        samples.append(("conv_bn_train_rebuilt", sid, args))
+    return samples
+
+
+SOURCES.append(SampleSource(conv_rebuilt_samples))

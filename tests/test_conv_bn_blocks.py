@@ -1,16 +1,15 @@
 """Conv + BatchNorm blocks (torchnorm.nn.ConvBN1d/2d/3d, ConvTransposeBN1d/2d/3d,
 conv_bn_forward) against unfused torch.nn Conv -> BatchNorm -> (+ residual) ->
 act, in training and frozen (eval) mode: outputs, every gradient and the
-running statistics over three steps, inside rebuild_outputs() and outside it,
+running statistics over three steps, with an input given as an earlier block's
+recipe (rebuilt in backward, torchnorm/_rebuild_ops.py) and as a plain tensor,
 over ranks, conv options (groups, stride, dilation, padding modes, bias,
 layouts, outputs smaller than the weight) and ConvTranspose options; gradcheck;
 conv hooks (pruning); autocast; partial requires_grad; from_modules,
 construction and state_dict.
 """
-import contextlib
 import copy
 import types
-import weakref
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune
 
 import torchnorm  # noqa: F401  (registers the ops)
-from torchnorm.nn import ConvBN1d, ConvBN2d, ConvBN3d, conv_bn_forward, rebuild_outputs
+from torchnorm.nn import ConvBN1d, ConvBN2d, ConvBN3d, conv_bn_forward
 from conftest import (
     ACTIVATIONS,
     NEGATIVE_SLOPE,
@@ -27,6 +26,7 @@ from conftest import (
     make_conv_bn_block,
     make_input,
     memory_format_of,
+    block_output_with_recipe,
     randomize_conv_bn,
     torch_act,
     unfused_conv_bn,
@@ -49,9 +49,10 @@ def _compare_steps(block, dim, dtype, activation, with_residual, training, layou
                    contexts=(True, False, True), seed=0, spatial=None, input_scale=2.0):
     """Runs `steps` forward/backward steps of the block and of unfused torch.nn
     copies of its conv and bn; compares outputs, every gradient and the running
-    statistics. Step i runs inside rebuild_outputs() when contexts[i]. The loss
-    saves the output ((out * out * g).sum()), so inside the context the rebuild
-    path runs in backward."""
+    statistics. In step i the input comes with its recipe when contexts[i]
+    (an earlier block's output, act(BN(pre_norm)): the block keeps the recipe,
+    not the input, where it takes a conv op, and rebuilds the input in
+    backward)."""
     ref_conv, ref_bn = copy.deepcopy(block.conv), copy.deepcopy(block.bn)
     block.train(training)
     ref_conv.train(training)
@@ -61,11 +62,13 @@ def _compare_steps(block, dim, dtype, activation, with_residual, training, layou
     params = [("conv.weight", conv.weight, ref_conv.weight), ("conv.bias", conv.bias, ref_conv.bias),
               ("bn.weight", bn.weight, ref_bn.weight), ("bn.bias", bn.bias, ref_bn.bias)]
     params = [p for p in params if p[1] is not None]
-    # outputs that are tagged with a recipe: batch statistics, no residual
-    rebuildable = not with_residual and (training or not bn.track_running_stats)
     for step in range(steps):
         s = seed + 1000 * step
         x = make_input(in_shape, dtype, layout=layout, seed=s, scale=input_scale)
+        in_context = contexts[step % len(contexts)]
+        recipe = None
+        if in_context:
+            x, recipe = block_output_with_recipe(x, seed=s + 3)
         x_ref = x.clone().requires_grad_()
         x = x.requires_grad_()
         with torch.no_grad():
@@ -76,23 +79,13 @@ def _compare_steps(block, dim, dtype, activation, with_residual, training, layou
         res = None if res is None else res.requires_grad_()
         g = make_input(out_shape, dtype, seed=s + 2, scale=1.0, offset=False)
 
-        in_context = contexts[step % len(contexts)]
-        with rebuild_outputs() if in_context else contextlib.nullcontext():
-            out = block(x, residual=res) if with_residual else block(x)
-            loss = (out * out * g).sum()
+        out = block(x, residual=res, input_recipe=recipe)
+        loss = (out * out * g).sum()
         expected = unfused_conv_bn(ref_conv, ref_bn, x_ref, res_ref, activation)
         loss_ref = (expected * expected * g).sum()
-        where = f"step {step}, {'inside' if in_context else 'outside'} rebuild_outputs"
+        where = f"step {step}, input {'with' if in_context else 'without'} its recipe"
         assert_close(out, expected, dtype, "forward", f"output, {where}")
         assert memory_format_of(out) == memory_format_of(expected), f"output layout, {where}"
-
-        # Training without a residual: the output was saved by `out * out` as a
-        # recipe inside the context (so nothing keeps it), as itself outside it.
-        out_ref = weakref.ref(out)
-        del out
-        if rebuildable:
-            assert (out_ref() is None) == in_context, \
-                f"{where}: block output {'kept' if in_context else 'freed'} after forward"
 
         inputs = [x] + ([res] if res is not None else []) + [p[1] for p in params]
         inputs_ref = [x_ref] + ([res_ref] if res_ref is not None else []) + [p[2] for p in params]
@@ -212,9 +205,8 @@ def test_transposed_block_output_size(training, with_residual):
     x_ref = x.detach().clone().requires_grad_()
     size = (8, 5)  # 7 or 8 rows, 5 or 6 columns are possible: output padding (1, 0)
     res = make_input((2, 7) + size, dtype, seed=92, offset=False) if with_residual else None
-    with rebuild_outputs():
-        out = block(x, res, output_size=size)
-        loss = (out * out).sum()
+    out = block(x, res, output_size=size)
+    loss = (out * out).sum()
     expected = torch_act(ref_bn(ref_conv(x_ref, output_size=size)) + (0 if res is None else res), "relu")
     assert out.shape == (2, 7) + size
     assert_close(out, expected, dtype, "forward", "output")
@@ -278,9 +270,8 @@ def test_gradcheck(training, activation, with_residual, transposed):
         state = dict(zip(names, params))
         # fresh running statistics each call: training mode updates them
         state.update({n: b.clone() for n, b in buffers.items()})
-        with rebuild_outputs():
-            out = torch.func.functional_call(block, state, (x,), {"residual": res})
-            return out * out  # saves the block output (a recipe in training mode)
+        out = torch.func.functional_call(block, state, (x,), {"residual": res})
+        return out * out  # saves the block output (a recipe in training mode)
 
     args = [x.requires_grad_(), None if res is None else res.requires_grad_()]
     args += [p.detach().clone().requires_grad_() for _, p in block.named_parameters()]
@@ -339,9 +330,8 @@ def test_conv_hooks_run_in_every_mode(training, with_residual, transposed):
         calls.clear()
         x = make_input((2, 5, 6, 7), dtype, seed=200 + step)
         res = make_input((2, 5, 6, 7), dtype, seed=300 + step, offset=False) if with_residual else None
-        with rebuild_outputs():
-            out = block(x, residual=res)
-            loss = (out * out).sum()
+        out = block(x, residual=res)
+        loss = (out * out).sum()
         expected = unfused_conv_bn(ref_conv, ref_bn, x, res, "relu")
         assert calls == ["pre", "post"], f"step {step}: conv hooks called {calls}"
         assert_close(out, expected, dtype, "forward", f"step {step}")
@@ -373,9 +363,8 @@ def test_autocast_matches_unfused(training, with_residual, transposed):
     res = make_input((2, 5, 6, 7), torch.bfloat16, seed=18, offset=False).requires_grad_() if with_residual else None
     res_ref = None if res is None else res.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with rebuild_outputs():
-            out = block(x, residual=res)
-            loss = (out * out).sum()
+        out = block(x, residual=res)
+        loss = (out * out).sum()
         expected = unfused_conv_bn(ref_conv, ref_bn, x_ref, res_ref, "relu")
         loss_ref = (expected * expected).sum()
     assert out.dtype == expected.dtype == torch.bfloat16
@@ -416,9 +405,8 @@ def test_partial_requires_grad(wanted, training, with_residual, transposed):
         if a is not None:
             a.requires_grad_(flag)
             b.requires_grad_(flag)
-    with rebuild_outputs():
-        out = block(x, residual=res)
-        loss = (out * out).sum()
+    out = block(x, residual=res)
+    loss = (out * out).sum()
     expected = unfused_conv_bn(ref_conv, ref_bn, x_ref, res_ref, "silu")
     assert_close(out, expected, dtype, "forward", "output")
     pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and a.requires_grad]

@@ -16,6 +16,7 @@ except ImportError as error:  # pragma: no cover - only without a build
     ) from error
 
 from . import _fake  # noqa: F401,E402  (fake kernels; autograd is registered in C++)
+from . import _rebuild_ops  # noqa: F401,E402  (the conv ops that rebuild their input: Python custom ops)
 from . import functional, fx, nn, reference  # noqa: E402
 from .nn import convert  # noqa: E402
 from .nn.weight_norm import weight_norm, weight_norm_init_  # noqa: E402

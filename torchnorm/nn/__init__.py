@@ -1,7 +1,7 @@
 """Drop-in ``nn.Module`` replacements for torch.nn's normalization layers."""
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d
 from .conv_bn import (ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d,
-                      conv_bn_forward, rebuild_outputs, save_memory_in)
+                      conv_bn_forward)
 from .convert import convert
 from .group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer_norm import LayerNorm, RMSNorm
@@ -12,7 +12,7 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "LayerNorm", "RMSNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "convert",
     "ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
-    "conv_bn_forward", "rebuild_outputs", "save_memory_in",
+    "conv_bn_forward",
     "RecurrentBatchNorm1d", "BNLSTMCell", "BNLSTM", "SequenceBatchNorm1d", "BNRNN",
     "OnlineNorm1d", "OnlineNorm2d",
 ]

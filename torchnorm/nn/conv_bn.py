@@ -22,32 +22,40 @@ everything below holds for it too):
   of the no-residual training block only.
 * **BatchNorm in training mode, no residual.** The conv runs, then one fused
   kernel computes the batch statistics and writes normalize + affine +
-  activation. Backward keeps the pre-norm conv output, as BatchNorm must; the
-  block output is *not* kept: it is tagged with how to rebuild it (one
-  element-wise pass, ``batch_norm_apply``, bit-identical) and, inside
-  :func:`rebuild_outputs`, every later op that saves it for backward saves
-  that recipe instead (memory-efficient DenseNet's choice). We rebuild rather
-  than invert the output as In-Place ABN does, because ReLU and SiLU (what
-  real models use) cannot be inverted, and inverting leaky_relu divides by
-  the BN weight, losing precision where it is small.
+  activation. Backward keeps the pre-norm conv output, as BatchNorm must. The
+  block output ``y`` need not be kept: with ``return_recipe=True`` the block
+  also returns its *recipe* ``(pre_norm, mean, rstd, weight, bias,
+  activation, negative_slope)``, and a next block given it as
+  ``input_recipe`` runs its conv through an op that keeps the recipe instead
+  of ``y`` (``torchnorm::conv_rebuilt_input``, or
+  ``torchnorm::conv_bn_train_rebuilt`` with a residual, which takes the
+  residual's recipe too where the residual is such an output; see
+  torchnorm/_rebuild_ops.py) and rebuilds ``y`` in backward with one
+  element-wise pass, ``batch_norm_apply`` (memory-efficient DenseNet's
+  choice, at op level). :func:`torchnorm.fx.fuse_conv_bn` wires the recipes
+  between the blocks it makes. We rebuild rather than invert the output as
+  In-Place ABN does, because ReLU and SiLU (what real models use) cannot be
+  inverted, and inverting leaky_relu divides by the BN weight, losing
+  precision where it is small.
 * **BatchNorm in training mode with a residual** (the ResNet tail
   ``act(BN(conv(x)) + identity)``). Here the block output is the next
   block's input *and* identity, and rebuilding it would need the identity,
   which is the previous block's output: rebuilds would chain through the
   whole stage. So the output is kept and the conv output is dropped instead:
   one op, ``torchnorm::conv_bn_train`` (csrc/conv_bn.cpp), runs the conv and
-  the fused kernel, and its backward recomputes the conv from its (kept or
-  rebuildable) input. The tail conv of a bottleneck is a cheap 1x1, so this
+  the fused kernel, and its backward recomputes the conv from its kept input
+  (or, given an ``input_recipe``, from the input rebuilt). The tail conv of a bottleneck is a cheap 1x1, so this
   costs little time. (The op is C++: as a Python autograd.Function with a
   nested autograd call for the conv's gradients, a narrow ResNet-50's
   training step, where per-layer overhead dominates, took 1.34x torch.nn's
   time on the CPU instead of 1.24x.)
 
 Running statistics are updated exactly as torch.nn does (the same op as
-:class:`torchnorm.nn.BatchNorm2d`).
+:class:`torchnorm.nn.BatchNorm2d`). Everything a block keeps is saved through
+ordinary autograd ``save_for_backward``: no saved-tensor hooks, so the user's
+own (``save_on_cpu``, checkpointing) apply to it, and torch.compile traces it.
 """
-import contextlib
-from typing import Callable, Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,84 +64,14 @@ from .. import functional as F
 from .batch_norm import _BatchNormCall
 
 __all__ = ["ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d",
-           "conv_bn_forward", "rebuild_outputs", "save_memory_in"]
+           "conv_bn_forward", "conv_forward"]
 
-_REBUILD_ATTR = "_torchnorm_rebuild"
-
-
-class _Rebuild:
-    """How to rebuild a block output from the pre-norm tensor kept for backward."""
-
-    __slots__ = ("pre_norm", "mean", "rstd", "weight", "bias", "activation", "negative_slope", "version")
-
-    def __init__(self, pre_norm, mean, rstd, weight, bias, activation, negative_slope, version) -> None:
-        self.pre_norm, self.mean, self.rstd = pre_norm, mean, rstd
-        self.weight, self.bias = weight, bias
-        self.activation, self.negative_slope, self.version = activation, negative_slope, version
-
-    def __call__(self) -> Tensor:
-        with torch.no_grad():
-            return torch.ops.torchnorm.batch_norm_apply.default(
-                self.pre_norm, self.mean, self.rstd, self.weight, self.bias, self.activation,
-                self.negative_slope, None)
-
-
-def _pack(tensor: Tensor):
-    rebuild = getattr(tensor, _REBUILD_ATTR, None)
-    # A block output changed in place since it was made is saved as it is.
-    if rebuild is not None and rebuild.version == tensor._version:
-        return rebuild
-    return tensor
-
-
-def _unpack(saved):
-    return saved() if isinstance(saved, _Rebuild) else saved
-
-
-def rebuild_outputs(on_save: Optional[Callable[[Tensor], None]] = None):
-    """Context manager: inside it, a ConvBN block output that a later op saves
-    for backward is saved as a recipe and rebuilt during backward.
-
-    Wrap the forward pass (backward may run outside). Tensors that are not
-    block outputs are saved as usual. :func:`torchnorm.fx.fuse_conv_bn`
-    enters it around the forward of the model it returns; with hand-built
-    :class:`ConvBN2d` models, use it or :func:`save_memory_in`.
-
-    ``on_save``, when given, is called with every tensor actually kept for
-    backward (for a recipe: its pre-norm tensor and statistics), which is how
-    the benchmarks count saved bytes (an outer saved_tensors_hooks would not
-    see them: the innermost hooks win).
-    """
-    if on_save is None:
-        return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
-
-    def pack_and_report(tensor: Tensor):
-        saved = _pack(tensor)
-        for kept in ((saved.pre_norm, saved.mean, saved.rstd) if isinstance(saved, _Rebuild) else (saved,)):
-            on_save(kept)
-        return saved
-
-    return torch.autograd.graph.saved_tensors_hooks(pack_and_report, _unpack)
-
-
-def save_memory_in(module: torch.nn.Module) -> torch.nn.Module:
-    """Makes every forward of ``module`` run inside :func:`rebuild_outputs`
-    (with forward hooks, so the state_dict does not change). Returns ``module``."""
-    if getattr(module, "_torchnorm_saves_memory", False):
-        return module
-
-    def enter(mod, args):
-        stack = contextlib.ExitStack()
-        stack.enter_context(rebuild_outputs())
-        mod.__dict__.setdefault("_torchnorm_hook_stacks", []).append(stack)
-
-    def leave(mod, args, output):
-        mod.__dict__["_torchnorm_hook_stacks"].pop().close()
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
-    module._torchnorm_saves_memory = True
-    return module
+# A block output's recipe: (pre_norm, batch mean, batch rstd, BN weight, BN
+# bias, activation, negative_slope), the arguments batch_norm_apply rebuilds it
+# from (a plain tuple, which torch.fx and torch.compile pass through).
+Recipe = Tuple
+# The recipe arguments of a tensor kept as it is.
+_NO_RECIPE = (None, None, None, None, None, "none", 0.0)
 
 
 def _activate(z: Tensor, activation: str, negative_slope: float, inplace: bool = False) -> Tensor:
@@ -191,44 +129,72 @@ def _is_transposed(conv: torch.nn.Module) -> bool:
 
 
 def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, activation: Optional[str] = None,
-                    negative_slope: float = 0.01, residual: Optional[Tensor] = None, output_size=None) -> Tensor:
+                    negative_slope: float = 0.01, residual: Optional[Tensor] = None, output_size=None,
+                    input_recipe: Optional[Recipe] = None, return_recipe: bool = False,
+                    residual_recipe: Optional[Recipe] = None):
     """``act(bn(conv(input)) + residual)`` with the memory-saving strategy of
     ``bn``'s mode (see the module docstring). ``conv`` is a Conv1d/2d/3d or
     ConvTranspose1d/2d/3d and ``bn`` a BatchNorm of its output channels; both
     keep their parameters and buffers, and ``bn``'s running statistics update
     as torch.nn's would. ``output_size`` is a ConvTranspose's, as in its
-    forward (it sets the output padding)."""
+    forward (it sets the output padding).
+
+    ``input_recipe``: when ``input`` is the output of an earlier block called
+    with ``return_recipe=True``, that block's recipe; the conv then keeps
+    the recipe instead of ``input`` where it can (the input must not have
+    been changed since that block made it); ``residual_recipe`` likewise for
+    ``residual``. With ``return_recipe`` the result is ``(output, recipe)``,
+    the recipe being None unless this block trains without a residual."""
     if output_size is not None and not _is_transposed(conv):
         raise TypeError(f"conv_bn_forward: output_size applies to ConvTranspose only, got a {type(conv).__name__}")
     activation = F._activation_name(activation)
+    out, recipe = _forward(conv, bn, input, activation, negative_slope, residual, output_size, input_recipe,
+                           residual_recipe)
+    return (out, recipe) if return_recipe else out
+
+
+def _forward(conv, bn, input, activation, negative_slope, residual, output_size, input_recipe, residual_recipe):
+    """conv_bn_forward's (output, recipe or None)."""
     if getattr(bn, "synchronizes", None) is not None and bn.synchronizes():
         # A SyncBatchNorm exchanging statistics with other ranks: the conv
         # runs on its own and the SyncBatchNorm normalizes its output (none of
         # the memory savings below, which need the statistics in one op).
-        return bn.normalize(_call(conv, input, output_size), residual, activation, negative_slope)
+        return bn.normalize(_call(conv, input, output_size), residual, activation, negative_slope), None
     call = _BatchNormCall(bn)
     if call.use_batch_stats:
         if residual is not None and _may_bypass_conv_call(conv, input):
-            # The torchnorm::conv_bn_train op keeps the conv input and
-            # recomputes the conv in backward (see the module docstring).
-            input, *conv_args = _conv_op_args(conv, input, output_size)
-            out, _, _ = torch.ops.torchnorm.conv_bn_train(
-                input, conv.weight, conv.bias, bn.weight, bn.bias, call.running_mean, call.running_var,
-                call.momentum, bn.eps, activation, negative_slope, residual, *conv_args)
+            # The torchnorm::conv_bn_train op keeps the conv input (or its
+            # recipe) and recomputes the conv in backward (see the module
+            # docstring). A recipe describes `input`, not a padded copy.
+            conv_input, *conv_args = _conv_op_args(conv, input, output_size)
+            in_recipe = input_recipe if conv_input is input else None
+            if in_recipe is not None or residual_recipe is not None:
+                out, _, _, new_mean, new_var = torch.ops.torchnorm.conv_bn_train_rebuilt(
+                    conv_input, *(in_recipe or _NO_RECIPE), conv.weight, conv.bias, bn.weight, bn.bias,
+                    call.running_mean, call.running_var, call.momentum, bn.eps, activation, negative_slope,
+                    residual, *(residual_recipe or _NO_RECIPE), *conv_args)
+                # The op is functional (see torchnorm/_rebuild_ops.py).
+                with torch.no_grad():
+                    for running, new in ((call.running_mean, new_mean), (call.running_var, new_var)):
+                        if running is not None:
+                            running.copy_(new)
+            else:
+                out, _, _ = torch.ops.torchnorm.conv_bn_train(
+                    conv_input, conv.weight, conv.bias, bn.weight, bn.bias, call.running_mean, call.running_var,
+                    call.momentum, bn.eps, activation, negative_slope, residual, *conv_args)
             call.count_batch()
-            return out
-        pre_norm = _call(conv, input, output_size)
+            return out, None
+        pre_norm = conv_forward(conv, input, output_size, input_recipe)
         out, mean, rstd = torch.ops.torchnorm.batch_norm_train.default(
             pre_norm, bn.weight, bn.bias, call.running_mean, call.running_var, call.momentum, bn.eps, activation,
             negative_slope, residual)
         call.count_batch()
-        if residual is None and torch.is_grad_enabled() and out.requires_grad:
-            setattr(out, _REBUILD_ATTR, _Rebuild(pre_norm, mean.detach(), rstd.detach(), bn.weight, bn.bias,
-                                                 activation, negative_slope, out._version))
-        return out
+        if residual is not None:
+            return out, None
+        return out, (pre_norm, mean, rstd, bn.weight, bn.bias, activation, negative_slope)
     if not _may_bypass_conv_call(conv, input):
         return F.batch_norm(_call(conv, input, output_size), call.running_mean, call.running_var, bn.weight, bn.bias,
-                            False, 0.0, bn.eps, activation, negative_slope, residual)
+                            False, 0.0, bn.eps, activation, negative_slope, residual), None
     z = _frozen_conv_bn(conv, bn, input, output_size)
     if residual is not None:
         # In place where that gives the same tensor as z + residual: z is a
@@ -239,7 +205,21 @@ def conv_bn_forward(conv: torch.nn.Module, bn: torch.nn.Module, input: Tensor, a
         same = residual.dtype == z.dtype and (
             residual.shape == z.shape or torch.broadcast_shapes(z.shape, residual.shape) == z.shape)
         z = z.add_(residual) if same else z + residual
-    return _activate(z, activation, negative_slope, inplace=True)
+    return _activate(z, activation, negative_slope, inplace=True), None
+
+
+def conv_forward(conv: torch.nn.Module, input: Tensor, output_size=None,
+                 input_recipe: Optional[Recipe] = None) -> Tensor:
+    """``conv(input)`` for a Conv or ConvTranspose module; given the recipe of
+    ``input`` (an earlier block's, see :func:`conv_bn_forward`), through
+    ``torchnorm::conv_rebuilt_input``, which keeps the recipe instead of
+    ``input``, where the conv's arithmetic may bypass the module call and
+    needs no padded copy of the input."""
+    if input_recipe is not None and _may_bypass_conv_call(conv, input):
+        conv_input, *conv_args = _conv_op_args(conv, input, output_size)
+        if conv_input is input:
+            return torch.ops.torchnorm.conv_rebuilt_input(input, *input_recipe, conv.weight, conv.bias, *conv_args)
+    return _call(conv, input, output_size)
 
 
 def _call(conv: torch.nn.Module, input: Tensor, output_size) -> Tensor:
@@ -300,8 +280,11 @@ class _ConvBNNd(torch.nn.Module):
         block.activation, block.negative_slope = activation, negative_slope
         return block
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return conv_bn_forward(self.conv, self.bn, input, self.activation, self.negative_slope, residual)
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                input_recipe: Optional[Recipe] = None) -> Tensor:
+        """``input_recipe``: see :func:`conv_bn_forward`."""
+        return conv_bn_forward(self.conv, self.bn, input, self.activation, self.negative_slope, residual,
+                               input_recipe=input_recipe)
 
     def extra_repr(self) -> str:
         extra = f"activation={self.activation!r}"
@@ -347,9 +330,10 @@ class _ConvTransposeBNNd(_ConvBNNd):
                          padding_mode=padding_mode),
                     eps, momentum, affine, track_running_stats, activation, negative_slope, device, dtype)
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None, output_size=None) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None, output_size=None,
+                input_recipe: Optional[Recipe] = None) -> Tensor:
         return conv_bn_forward(self.conv, self.bn, input, self.activation, self.negative_slope, residual,
-                               output_size)
+                               output_size, input_recipe)
 
 
 class ConvTransposeBN1d(_ConvTransposeBNNd):
