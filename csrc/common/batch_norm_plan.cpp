@@ -27,8 +27,7 @@ void check_batch_norm_args(const char* op, const at::Tensor& input, const std::o
   if (running_var) check_per_channel(op, "running_var", *running_var, input);
   if (residual) check_like_input(op, "residual", *residual, input);
   if (training) {
-    int64_t per_channel = input.size(0);
-    for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+    const int64_t per_channel = input.size(0) * spatial_size(input);
     // Same condition and message as torch.nn.functional.batch_norm.
     TORCH_CHECK_VALUE(per_channel != 1, "Expected more than 1 value per channel when training, got input size ",
                       input.sizes());

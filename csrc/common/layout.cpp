@@ -15,11 +15,16 @@ static bool same_element_offsets(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+int64_t spatial_size(const at::Tensor& input) {
+  int64_t S = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) S *= input.size(d);
+  return S;
+}
+
 at::Tensor as_kernel_layout(const at::Tensor& input, ChannelGeometry& g) {
   g.N = input.size(0);
   g.C = input.size(1);
-  g.S = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) g.S *= input.size(d);
+  g.S = spatial_size(input);
   if (input.is_contiguous()) {
     // With one position per channel a contiguous input is already (rows, C).
     g.layout = g.S == 1 ? Layout::Rowwise : Layout::Planar;

@@ -20,6 +20,10 @@ struct ChannelGeometry {
   int64_t count_per_channel() const { return N * S; }
 };
 
+// Positions per (n, c) of an (N, C, *) tensor: the product of its sizes
+// after the second (1 for (N, C)).
+int64_t spatial_size(const at::Tensor& input);
+
 // Classifies input's layout. Returns the tensor the kernel should read: input
 // itself when it is planar or rowwise already, else a contiguous copy.
 at::Tensor as_kernel_layout(const at::Tensor& input, ChannelGeometry& geometry);

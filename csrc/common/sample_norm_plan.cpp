@@ -155,8 +155,7 @@ GroupNormPlan plan_group_norm(const char* op, const at::Tensor& input, int64_t n
   // torch.nn.functional.group_norm refuses these (an empty batch is fine).
   TORCH_CHECK(input.dim() < 2 || input.size(1) > 0, op, ": expected the number of channels to be greater than 0, got ",
               input.sizes());
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  const int64_t spatial = spatial_size(input);
   TORCH_CHECK(spatial > 0, op, ": expected the spatial size (H x W ...) to be greater than 0, got input size ",
               input.sizes());
   return plan_groups(op, input, num_groups, weight, bias, eps, activation, want_var);
@@ -174,8 +173,7 @@ GroupNormPlan plan_instance_norm(const at::Tensor& input, const std::optional<at
   for (const auto& [name, t] : {std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
     if (*t) check_parameter(op, name, **t, input, {input.size(1)}, "the input's channels");
   }
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  const int64_t spatial = spatial_size(input);
   // Same condition and message as torch.nn.functional.instance_norm.
   TORCH_CHECK_VALUE(spatial != 1, "Expected more than 1 spatial element when training, got input size ",
                     input.sizes());

@@ -31,8 +31,7 @@ void check_writable(const at::Tensor& values, const at::Tensor& count) {
 }
 
 void check_values_per_channel(const char* op, const at::Tensor& input) {
-  int64_t per_channel = input.size(0);
-  for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+  const int64_t per_channel = input.size(0) * spatial_size(input);
   TORCH_CHECK(per_channel > 0, op, ": expected at least one value per channel, got input shape ", input.sizes());
 }
 
