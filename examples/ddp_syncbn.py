@@ -83,6 +83,7 @@ def train(rank: int, world_size: int, init_file: str, steps: int, use_cuda: bool
         differs = max((other - mine).abs().max().item() for other in everyone)
         print(f"running statistics of {world_size} ranks ({mine.numel()} values): max difference {differs}")
         assert differs == 0, "running statistics differ across ranks"
+    dist.barrier()  # every rank past its last collective before gloo is torn down (else a rare abort at exit)
     dist.destroy_process_group()
 
 
