@@ -147,13 +147,15 @@ def padding_of(lengths, T, N):
 @pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
 @pytest.mark.parametrize("L", [6, 2], ids=["max_length>=T", "max_length<T"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bn_lstm_matches_reference(device, training, L, lengths):
+@pytest.mark.parametrize("H", [4, 45])
+def test_bn_lstm_matches_reference(device, training, L, lengths, H):
     """Three calls in a row (new inputs each time, running statistics carried
     over): outputs, h_n, c_n and every step's running statistics after each
     call; then the gradients of input, h0, c0 and every parameter. Padded
     outputs and padded input gradients are exactly 0; eval leaves the running
-    statistics exactly as they were."""
-    T, N, I, H, momentum, eps = 5, 5, 3, 4, 0.2, 1e-4
+    statistics exactly as they were. H = 45: the CPU kernels' blocks of 32
+    hidden units, whole vectors and a tail."""
+    T, N, I, momentum, eps = 5, 5, 3, 0.2, 1e-4
     lens = None if LENGTHS[lengths] is None else torch.tensor(LENGTHS[lengths])
     pad = padding_of(lens, T, N)
     st0 = lstm_case(20, T, N, I, H, L)[4]
@@ -567,6 +569,22 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     assert all(torch.equal(u, v) for u, v in zip(*runs)), "masked_batch_norm depends on the thread count"
 
+    T, N, I, H = 3, 64, 16, 96  # three blocks of hidden units
+    case = lstm_case(59, T, N, I, H, 3)
+    lens = torch.randint(0, T + 1, (N,), generator=gen)
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = case_leaves(case, torch.float32)
+            st = stats_on(case[4], torch.float32)
+            out, (hn, cn) = ours(leaves, st, True, lengths=lens)
+            grads = torch.autograd.grad(out.sum() + (hn * hn).sum() + (cn * cn).sum(), leaves)
+            runs.append((out, hn, cn, *[t for mv in st.values() for t in mv], *grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(*runs)), "bn_lstm depends on the thread count"
+
 
 # ---------------------------------------------------------------------------
 # gradcheck (float64, small)
@@ -662,13 +680,15 @@ def assert_grads_close_bf16(names, grads, expected, inputs):
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype,pdtype", LOW_PRECISION)
-def test_bn_lstm_low_precision_against_float64(device, dtype, pdtype, training, lengths):
+@pytest.mark.parametrize("H", [8, 45])
+def test_bn_lstm_low_precision_against_float64(device, dtype, pdtype, training, lengths, H):
     """The fused kernels in float32 / bfloat16 against the float64 reference
     run on the very same (rounded) inputs, parameters and running statistics:
     outputs, h_n, c_n, running statistics after two calls (each call's
     reference starting from the statistics the kernel stored), gradients (in
-    the dtypes of their inputs). Padded outputs and input gradients exactly 0."""
-    T, N, I, H, L = 5, 16, 6, 8, 3
+    the dtypes of their inputs). Padded outputs and input gradients exactly 0.
+    H = 45: several blocks of hidden units, whole vectors and a tail."""
+    T, N, I, L = 5, 16, 6, 3
     lens = torch.tensor(LOW_PRECISION_LENGTHS) if lengths else None
     pad = padding_of(lens, T, N).to(device)
     st = stats_on(lstm_case(50, T, N, I, H, L)[4], pdtype, device)

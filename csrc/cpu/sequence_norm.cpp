@@ -3,10 +3,12 @@
 // and the fused BN-LSTM step, forward and backward. Data is 2-d and
 // row-major: one row per sample (per (step, sample) for the sequence-wise
 // BN), the features along the row. Column statistics are sums over valid
-// rows taken in fixed row chunks, so results do not depend on scheduling;
-// the row passes run the per-element math of csrc/common/lstm_math.h on
-// whole at::vec vectors. The host-side pieces (checks, which statistics
-// normalize, the running update) are csrc/common/sequence_norm_plan.*.
+// rows taken in fixed row chunks (masked_batch_norm) or in row order within
+// a block of columns (the BN-LSTM step), so results do not depend on
+// scheduling; the passes run the per-element math of
+// csrc/common/lstm_math.h on whole at::vec vectors. The host-side pieces
+// (checks, which statistics normalize, the running update) are
+// csrc/common/sequence_norm_plan.*.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -35,18 +37,22 @@ struct ElementMath<at::vec::Vectorized<acc_t>> {
   static Vec tanh(const Vec& x) { return x.tanh(); }
 };
 
-// In float32, tanh from one exp: sign(x) (1 - e) / (1 + e) with e =
-// exp(-2|x|). The step kernels evaluate two tanh per hidden unit each way,
-// and at::vec's tanh (Sleef, 1 ulp) costs three exps on AVX2: with it the
-// tanh alone were a quarter of a step. This form's absolute error stays
-// below 1e-7 (1.5 ulp of 1; measured over [-12, 12] against float64), e <= 1
-// so nothing overflows, and it saturates to +-1 exactly.
+// In float32, exp is at::vec's exp_u20 (the polynomial torch's own CPU
+// SiLU uses) rather than Sleef's 1-ulp exp: a step evaluates five exps per
+// hidden unit each way, and with Sleef's they were a fifth of the
+// step kernel's time (18.4 -> 14.5 ms of a 100-step forward, profiled).
+// tanh comes from one exp: sign(x) (1 - e) / (1 + e)
+// with e = exp(-2|x|); at::vec's tanh (Sleef, 1 ulp) costs three exps on
+// AVX2. The sigmoid and tanh so computed stay within 4e-7 absolute of
+// float64's (estimated over [-12, 12] through torch's silu, which uses the
+// same exp); e <= 1 so nothing overflows, and
+// tanh saturates to +-1 exactly.
 template <>
 struct ElementMath<at::vec::Vectorized<float>> {
   using Vec = at::vec::Vectorized<float>;
-  static Vec exp(const Vec& x) { return x.exp(); }
+  static Vec exp(const Vec& x) { return x.exp_u20(); }
   static Vec tanh(const Vec& x) {
-    const Vec one(1.0f), e = (x.abs() * Vec(-2.0f)).exp();
+    const Vec one(1.0f), e = exp(x.abs() * Vec(-2.0f));
     const Vec magnitude = (one - e) / (one + e);
     return Vec::blendv(magnitude, magnitude.neg(), x < Vec(0.0f));
   }
@@ -278,27 +284,125 @@ std::tuple<Tensor, Tensor, Tensor> masked_batch_norm_backward_cpu(const Tensor& 
 }
 
 // ------------------------------------------------------------ BN-LSTM step --
+//
+// Both step kernels split the work by blocks of hidden units, not by rows.
+// Every statistic of a step is a column's over the batch, and hidden unit j
+// owns gate columns j, H + j, 2H + j, 3H + j and cell column j: one task
+// takes a block of units through the whole step (the gate BNs' statistics,
+// the gates, the cell, BN_c's statistics, h; backward the mirror image)
+// without any other task's results. So a step is one parallel region, not
+// one per pass, and no per-chunk partial sums are combined (with a region
+// per pass the step kernels spent more time in OpenMP's fork and join than
+// in their math). Columns are summed over the rows in order: the results do
+// not depend on the number of threads.
+//
+// A task item's block of units is sized so that its gate runs (N rows x 4
+// runs of gx and of gh) take about kBlockBytes: the passes after the first
+// re-read them from L2. At N = 64, H = 512 in float on this project's CPU a
+// step over fresh memory took (forward / backward) 241 / 434 us with blocks
+// of 32 units, 203 / 293 us with 128 (256 KiB) and 371 / 394 us with 256.
+// Each thread gets at least one block; the block size changes no result.
+constexpr int64_t kBlockBytes = int64_t(256) << 10;
+constexpr int64_t kMinUnitBlock = 16;
 
-// Per-column coefficients of a step, acc_t: the gate pre-activation is
-// (gx - mean_ih) * scale_ih + (gh - mean_hh) * scale_hh + bias over the 4H
-// gate columns; z = (c - mean_c) * scale_c + shift_c over the H cell columns.
-template <typename acc_t>
-struct StepCoefficients {
-  Tensor mean_ih, scale_ih, mean_hh, scale_hh, bias, mean_c, scale_c, shift_c;
+int64_t unit_block(int64_t N, int64_t H, int64_t element_bytes) {
+  const int64_t fits = kBlockBytes / std::max<int64_t>(1, N * 8 * element_bytes);
+  const int64_t per_thread = (H + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t block = std::max(kMinUnitBlock, std::min(fits, per_thread));
+  return (block + kMinUnitBlock - 1) / kMinUnitBlock * kMinUnitBlock;
+}
+
+// The columns of one block in a row: `count` runs of `length` columns, the
+// k-th starting at begin + k * stride (the four gate runs of the block's
+// units, or the one run of its cell columns).
+struct BlockRuns {
+  int64_t begin, length, stride, count;
+  template <typename Fn>
+  void for_each(const Fn& fn) const {
+    for (int64_t k = 0; k < count; ++k) fn(begin + k * stride);
+  }
 };
 
+// Row r of a contiguous (rows, width) tensor as acc_t, read at the block's
+// runs: the tensor's own memory for float/double, else the runs converted
+// into buf (of width elements, indexed like the row).
+template <typename scalar_t, typename acc_t>
+const acc_t* runs_as_acc(const scalar_t* data, int64_t width, int64_t r, const BlockRuns& runs, acc_t* buf) {
+  const scalar_t* row = data + r * width;
+  if constexpr (kSameType<scalar_t, acc_t>) {
+    return row;
+  } else {
+    runs.for_each([&](int64_t col) { read_as_acc(row + col, runs.length, buf + col); });
+    return buf;
+  }
+}
+
+// Where the block's runs of row r are computed (write_target), and their
+// conversion back (write_back) for float16/bfloat16.
+template <typename scalar_t, typename acc_t>
+acc_t* runs_target(scalar_t* data, int64_t width, int64_t r, acc_t* buf) {
+  return write_target(data + r * width, buf);
+}
+template <typename scalar_t, typename acc_t>
+void runs_write_back(const acc_t* buf, scalar_t* data, int64_t width, int64_t r, const BlockRuns& runs) {
+  runs.for_each([&](int64_t col) { write_back(buf + col, data + r * width + col, runs.length); });
+}
+
+// Per-thread rows of the block kernels (empty for float/double, which are
+// read and written in place), and the block's own per-row values.
+template <typename scalar_t, typename acc_t>
+struct BlockBuffers {
+  std::vector<acc_t> gx, gh, cell, cell_prev, out, grad;
+  BlockBuffers(int64_t G, int64_t H) {
+    const int64_t g = kSameType<scalar_t, acc_t> ? 0 : G, h = kSameType<scalar_t, acc_t> ? 0 : H;
+    gx.resize(g), gh.resize(g), grad.resize(g), cell.resize(h), cell_prev.resize(h), out.resize(h);
+  }
+};
+
+// Column mean and biased variance over the valid rows of the block's runs of
+// a contiguous (rows, width) tensor, two passes (the second over x - mean,
+// exact however large the mean), into mean[col] and var[col].
+template <typename scalar_t, typename acc_t>
+void block_moments(const scalar_t* data, int64_t rows, int64_t width, const bool* ok, acc_t inv_count,
+                   const BlockRuns& runs, acc_t* buf, acc_t* mean, acc_t* var) {
+  runs.for_each([&](int64_t col) {
+    std::fill(mean + col, mean + col + runs.length, acc_t(0));
+    std::fill(var + col, var + col + runs.length, acc_t(0));
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!row_is_valid(ok, r)) continue;
+    const acc_t* x = runs_as_acc(data, width, r, runs, buf);
+    runs.for_each([&](int64_t col) {
+      lane_loop<acc_t>(runs.length, [&](int64_t j, auto lanes) {
+        lanes.store(lanes.load(mean + col + j) + lanes.load(x + col + j), mean + col + j);
+      });
+    });
+  }
+  runs.for_each([&](int64_t col) {
+    for (int64_t j = 0; j < runs.length; ++j) mean[col + j] *= inv_count;
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!row_is_valid(ok, r)) continue;
+    const acc_t* x = runs_as_acc(data, width, r, runs, buf);
+    runs.for_each([&](int64_t col) {
+      lane_loop<acc_t>(runs.length, [&](int64_t j, auto lanes) {
+        const auto d = lanes.load(x + col + j) - lanes.load(mean + col + j);
+        lanes.store(lanes.load(var + col + j) + d * d, var + col + j);
+      });
+    });
+  }
+  runs.for_each([&](int64_t col) {
+    for (int64_t j = 0; j < runs.length; ++j) var[col + j] *= inv_count;
+  });
+}
+
+// The per-column values of a step, acc_t, indexed by column: the gate
+// pre-activation of gate column k is (gx - mean_ih) * scale_ih + (gh -
+// mean_hh) * scale_hh + bias; BN_c's output z = (c - mean_c) * scale_c +
+// shift_c per hidden unit. scale = BN weight * rstd.
 template <typename acc_t>
 struct StepPointers {
   const acc_t *mean_ih, *scale_ih, *mean_hh, *scale_hh, *bias, *mean_c, *scale_c, *shift_c;
-  explicit StepPointers(const StepCoefficients<acc_t>& c)
-      : mean_ih(c.mean_ih.template const_data_ptr<acc_t>()),
-        scale_ih(c.scale_ih.template const_data_ptr<acc_t>()),
-        mean_hh(c.mean_hh.template const_data_ptr<acc_t>()),
-        scale_hh(c.scale_hh.template const_data_ptr<acc_t>()),
-        bias(c.bias.template const_data_ptr<acc_t>()),
-        mean_c(c.mean_c.defined() ? c.mean_c.template const_data_ptr<acc_t>() : nullptr),
-        scale_c(c.scale_c.defined() ? c.scale_c.template const_data_ptr<acc_t>() : nullptr),
-        shift_c(c.shift_c.template const_data_ptr<acc_t>()) {}
 };
 
 // The gate pre-activations of columns [k, k + lanes) of one row (gx, gh as acc_t).
@@ -326,41 +430,22 @@ auto cell_gates_at(const Lanes& lanes, const acc_t* gx, const acc_t* gh, const S
                          pre_activation_at(lanes, gx, gh, p, 2 * H + j));
 }
 
-// One row of a (rows, width) tensor as acc_t: in place for float/double, else
-// converted into buf.
-template <typename scalar_t, typename acc_t>
-const acc_t* row_as_acc(const Tensor& t, int64_t r, std::vector<acc_t>& buf) {
-  const int64_t width = t.size(1);
-  if (buf.size() < size_t(width)) buf.resize(width);
-  return read_as_acc<scalar_t, acc_t>(t.const_data_ptr<scalar_t>() + r * width, width, buf.data());
-}
-
-template <typename scalar_t, typename acc_t>
-void write_row(const acc_t* src, const Tensor& t, int64_t r) {
-  const int64_t width = t.size(1);
-  scalar_t* dst = t.mutable_data_ptr<scalar_t>() + r * width;
-  if constexpr (kSameType<scalar_t, acc_t>) {
-    std::copy(src, src + width, dst);
-  } else {
-    at::vec::convert(src, dst, width);
-  }
-}
-
-// Per-thread row buffers of the row passes.
-template <typename acc_t>
-struct RowBuffers {
-  std::vector<acc_t> gx, gh, c_prev, c, out, dh, dc, grad;
-};
-
-// The row passes of a step run through parallel_for over rows, each task
-// with its own RowBuffers.
-template <typename acc_t, typename Body>
-void for_each_row_buffered(int64_t rows, int64_t width, const Body& body) {
-  at::parallel_for(0, rows, grain_for(width), [&](int64_t begin, int64_t end) {
-    RowBuffers<acc_t> buf;
-    for (int64_t r = begin; r < end; ++r) body(r, buf);
+// fn(runs of the gates, runs of the cells) for each block of hidden units,
+// blocks in parallel.
+template <typename acc_t, typename Fn>
+void for_each_unit_block(int64_t N, int64_t H, const Fn& fn) {
+  const int64_t block = unit_block(N, H, sizeof(acc_t));
+  const int64_t blocks = (H + block - 1) / block;
+  at::parallel_for(0, blocks, grain_for(N * 4 * block), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * block, length = std::min(block, H - j0);
+      fn(BlockRuns{j0, length, H, 4}, BlockRuns{j0, length, H, 1});
+    }
   });
 }
+
+// The (C,) acc_t values of a BN weight (may be the parameter itself).
+Tensor as_acc(const Tensor& t, at::ScalarType acc_type) { return t.to(acc_type).contiguous(); }
 
 template <typename scalar_t>
 void bn_lstm_step_forward(const Tensor& gx, const Tensor& gh, const Tensor& cx, const optional<Tensor>& bias,
@@ -374,68 +459,112 @@ void bn_lstm_step_forward(const Tensor& gx, const Tensor& gh, const Tensor& cx, 
   const auto acc_type = accumulate_type(gx.scalar_type());
   const auto acc_options = gx.options().dtype(acc_type);
   const bool* ok = valid_data(valid);
+  const int64_t count = count_valid(ok, N);
+  const acc_t inv_count = count > 0 ? acc_t(1) / acc_t(count) : acc_t(0);
 
-  // The two gate BatchNorms: statistics, running update, coefficients.
-  auto gate_bn = [&](const Tensor& g, const optional<Tensor>& rm, const optional<Tensor>& rv, const Tensor& w) {
-    optional<ColumnMoments> batch;
-    if (training) batch = column_moments<scalar_t>(g, valid);
-    auto [mean, rstd] = normalizing_stats(training, batch, rm, rv, step, eps, acc_type);
-    if (training) update_running_stats(rm, rv, step, *batch, momentum);
-    return std::make_tuple(mean, rstd, w.to(acc_type) * rstd);
-  };
-  StepCoefficients<acc_t> coef;
-  Tensor rstd_ih, rstd_hh, rstd_c;
-  std::tie(coef.mean_ih, rstd_ih, coef.scale_ih) = gate_bn(gx, rm_ih, rv_ih, bn_ih_weight);
-  std::tie(coef.mean_hh, rstd_hh, coef.scale_hh) = gate_bn(gh, rm_hh, rv_hh, bn_hh_weight);
-  coef.bias = column_values<acc_t>(bias, G, 0.0, acc_options);
-  coef.shift_c = column_values<acc_t>(bn_c_bias, H, 0.0, acc_options);
-
-  // Pass 1: the cell, and sigmoid(a_o) for pass 2. Ended rows keep their
-  // cell and output 0.
-  std::vector<acc_t> gate_o(N * H);
-  {
-    const StepPointers<acc_t> p(coef);
-    for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
-      const acc_t* cp = row_as_acc<scalar_t, acc_t>(cx, r, buf.c_prev);
-      buf.c.resize(H);
-      if (!row_is_valid(ok, r)) {
-        write_row<scalar_t, acc_t>(cp, cy, r);
-        std::fill(buf.c.begin(), buf.c.end(), acc_t(0));
-        write_row<scalar_t, acc_t>(buf.c.data(), hy, r);
-        return;
-      }
-      const acc_t* x = row_as_acc<scalar_t, acc_t>(gx, r, buf.gx);
-      const acc_t* h = row_as_acc<scalar_t, acc_t>(gh, r, buf.gh);
-      lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
-        const auto gates = gates_at(lanes, x, h, p, j, H);
-        lanes.store(lstm_cell(gates, lanes.load(cp + j)), buf.c.data() + j);
-        lanes.store(gates.o, gate_o.data() + r * H + j);
-      });
-      write_row<scalar_t, acc_t>(buf.c.data(), cy, r);
-    });
+  // stats holds [mean_ih | mean_hh | mean_c] then the rstd in the same
+  // order: the kernels write the batch's there in training; in evaluation
+  // the running rows are copied in first.
+  acc_t* mean = stats.mutable_data_ptr<acc_t>();
+  acc_t* rstd = mean + 9 * H;
+  const std::array<optional<Tensor>, 3> running_means{rm_ih, rm_hh, rm_c}, running_vars{rv_ih, rv_hh, rv_c};
+  const std::array<int64_t, 3> offsets{0, G, 2 * G}, widths{G, G, H};
+  if (!training) {
+    for (int i = 0; i < 3; ++i) {
+      const auto [m, r] = normalizing_stats(false, std::nullopt, running_means[i], running_vars[i], step, eps, acc_type);
+      stats.select(0, 0).narrow(0, offsets[i], widths[i]).copy_(m);
+      stats.select(0, 1).narrow(0, offsets[i], widths[i]).copy_(r);
+    }
   }
+  Tensor var = at::empty({9 * H}, acc_options);  // the batch's biased variances, for the running update
+  const Tensor w_ih = as_acc(bn_ih_weight, acc_type), w_hh = as_acc(bn_hh_weight, acc_type),
+               w_c = as_acc(bn_c_weight, acc_type);
+  const Tensor bias_acc = column_values<acc_t>(bias, G, 0.0, acc_options),
+               shift_c = column_values<acc_t>(bn_c_bias, H, 0.0, acc_options);
+  std::vector<acc_t> scale(9 * H);
+  const StepPointers<acc_t> p{mean,          scale.data(),     mean + G,     scale.data() + G,
+                              bias_acc.const_data_ptr<acc_t>(), mean + 2 * G, scale.data() + 2 * G,
+                              shift_c.const_data_ptr<acc_t>()};
+  const acc_t *wi = w_ih.const_data_ptr<acc_t>(), *wh = w_hh.const_data_ptr<acc_t>(), *wc = w_c.const_data_ptr<acc_t>();
+  acc_t* v = var.mutable_data_ptr<acc_t>();
+  const scalar_t *gx_d = gx.const_data_ptr<scalar_t>(), *gh_d = gh.const_data_ptr<scalar_t>(),
+                 *cx_d = cx.const_data_ptr<scalar_t>();
+  scalar_t *cy_d = cy.mutable_data_ptr<scalar_t>(), *hy_d = hy.mutable_data_ptr<scalar_t>();
+  const acc_t eps_acc = acc_t(eps);
 
-  // BN_c from the cell as stored, so the backward, which reads it back, agrees.
-  std::tie(coef.mean_c, rstd_c, coef.scale_c) = gate_bn(cy, rm_c, rv_c, bn_c_weight);
+  // rstd and scale of the block's columns at offset, from their variances in training.
+  auto finish_columns = [&](const BlockRuns& runs, int64_t offset, const acc_t* weight) {
+    runs.for_each([&](int64_t col) {
+      for (int64_t j = col; j < col + runs.length; ++j) {
+        if (training) rstd[offset + j] = acc_t(1) / std::sqrt(v[offset + j] + eps_acc);
+        scale[offset + j] = weight[j] * rstd[offset + j];
+      }
+    });
+  };
 
-  // Pass 2: h = sigmoid(a_o) * tanh(BN_c(c)).
-  {
-    const StepPointers<acc_t> p(coef);
-    for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
-      if (!row_is_valid(ok, r)) return;
-      const acc_t* c = row_as_acc<scalar_t, acc_t>(cy, r, buf.c);
-      buf.out.resize(H);
-      lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
+  for_each_unit_block<acc_t>(N, H, [&](const BlockRuns& gate_runs, const BlockRuns& cell_runs) {
+    BlockBuffers<scalar_t, acc_t> buf(G, H);
+    const int64_t j0 = cell_runs.begin, B = cell_runs.length;
+    // The two gate BatchNorms.
+    if (training) {
+      block_moments(gx_d, N, G, ok, inv_count, gate_runs, buf.gx.data(), mean, v);
+      block_moments(gh_d, N, G, ok, inv_count, gate_runs, buf.gh.data(), mean + G, v + G);
+    }
+    finish_columns(gate_runs, 0, wi);
+    finish_columns(gate_runs, G, wh);
+
+    // The cell, and sigmoid(a_o) for h. Ended rows keep their cell and output 0.
+    std::vector<acc_t> gate_o(N * B);
+    for (int64_t r = 0; r < N; ++r) {
+      const acc_t* cp = runs_as_acc(cx_d, H, r, cell_runs, buf.cell_prev.data());
+      acc_t* c = runs_target(cy_d, H, r, buf.cell.data());
+      if (!row_is_valid(ok, r)) {
+        std::copy(cp + j0, cp + j0 + B, c + j0);
+        runs_write_back(buf.cell.data(), cy_d, H, r, cell_runs);
+        acc_t* h = runs_target(hy_d, H, r, buf.out.data());
+        std::fill(h + j0, h + j0 + B, acc_t(0));
+        runs_write_back(buf.out.data(), hy_d, H, r, cell_runs);
+        continue;
+      }
+      const acc_t* x = runs_as_acc(gx_d, G, r, gate_runs, buf.gx.data());
+      const acc_t* h = runs_as_acc(gh_d, G, r, gate_runs, buf.gh.data());
+      lane_loop<acc_t>(B, [&](int64_t i, auto lanes) {
+        const auto gates = gates_at(lanes, x, h, p, j0 + i, H);
+        lanes.store(lstm_cell(gates, lanes.load(cp + j0 + i)), c + j0 + i);
+        lanes.store(gates.o, gate_o.data() + r * B + i);
+      });
+      runs_write_back(buf.cell.data(), cy_d, H, r, cell_runs);
+    }
+
+    // BN_c from the cell as stored, so the backward, which reads it back, agrees.
+    if (training) block_moments(cy_d, N, H, ok, inv_count, cell_runs, buf.cell.data(), mean + 2 * G, v + 2 * G);
+    finish_columns(cell_runs, 2 * G, wc);
+
+    // h = sigmoid(a_o) * tanh(BN_c(c)).
+    for (int64_t r = 0; r < N; ++r) {
+      if (!row_is_valid(ok, r)) continue;
+      const acc_t* c = runs_as_acc(cy_d, H, r, cell_runs, buf.cell.data());
+      acc_t* out = runs_target(hy_d, H, r, buf.out.data());
+      lane_loop<acc_t>(B, [&](int64_t i, auto lanes) {
         using Lane = decltype(lanes.load(c));
+        const int64_t j = j0 + i;
         const Lane z = pre_activation(lanes.load(c + j) - lanes.load(p.mean_c + j), lanes.load(p.scale_c + j),
                                       lanes.load(p.shift_c + j));
-        lanes.store(lanes.load(gate_o.data() + r * H + j) * ElementMath<Lane>::tanh(z), buf.out.data() + j);
+        lanes.store(lanes.load(gate_o.data() + r * B + i) * ElementMath<Lane>::tanh(z), out + j);
       });
-      write_row<scalar_t, acc_t>(buf.out.data(), hy, r);
-    });
+      runs_write_back(buf.out.data(), hy_d, H, r, cell_runs);
+    }
+  });
+
+  if (training) {
+    const Tensor count_tensor = at::scalar_tensor(double(count), acc_options);
+    for (int i = 0; i < 3; ++i) {
+      update_running_stats(running_means[i], running_vars[i], step,
+                           ColumnMoments{stats.select(0, 0).narrow(0, offsets[i], widths[i]),
+                                         var.narrow(0, offsets[i], widths[i]), count_tensor, count},
+                           momentum);
+    }
   }
-  stats.select(0, 0).copy_(at::cat({coef.mean_ih, coef.mean_hh, coef.mean_c}));
-  stats.select(0, 1).copy_(at::cat({rstd_ih, rstd_hh, rstd_c}));
 }
 
 void bn_lstm_step_cpu(const Tensor& input_gates, const Tensor& hidden_gates, const Tensor& cx,
@@ -469,129 +598,152 @@ void bn_lstm_step_backward_impl(const Tensor& grad_hy, const Tensor& grad_cy, co
   const bool* ok = valid_data(valid);
   const int64_t count = count_valid(ok, N);
 
-  const Tensor mean = stats.select(0, 0).to(acc_type).contiguous(), rstd = stats.select(0, 1).to(acc_type).contiguous();
-  StepCoefficients<acc_t> coef;
-  coef.mean_ih = mean.narrow(0, 0, G);
-  coef.mean_hh = mean.narrow(0, G, G);
-  coef.mean_c = mean.narrow(0, 2 * G, H);
-  const Tensor rstd_ih = rstd.narrow(0, 0, G), rstd_hh = rstd.narrow(0, G, G), rstd_c = rstd.narrow(0, 2 * G, H);
-  const Tensor w_ih = bn_ih_weight.to(acc_type).contiguous(), w_hh = bn_hh_weight.to(acc_type).contiguous(),
-               w_c = bn_c_weight.to(acc_type).contiguous();
-  coef.scale_ih = w_ih * rstd_ih;
-  coef.scale_hh = w_hh * rstd_hh;
-  coef.scale_c = w_c * rstd_c;
-  coef.bias = column_values<acc_t>(bias, G, 0.0, acc_options);
-  coef.shift_c = column_values<acc_t>(bn_c_bias, H, 0.0, acc_options);
-  const StepPointers<acc_t> p(coef);
-
-  // Pass A: dz and da_o from dh per valid row (acc_t scratch), with BN_c's
-  // column sums of dz and dz * (c - mean_c) taken in the same pass.
-  std::vector<acc_t> dz(N * H), da(N * G);
-  std::vector<acc_t> bn_c_sums(2 * H);  // [sum dz | sum dz * (c - mean_c)]
-  sum_valid_rows<acc_t>(N, ok, 2 * H, bn_c_sums.data(), [&](int64_t r, acc_t* sums) {
-    thread_local RowBuffers<acc_t> buf;
-    const acc_t* x = row_as_acc<scalar_t, acc_t>(gx, r, buf.gx);
-    const acc_t* h = row_as_acc<scalar_t, acc_t>(gh, r, buf.gh);
-    const acc_t* c = row_as_acc<scalar_t, acc_t>(cy, r, buf.c);
-    const acc_t* dh = row_as_acc<scalar_t, acc_t>(grad_hy, r, buf.dh);
-    lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
-      using Lane = decltype(lanes.load(c));
-      const Lane gate_o = sigmoid(pre_activation_at(lanes, x, h, p, 3 * H + j));
-      const Lane c_centred = lanes.load(c + j) - lanes.load(p.mean_c + j);
-      const Lane z = pre_activation(c_centred, lanes.load(p.scale_c + j), lanes.load(p.shift_c + j));
-      const auto g = lstm_output_grads(lanes.load(dh + j), gate_o, ElementMath<Lane>::tanh(z));
-      lanes.store(g.dz, dz.data() + r * H + j);
-      lanes.store(g.da_o, da.data() + r * G + 3 * H + j);
-      lanes.store(lanes.load(sums + j) + g.dz, sums + j);
-      lanes.store(lanes.load(sums + H + j) + g.dz * c_centred, sums + H + j);
-    });
-  });
-  const acc_t *sum_dz = bn_c_sums.data(), *sum_dz_xc = bn_c_sums.data() + H;
-  const ColumnBackward<acc_t> bn_c(H, training, rstd_c.const_data_ptr<acc_t>(), w_c.const_data_ptr<acc_t>(), sum_dz,
-                                   sum_dz_xc, count);
-
-  // Pass B: dc, the cell's gate gradients and grad_cx per valid row, with
-  // the gate BNs' column sums of da, da * (gx - mean_ih) and da * (gh -
-  // mean_hh) taken in the same pass. An ended sequence's cell gradient
-  // passes through.
-  for (int64_t r = 0; r < N; ++r) {
-    if (!row_is_valid(ok, r)) grad_cx.select(0, r).copy_(grad_cy.select(0, r));
-  }
-  std::vector<acc_t> gate_sums(3 * G);  // [sum da | sum da * (gx - mean_ih) | sum da * (gh - mean_hh)]
-  sum_valid_rows<acc_t>(N, ok, 3 * G, gate_sums.data(), [&](int64_t r, acc_t* sums) {
-    thread_local RowBuffers<acc_t> buf;
-    const acc_t* dc_next = row_as_acc<scalar_t, acc_t>(grad_cy, r, buf.dc);
-    const acc_t* x = row_as_acc<scalar_t, acc_t>(gx, r, buf.gx);
-    const acc_t* h = row_as_acc<scalar_t, acc_t>(gh, r, buf.gh);
-    const acc_t* c = row_as_acc<scalar_t, acc_t>(cy, r, buf.c);
-    const acc_t* cp = row_as_acc<scalar_t, acc_t>(cx, r, buf.c_prev);
-    buf.out.resize(H);
-    acc_t* da_row = da.data() + r * G;
-    lane_loop<acc_t>(H, [&](int64_t j, auto lanes) {
-      const auto gates = cell_gates_at(lanes, x, h, p, j, H);
-      const auto dc = lanes.load(dc_next + j) +
-                      input_grad(lanes.load(dz.data() + r * H + j), lanes.load(c + j) - lanes.load(p.mean_c + j),
-                                 lanes.load(bn_c.dz_coef.data() + j), lanes.load(bn_c.xc_coef.data() + j),
-                                 lanes.load(bn_c.const_coef.data() + j));
-      const auto g = lstm_cell_grads(gates, dc, lanes.load(cp + j));
-      lanes.store(g.da_i, da_row + j);
-      lanes.store(g.da_f, da_row + H + j);
-      lanes.store(g.da_g, da_row + 2 * H + j);
-      lanes.store(g.dc_prev, buf.out.data() + j);
-    });
-    write_row<scalar_t, acc_t>(buf.out.data(), grad_cx, r);
-    lane_loop<acc_t>(G, [&](int64_t k, auto lanes) {
-      const auto d = lanes.load(da_row + k);
-      lanes.store(lanes.load(sums + k) + d, sums + k);
-      lanes.store(lanes.load(sums + G + k) + d * (lanes.load(x + k) - lanes.load(p.mean_ih + k)), sums + G + k);
-      lanes.store(lanes.load(sums + 2 * G + k) + d * (lanes.load(h + k) - lanes.load(p.mean_hh + k)),
-                  sums + 2 * G + k);
-    });
-  });
-  const acc_t *sum_da = gate_sums.data(), *sum_da_xc = gate_sums.data() + G, *sum_da_hc = gate_sums.data() + 2 * G;
-  const ColumnBackward<acc_t> bn_ih(G, training, rstd_ih.const_data_ptr<acc_t>(), w_ih.const_data_ptr<acc_t>(),
-                                    sum_da, sum_da_xc, count);
-  const ColumnBackward<acc_t> bn_hh(G, training, rstd_hh.const_data_ptr<acc_t>(), w_hh.const_data_ptr<acc_t>(),
-                                    sum_da, sum_da_hc, count);
-
-  // Pass C: the gradients of both gate inputs.
-  for_each_row_buffered<acc_t>(N, G, [&](int64_t r, RowBuffers<acc_t>& buf) {
-    buf.grad.resize(G);
-    if (!row_is_valid(ok, r)) {
-      std::fill(buf.grad.begin(), buf.grad.end(), acc_t(0));
-      write_row<scalar_t, acc_t>(buf.grad.data(), grad_gx, r);
-      write_row<scalar_t, acc_t>(buf.grad.data(), grad_gh, r);
-      return;
-    }
-    const acc_t* da_row = da.data() + r * G;
-    auto gate_input_grad = [&](const Tensor& g, std::vector<acc_t>& in_buf, const acc_t* mean_p,
-                          const ColumnBackward<acc_t>& bn, const Tensor& out) {
-      const acc_t* in = row_as_acc<scalar_t, acc_t>(g, r, in_buf);
-      lane_loop<acc_t>(G, [&](int64_t k, auto lanes) {
-        lanes.store(input_grad(lanes.load(da_row + k), lanes.load(in + k) - lanes.load(mean_p + k),
-                               lanes.load(bn.dz_coef.data() + k), lanes.load(bn.xc_coef.data() + k),
-                               lanes.load(bn.const_coef.data() + k)),
-                    buf.grad.data() + k);
-      });
-      write_row<scalar_t, acc_t>(buf.grad.data(), out, r);
-    };
-    gate_input_grad(gx, buf.gx, p.mean_ih, bn_ih, grad_gx);
-    gate_input_grad(gh, buf.gh, p.mean_hh, bn_hh, grad_gh);
-  });
-
-  // Parameter gradients of this step, added to grad_params.
-  acc_t* gp = grad_params.mutable_data_ptr<acc_t>();
-  const acc_t *ri = rstd_ih.const_data_ptr<acc_t>(), *rh = rstd_hh.const_data_ptr<acc_t>(),
-              *rc = rstd_c.const_data_ptr<acc_t>();
+  const acc_t* mean = stats.const_data_ptr<acc_t>();
+  const acc_t* rstd = mean + 9 * H;
+  const Tensor w_ih = as_acc(bn_ih_weight, acc_type), w_hh = as_acc(bn_hh_weight, acc_type),
+               w_c = as_acc(bn_c_weight, acc_type);
+  const acc_t *wi = w_ih.const_data_ptr<acc_t>(), *wh = w_hh.const_data_ptr<acc_t>(), *wc = w_c.const_data_ptr<acc_t>();
+  const Tensor bias_acc = column_values<acc_t>(bias, G, 0.0, acc_options),
+               shift_c = column_values<acc_t>(bn_c_bias, H, 0.0, acc_options);
+  std::vector<acc_t> scale(9 * H);
   for (int64_t k = 0; k < G; ++k) {
-    gp[k] += sum_da[k];
-    gp[G + k] += sum_da_xc[k] * ri[k];
-    gp[2 * G + k] += sum_da_hc[k] * rh[k];
+    scale[k] = wi[k] * rstd[k];
+    scale[G + k] = wh[k] * rstd[G + k];
   }
-  for (int64_t j = 0; j < H; ++j) {
-    gp[3 * G + j] += sum_dz_xc[j] * rc[j];
-    gp[3 * G + H + j] += sum_dz[j];
-  }
+  for (int64_t j = 0; j < H; ++j) scale[2 * G + j] = wc[j] * rstd[2 * G + j];
+  const StepPointers<acc_t> p{mean,          scale.data(),     mean + G,     scale.data() + G,
+                              bias_acc.const_data_ptr<acc_t>(), mean + 2 * G, scale.data() + 2 * G,
+                              shift_c.const_data_ptr<acc_t>()};
+  const scalar_t *gx_d = gx.const_data_ptr<scalar_t>(), *gh_d = gh.const_data_ptr<scalar_t>(),
+                 *cx_d = cx.const_data_ptr<scalar_t>(), *cy_d = cy.const_data_ptr<scalar_t>(),
+                 *dh_d = grad_hy.const_data_ptr<scalar_t>(), *dc_d = grad_cy.const_data_ptr<scalar_t>();
+  scalar_t *dgx_d = grad_gx.mutable_data_ptr<scalar_t>(), *dgh_d = grad_gh.mutable_data_ptr<scalar_t>(),
+           *dcx_d = grad_cx.mutable_data_ptr<scalar_t>();
+  acc_t* gp = grad_params.mutable_data_ptr<acc_t>();
+
+  for_each_unit_block<acc_t>(N, H, [&](const BlockRuns& gate_runs, const BlockRuns& cell_runs) {
+    BlockBuffers<scalar_t, acc_t> buf(G, H);
+    std::vector<acc_t> dh_buf(buf.out.size()), dc_buf(buf.out.size());
+    const int64_t j0 = cell_runs.begin, B = cell_runs.length;
+    // Per row of the block: dz (B) and da (the four gate runs, 4B).
+    std::vector<acc_t> dz(N * B), da(N * 4 * B);
+
+    // dz and da_o from dh, with BN_c's column sums of dz and dz * (c - mean_c).
+    std::vector<acc_t> sum_dz(B, acc_t(0)), sum_dz_xc(B, acc_t(0));
+    for (int64_t r = 0; r < N; ++r) {
+      if (!row_is_valid(ok, r)) continue;
+      const acc_t* x = runs_as_acc(gx_d, G, r, gate_runs, buf.gx.data());
+      const acc_t* h = runs_as_acc(gh_d, G, r, gate_runs, buf.gh.data());
+      const acc_t* c = runs_as_acc(cy_d, H, r, cell_runs, buf.cell.data());
+      const acc_t* dh = runs_as_acc(dh_d, H, r, cell_runs, dh_buf.data());
+      lane_loop<acc_t>(B, [&](int64_t i, auto lanes) {
+        using Lane = decltype(lanes.load(c));
+        const int64_t j = j0 + i;
+        const Lane gate_o = sigmoid(pre_activation_at(lanes, x, h, p, 3 * H + j));
+        const Lane c_centred = lanes.load(c + j) - lanes.load(p.mean_c + j);
+        const Lane z = pre_activation(c_centred, lanes.load(p.scale_c + j), lanes.load(p.shift_c + j));
+        const auto g = lstm_output_grads(lanes.load(dh + j), gate_o, ElementMath<Lane>::tanh(z));
+        lanes.store(g.dz, dz.data() + r * B + i);
+        lanes.store(g.da_o, da.data() + (r * 4 + 3) * B + i);
+        lanes.store(lanes.load(sum_dz.data() + i) + g.dz, sum_dz.data() + i);
+        lanes.store(lanes.load(sum_dz_xc.data() + i) + g.dz * c_centred, sum_dz_xc.data() + i);
+      });
+    }
+    const ColumnBackward<acc_t> bn_c(B, training, rstd + 2 * G + j0, wc + j0, sum_dz.data(), sum_dz_xc.data(), count);
+
+    // dc, the cell's gate gradients and grad_cx, with the gate BNs' column
+    // sums of da, da * (gx - mean_ih) and da * (gh - mean_hh). An ended
+    // sequence's cell gradient passes through.
+    std::vector<acc_t> sum_da(4 * B, acc_t(0)), sum_da_xc(4 * B, acc_t(0)), sum_da_hc(4 * B, acc_t(0));
+    for (int64_t r = 0; r < N; ++r) {
+      const acc_t* dc_next = runs_as_acc(dc_d, H, r, cell_runs, dc_buf.data());
+      acc_t* dc_prev = runs_target(dcx_d, H, r, buf.out.data());
+      if (!row_is_valid(ok, r)) {
+        std::copy(dc_next + j0, dc_next + j0 + B, dc_prev + j0);
+        runs_write_back(buf.out.data(), dcx_d, H, r, cell_runs);
+        continue;
+      }
+      const acc_t* x = runs_as_acc(gx_d, G, r, gate_runs, buf.gx.data());
+      const acc_t* h = runs_as_acc(gh_d, G, r, gate_runs, buf.gh.data());
+      const acc_t* c = runs_as_acc(cy_d, H, r, cell_runs, buf.cell.data());
+      const acc_t* cp = runs_as_acc(cx_d, H, r, cell_runs, buf.cell_prev.data());
+      acc_t* da_row = da.data() + r * 4 * B;
+      lane_loop<acc_t>(B, [&](int64_t i, auto lanes) {
+        const int64_t j = j0 + i;
+        const auto gates = cell_gates_at(lanes, x, h, p, j, H);
+        const auto dc = lanes.load(dc_next + j) +
+                        input_grad(lanes.load(dz.data() + r * B + i), lanes.load(c + j) - lanes.load(p.mean_c + j),
+                                   lanes.load(bn_c.dz_coef.data() + i), lanes.load(bn_c.xc_coef.data() + i),
+                                   lanes.load(bn_c.const_coef.data() + i));
+        const auto g = lstm_cell_grads(gates, dc, lanes.load(cp + j));
+        lanes.store(g.da_i, da_row + i);
+        lanes.store(g.da_f, da_row + B + i);
+        lanes.store(g.da_g, da_row + 2 * B + i);
+        lanes.store(g.dc_prev, dc_prev + j);
+      });
+      runs_write_back(buf.out.data(), dcx_d, H, r, cell_runs);
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t col = q * H + j0;
+        lane_loop<acc_t>(B, [&](int64_t i, auto lanes) {
+          const auto d = lanes.load(da_row + q * B + i);
+          const int64_t s = q * B + i;
+          lanes.store(lanes.load(sum_da.data() + s) + d, sum_da.data() + s);
+          lanes.store(lanes.load(sum_da_xc.data() + s) + d * (lanes.load(x + col + i) - lanes.load(p.mean_ih + col + i)),
+                      sum_da_xc.data() + s);
+          lanes.store(lanes.load(sum_da_hc.data() + s) + d * (lanes.load(h + col + i) - lanes.load(p.mean_hh + col + i)),
+                      sum_da_hc.data() + s);
+        });
+      }
+    }
+    // The gate BNs' backward coefficients, per gate run of the block.
+    std::vector<ColumnBackward<acc_t>> bn_ih, bn_hh;
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t col = q * H + j0, s = q * B;
+      bn_ih.emplace_back(B, training, rstd + col, wi + col, sum_da.data() + s, sum_da_xc.data() + s, count);
+      bn_hh.emplace_back(B, training, rstd + G + col, wh + col, sum_da.data() + s, sum_da_hc.data() + s, count);
+    }
+
+    // The gradients of both gate inputs; 0 for ended rows.
+    for (int64_t r = 0; r < N; ++r) {
+      const bool row_ok = row_is_valid(ok, r);
+      const acc_t* x = row_ok ? runs_as_acc(gx_d, G, r, gate_runs, buf.gx.data()) : nullptr;
+      const acc_t* h = row_ok ? runs_as_acc(gh_d, G, r, gate_runs, buf.gh.data()) : nullptr;
+      const acc_t* da_row = da.data() + r * 4 * B;
+      for (const auto& [in, mean_p, bn, out_d] :
+           {std::make_tuple(x, p.mean_ih, &bn_ih, dgx_d), std::make_tuple(h, p.mean_hh, &bn_hh, dgh_d)}) {
+        acc_t* grad = runs_target(out_d, G, r, buf.grad.data());
+        for (int64_t q = 0; q < 4; ++q) {
+          const int64_t col = q * H + j0;
+          if (!row_ok) {
+            std::fill(grad + col, grad + col + B, acc_t(0));
+            continue;
+          }
+          const ColumnBackward<acc_t>& k = (*bn)[q];
+          lane_loop<acc_t>(B, [&](int64_t i, auto lanes) {
+            lanes.store(input_grad(lanes.load(da_row + q * B + i), lanes.load(in + col + i) - lanes.load(mean_p + col + i),
+                                   lanes.load(k.dz_coef.data() + i), lanes.load(k.xc_coef.data() + i),
+                                   lanes.load(k.const_coef.data() + i)),
+                        grad + col + i);
+          });
+        }
+        runs_write_back(buf.grad.data(), out_d, G, r, gate_runs);
+      }
+    }
+
+    // Parameter gradients of the block's columns, added to grad_params.
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t i = 0; i < B; ++i) {
+        const int64_t s = q * B + i, col = q * H + j0 + i;
+        gp[col] += sum_da[s];
+        gp[G + col] += sum_da_xc[s] * rstd[col];
+        gp[2 * G + col] += sum_da_hc[s] * rstd[G + col];
+      }
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      gp[3 * G + j0 + i] += sum_dz_xc[i] * rstd[2 * G + j0 + i];
+      gp[3 * G + H + j0 + i] += sum_dz[i];
+    }
+  });
 }
 
 void bn_lstm_step_backward_cpu(const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input_gates,
