@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <array>
-#include <numeric>
 #include <vector>
 
 #include "common/batch_norm_math.h"
@@ -93,8 +92,8 @@ void backward_channel_passes(const BackwardPlan& p, const ChannelCoefs<acc_t>& c
           for_each_channel_segment([&](int64_t off, int64_t len) {
             backward_sums<false, scalar_t, acc_t>(d.at(off), len, fc, slope, s, lanes_dz.data(), lanes_dz_xc.data());
           });
-          sum_dz = std::accumulate(lanes_dz.begin(), lanes_dz.end(), acc_t(0));
-          sum_dz_xc = std::accumulate(lanes_dz_xc.begin(), lanes_dz_xc.end(), acc_t(0));
+          sum_dz = lane_sum(lanes_dz);
+          sum_dz_xc = lane_sum(lanes_dz_xc);
         }
         const BackwardCoefficients<acc_t> k = channel(c, sum_dz, sum_dz_xc);
         if (want_elementwise) {

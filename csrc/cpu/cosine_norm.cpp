@@ -274,10 +274,6 @@ void grad_segment(const acc_t* dy, const acc_t* y, acc_t* gd, int64_t n, const L
   lanes_gd = lanes_gd + Vec::set(Vec(0), Vec(tail_gd), 1);
 }
 
-template <typename acc_t>
-acc_t lane_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
-}
 
 // A whole line: staged, segment by segment.
 template <bool kRwAlong, typename scalar_t, typename acc_t>

@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <array>
-#include <numeric>
 #include <vector>
 
 #include "common/sample_norm_plan.h"
@@ -203,8 +202,8 @@ void group_norm_backward(GroupNormBackwardPlan& p, double negative_slope) {
             backward_sums<false, scalar_t, acc_t>(d.at(plane + s0), len, fc, slope, s, lanes_dz.data(),
                                                   lanes_dz_xc.data(), keep_dz ? &dz[k * S + s0] : nullptr);
           });
-          sum_dz[n * C + c] = std::accumulate(lanes_dz.begin(), lanes_dz.end(), acc_t(0));
-          sum_dz_xc[n * C + c] = std::accumulate(lanes_dz_xc.begin(), lanes_dz_xc.end(), acc_t(0));
+          sum_dz[n * C + c] = lane_sum(lanes_dz);
+          sum_dz_xc[n * C + c] = lane_sum(lanes_dz_xc);
         }
         if (!want_dx) continue;
         const auto k = group_coefficients(n, gi);

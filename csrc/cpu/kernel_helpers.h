@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -109,7 +110,7 @@ Vectorized<acc_t> vector_exp_neg(Vectorized<acc_t> z) {
 }
 
 template <typename acc_t>
-Vectorized<acc_t> vector_activation(Activation act, Vectorized<acc_t> z, acc_t slope) {
+C10_ALWAYS_INLINE Vectorized<acc_t> vector_activation(Activation act, Vectorized<acc_t> z, acc_t slope) {
   using Vec = Vectorized<acc_t>;
   switch (act) {
     case Activation::ReLU:  // NaN passes through, as in torch.relu
@@ -124,7 +125,7 @@ Vectorized<acc_t> vector_activation(Activation act, Vectorized<acc_t> z, acc_t s
 }
 
 template <typename acc_t>
-Vectorized<acc_t> vector_activation_derivative(Activation act, Vectorized<acc_t> z, acc_t slope) {
+C10_ALWAYS_INLINE Vectorized<acc_t> vector_activation_derivative(Activation act, Vectorized<acc_t> z, acc_t slope) {
   using Vec = Vectorized<acc_t>;
   switch (act) {
     case Activation::ReLU:
@@ -137,6 +138,29 @@ Vectorized<acc_t> vector_activation_derivative(Activation act, Vectorized<acc_t>
     }
     default:
       return Vec(1);
+  }
+}
+
+// fn(std::integral_constant<Activation, act>{}): the element loops below run
+// with the activation as a compile-time constant, so its switch folds and its
+// vector code inlines. With the activation read at run time GCC kept
+// vector_activation_derivative an out-of-line call per vector (arguments
+// spilled to the stack), which made the backward of (8, 2048, 4, 4)
+// planes 2.3x slower than torch's batch_norm_backward + threshold_backward.
+// The backward's segment functions below are always inlined for the same
+// reason: on 4x4 planes a call per plane and pass (registers saved and
+// restored around two vectors of work) took a quarter of the op's time.
+template <typename Fn>
+C10_ALWAYS_INLINE void with_constant_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::ReLU:
+      return fn(std::integral_constant<Activation, Activation::ReLU>{});
+    case Activation::LeakyReLU:
+      return fn(std::integral_constant<Activation, Activation::LeakyReLU>{});
+    case Activation::SiLU:
+      return fn(std::integral_constant<Activation, Activation::SiLU>{});
+    default:
+      return fn(std::integral_constant<Activation, Activation::None>{});
   }
 }
 
@@ -174,23 +198,26 @@ template <bool kPerElement, typename acc_t>
 void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t n,
                        const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
   using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec z = (Vec::loadu(x + i) - c.mean.vec(i)) * c.scale.vec(i) + c.shift.vec(i);
-    if (residual) z = z + Vec::loadu(residual + i);
-    vector_activation(act, z, slope).store(y + i);
-  }
-  for (; i < n; ++i) {
-    acc_t z = pre_activation(x[i] - c.mean.at(i), c.scale.at(i), c.shift.at(i));
-    if (residual) z += residual[i];
-    y[i] = activation_forward(act, z, slope);
-  }
+  with_constant_activation(act, [&](auto constant_act) {
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec z = (Vec::loadu(x + i) - c.mean.vec(i)) * c.scale.vec(i) + c.shift.vec(i);
+      if (residual) z = z + Vec::loadu(residual + i);
+      vector_activation(constant_act(), z, slope).store(y + i);
+    }
+    for (; i < n; ++i) {
+      acc_t z = pre_activation(x[i] - c.mean.at(i), c.scale.at(i), c.shift.at(i));
+      if (residual) z += residual[i];
+      y[i] = activation_forward(constant_act(), z, slope);
+    }
+  });
 }
 
 // dz = dy * act'(z) at element i, with z recomputed from xc = x - mean.
 template <bool kPerElement, typename acc_t>
-Vectorized<acc_t> vector_grad_z(Vectorized<acc_t> xc, Vectorized<acc_t> dy, const acc_t* residual, int64_t i,
-                                const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
+C10_ALWAYS_INLINE Vectorized<acc_t> vector_grad_z(Vectorized<acc_t> xc, Vectorized<acc_t> dy, const acc_t* residual,
+                                                  int64_t i, const ForwardCoefs<kPerElement, acc_t>& c,
+                                                  Activation act, acc_t slope) {
   if (act == Activation::None) return dy;
   auto z = xc * c.scale.vec(i) + c.shift.vec(i);
   if (residual) z = z + Vectorized<acc_t>::loadu(residual + i);
@@ -212,35 +239,37 @@ acc_t grad_z(acc_t xc, acc_t dy, const acc_t* residual, int64_t i, const Forward
 // arrays of Vec::size(), which the caller sums once per channel, so short
 // planes pay no horizontal reduction each).
 template <bool kPerElement, typename acc_t>
-void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, int64_t n,
-                       const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope, acc_t* sum_dz,
-                       acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
+C10_ALWAYS_INLINE void grad_sums_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, int64_t n,
+                                         const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope,
+                                         acc_t* sum_dz, acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
   using Vec = Vectorized<acc_t>;
-  Vec lanes_dz(0), lanes_dz_xc(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
-    const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
-    if (dz_out) dz.store(dz_out + i);
-    if constexpr (kPerElement) {
-      (Vec::loadu(sum_dz + i) + dz).store(sum_dz + i);
-      at::vec::fmadd(dz, xc, Vec::loadu(sum_dz_xc + i)).store(sum_dz_xc + i);
-    } else {
-      lanes_dz = lanes_dz + dz;
-      lanes_dz_xc = at::vec::fmadd(dz, xc, lanes_dz_xc);
+  with_constant_activation(act, [&](auto constant_act) {
+    Vec lanes_dz(0), lanes_dz_xc(0);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
+      const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, constant_act(), slope);
+      if (dz_out) dz.store(dz_out + i);
+      if constexpr (kPerElement) {
+        (Vec::loadu(sum_dz + i) + dz).store(sum_dz + i);
+        at::vec::fmadd(dz, xc, Vec::loadu(sum_dz_xc + i)).store(sum_dz_xc + i);
+      } else {
+        lanes_dz = lanes_dz + dz;
+        lanes_dz_xc = at::vec::fmadd(dz, xc, lanes_dz_xc);
+      }
     }
-  }
-  if constexpr (!kPerElement) {
-    (Vec::loadu(sum_dz) + lanes_dz).store(sum_dz);
-    (Vec::loadu(sum_dz_xc) + lanes_dz_xc).store(sum_dz_xc);
-  }
-  for (; i < n; ++i) {
-    const acc_t xc = x[i] - c.mean.at(i);
-    const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
-    if (dz_out) dz_out[i] = dz;
-    sum_dz[kPerElement ? i : 0] += dz;
-    sum_dz_xc[kPerElement ? i : 0] += dz * xc;
-  }
+    if constexpr (!kPerElement) {
+      (Vec::loadu(sum_dz) + lanes_dz).store(sum_dz);
+      (Vec::loadu(sum_dz_xc) + lanes_dz_xc).store(sum_dz_xc);
+    }
+    for (; i < n; ++i) {
+      const acc_t xc = x[i] - c.mean.at(i);
+      const acc_t dz = grad_z(xc, dy[i], residual, i, c, constant_act(), slope);
+      if (dz_out) dz_out[i] = dz;
+      sum_dz[kPerElement ? i : 0] += dz;
+      sum_dz_xc[kPerElement ? i : 0] += dz * xc;
+    }
+  });
 }
 
 template <bool kPerElement, typename acc_t>
@@ -251,23 +280,41 @@ struct GradCoefs {
 // grad_input = dz * dz_coef + (x - mean) * xc_coef + const_coef and/or
 // grad_residual = dz (either output may be null).
 template <bool kPerElement, typename acc_t>
-void grad_elementwise_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, acc_t* dx, acc_t* dres,
-                              int64_t n, const ForwardCoefs<kPerElement, acc_t>& c,
-                              const GradCoefs<kPerElement, acc_t>& k, Activation act, acc_t slope) {
+C10_ALWAYS_INLINE void grad_elementwise_segment(const acc_t* x, const acc_t* dy, const acc_t* residual, acc_t* dx,
+                                                acc_t* dres, int64_t n, const ForwardCoefs<kPerElement, acc_t>& c,
+                                                const GradCoefs<kPerElement, acc_t>& k, Activation act, acc_t slope) {
   using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
-    const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, act, slope);
-    if (dx) at::vec::fmadd(xc, k.xc_coef.vec(i), at::vec::fmadd(dz, k.dz_coef.vec(i), k.const_coef.vec(i))).store(dx + i);
-    if (dres) dz.store(dres + i);
-  }
-  for (; i < n; ++i) {
-    const acc_t xc = x[i] - c.mean.at(i);
-    const acc_t dz = grad_z(xc, dy[i], residual, i, c, act, slope);
-    if (dx) dx[i] = dz * k.dz_coef.at(i) + xc * k.xc_coef.at(i) + k.const_coef.at(i);
-    if (dres) dres[i] = dz;
-  }
+  with_constant_activation(act, [&](auto constant_act) {
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
+      const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, constant_act(), slope);
+      if (dx) {
+        at::vec::fmadd(xc, k.xc_coef.vec(i), at::vec::fmadd(dz, k.dz_coef.vec(i), k.const_coef.vec(i))).store(dx + i);
+      }
+      if (dres) dz.store(dres + i);
+    }
+    for (; i < n; ++i) {
+      const acc_t xc = x[i] - c.mean.at(i);
+      const acc_t dz = grad_z(xc, dy[i], residual, i, c, constant_act(), slope);
+      if (dx) dx[i] = dz * k.dz_coef.at(i) + xc * k.xc_coef.at(i) + k.const_coef.at(i);
+      if (dres) dres[i] = dz;
+    }
+  });
+}
+
+// The sum of a vector's lanes, as a tree of vector adds: summing per-lane
+// accumulators with a serial chain of scalar adds cost about 20 ns a
+// channel, a third of the BatchNorm backward's time on (N, C, 4, 4) input.
+template <typename acc_t>
+acc_t lane_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+template <typename acc_t, size_t kLanes>
+acc_t lane_sum(const std::array<acc_t, kLanes>& lanes) {
+  static_assert(kLanes == Vectorized<acc_t>::size());
+  return lane_sum(Vectorized<acc_t>::loadu(lanes.data()));
 }
 
 // sum over i < n of term(i), vector_term(i) giving the terms i .. i + V - 1:
@@ -545,8 +592,9 @@ void normalize_range(const ForwardData<scalar_t>& d, int64_t len, const ForwardC
 // The backward's two passes over one segment of len elements at d, with
 // float16/bfloat16 data staged through scratch buffers.
 template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_sums(const BackwardData<scalar_t>& d, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
-                   acc_t slope, Scratch<acc_t>& s, acc_t* sum_dz, acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
+C10_ALWAYS_INLINE void backward_sums(const BackwardData<scalar_t>& d, int64_t len,
+                                     const ForwardCoefs<kPerElement, acc_t>& fc, acc_t slope, Scratch<acc_t>& s,
+                                     acc_t* sum_dz, acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
   grad_sums_segment<kPerElement, acc_t>(
       read_as_acc(d.x, len, s.x.data()), read_as_acc(d.dy, len, s.dy.data()),
       d.residual ? read_as_acc(d.residual, len, s.residual.data()) : nullptr, len, fc, d.activation, slope, sum_dz,
@@ -554,8 +602,9 @@ void backward_sums(const BackwardData<scalar_t>& d, int64_t len, const ForwardCo
 }
 
 template <bool kPerElement, typename scalar_t, typename acc_t>
-void backward_elementwise(const BackwardData<scalar_t>& d, int64_t len, const ForwardCoefs<kPerElement, acc_t>& fc,
-                          const GradCoefs<kPerElement, acc_t>& k, acc_t slope, Scratch<acc_t>& s) {
+C10_ALWAYS_INLINE void backward_elementwise(const BackwardData<scalar_t>& d, int64_t len,
+                                            const ForwardCoefs<kPerElement, acc_t>& fc,
+                                            const GradCoefs<kPerElement, acc_t>& k, acc_t slope, Scratch<acc_t>& s) {
   acc_t* dx_acc = d.dx ? write_target(d.dx, s.out.data()) : nullptr;
   acc_t* dres_acc = d.dres ? write_target(d.dres, s.out2.data()) : nullptr;
   grad_elementwise_segment<kPerElement, acc_t>(
