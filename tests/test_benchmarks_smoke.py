@@ -14,6 +14,7 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -206,6 +207,26 @@ def test_profile_conv_bn(tmp_path):
     # Only the fused model runs torchnorm's op.
     assert "| `torchnorm::conv_bn_frozen` | 0 | 0 | 53 |" in md
     bad = subprocess.run([sys.executable, "-m", "benchmarks.profile_conv_bn", "--device", "cpu", "--modes", "fast"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--modes: unknown ['fast']" in bad.stderr
+
+
+def test_compiled_conv_bn():
+    """The compiled-step comparison runs both modes through torch.compile
+    (the aot_eager backend, to keep it short) and prints a ratio per mode;
+    an unknown mode is refused."""
+    pytest.importorskip("torchnorm._C")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compiled_conv_bn", "--device", "cpu", "--batch", "2", "--size", "32",
+         "--rounds", "2", "--backend", "aot_eager"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ratios = re.findall(r"^(batch statistics|frozen BN): compiled unfused [0-9.]+ ms, compiled fused [0-9.]+ ms, "
+                        r"fused / unfused ([0-9.]+)x", proc.stdout, flags=re.M)
+    assert [mode for mode, _ in ratios] == ["batch statistics", "frozen BN"], proc.stdout
+    assert all(0 < float(r) < 100 for _, r in ratios), ratios
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_conv_bn", "--modes", "fast"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--modes: unknown ['fast']" in bad.stderr
 
