@@ -193,8 +193,10 @@ LineScales<true, acc_t> rowwise_line(const acc_t* rw, const acc_t* rx, const Cos
 template <bool kRwAlong, typename acc_t>
 void scale_segment(const acc_t* in, acc_t* out, int64_t n, const LineScales<kRwAlong, acc_t>& s) {
   using Vec = Vectorized<acc_t>;
+  const auto rw = s.rw.vectors();
+  const auto rx = s.rx.vectors();
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) cosine_scale(Vec::loadu(in + i), s.rw.vec(i), s.rx.vec(i)).store(out + i);
+  for (; i + Vec::size() <= n; i += Vec::size()) cosine_scale(Vec::loadu(in + i), rw.at(i), rx.at(i)).store(out + i);
   for (; i < n; ++i) out[i] = cosine_scale(in[i], s.rw.at(i), s.rx.at(i));
 }
 
@@ -251,9 +253,11 @@ template <bool kRwAlong, typename acc_t>
 void grad_segment(const acc_t* dy, const acc_t* y, acc_t* gd, int64_t n, const LineScales<kRwAlong, acc_t>& s,
                   acc_t* along_gy, acc_t* along_gd, Vectorized<acc_t>& lanes_gy, Vectorized<acc_t>& lanes_gd) {
   using Vec = Vectorized<acc_t>;
+  const auto rw = s.rw.vectors();
+  const auto rx = s.rx.vectors();
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = Vec::loadu(dy + i), gy = d * Vec::loadu(y + i), scaled = cosine_scale(d, s.rw.vec(i), s.rx.vec(i));
+    const Vec d = Vec::loadu(dy + i), gy = d * Vec::loadu(y + i), scaled = cosine_scale(d, rw.at(i), rx.at(i));
     scaled.store(gd + i);
     (Vec::loadu(along_gy + i) + gy).store(along_gy + i);
     if (along_gd) (Vec::loadu(along_gd + i) + scaled).store(along_gd + i);
@@ -362,9 +366,10 @@ void subtract_scaled(scalar_t* a, const scalar_t* b, Coef<kPerElement, acc_t> co
     const acc_t* bv = read_as_acc(b + off, n, s.dy.data());
     acc_t* out = write_target(a + off, s.out.data());
     const Coef<kPerElement, acc_t> c{coef.p + (kPerElement ? off : 0)};
+    const auto c_vec = c.vectors();
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      (Vec::loadu(av + i) - Vec::loadu(bv + i) * c.vec(i)).store(out + i);
+      (Vec::loadu(av + i) - Vec::loadu(bv + i) * c_vec.at(i)).store(out + i);
     }
     for (; i < n; ++i) out[i] = av[i] - bv[i] * c.at(i);
     write_back(out, a + off, n);

@@ -171,13 +171,6 @@ C10_ALWAYS_INLINE void with_constant_activation(Activation act, const Fn& fn) {
 template <bool kPerElement, typename acc_t>
 struct Coef {
   const acc_t* p;
-  Vectorized<acc_t> vec(int64_t i) const {
-    if constexpr (kPerElement) {
-      return Vectorized<acc_t>::loadu(p + i);
-    } else {
-      return Vectorized<acc_t>(p[0]);
-    }
-  }
   acc_t at(int64_t i) const {
     if constexpr (kPerElement) {
       return p[i];
@@ -185,7 +178,33 @@ struct Coef {
       return p[0];
     }
   }
+  // The coefficient as a vector loop reads it, made before the loop:
+  // vectors().at(i). For a whole-segment value that is one broadcast, where
+  // vec(i) in the loop broadcasts again for every vector (the compiler cannot
+  // hoist the load past the loop's stores, which might alias p).
+  auto vectors() const;
 };
+
+template <bool kPerElement, typename acc_t>
+struct CoefVectors {  // per element: loads at i
+  const acc_t* p;
+  Vectorized<acc_t> at(int64_t i) const { return Vectorized<acc_t>::loadu(p + i); }
+};
+
+template <typename acc_t>
+struct CoefVectors<false, acc_t> {  // whole segment: one broadcast value
+  Vectorized<acc_t> v;
+  Vectorized<acc_t> at(int64_t) const { return v; }
+};
+
+template <bool kPerElement, typename acc_t>
+auto Coef<kPerElement, acc_t>::vectors() const {
+  if constexpr (kPerElement) {
+    return CoefVectors<true, acc_t>{p};
+  } else {
+    return CoefVectors<false, acc_t>{Vectorized<acc_t>(p[0])};
+  }
+}
 
 // Per-element coefficients of a forward segment.
 template <bool kPerElement, typename acc_t>
@@ -198,10 +217,11 @@ template <bool kPerElement, typename acc_t>
 void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t n,
                        const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope) {
   using Vec = Vectorized<acc_t>;
+  const auto mean = c.mean.vectors(), scale = c.scale.vectors(), shift = c.shift.vectors();
   with_constant_activation(act, [&](auto constant_act) {
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec z = (Vec::loadu(x + i) - c.mean.vec(i)) * c.scale.vec(i) + c.shift.vec(i);
+      Vec z = (Vec::loadu(x + i) - mean.at(i)) * scale.at(i) + shift.at(i);
       if (residual) z = z + Vec::loadu(residual + i);
       vector_activation(constant_act(), z, slope).store(y + i);
     }
@@ -214,12 +234,13 @@ void normalize_segment(const acc_t* x, const acc_t* residual, acc_t* y, int64_t 
 }
 
 // dz = dy * act'(z) at element i, with z recomputed from xc = x - mean.
-template <bool kPerElement, typename acc_t>
+// scale, shift: the forward coefficients' vectors() (CoefVectors).
+template <typename acc_t, typename CoefVec>
 C10_ALWAYS_INLINE Vectorized<acc_t> vector_grad_z(Vectorized<acc_t> xc, Vectorized<acc_t> dy, const acc_t* residual,
-                                                  int64_t i, const ForwardCoefs<kPerElement, acc_t>& c,
+                                                  int64_t i, const CoefVec& scale, const CoefVec& shift,
                                                   Activation act, acc_t slope) {
   if (act == Activation::None) return dy;
-  auto z = xc * c.scale.vec(i) + c.shift.vec(i);
+  auto z = xc * scale.at(i) + shift.at(i);
   if (residual) z = z + Vectorized<acc_t>::loadu(residual + i);
   return dy * vector_activation_derivative(act, z, slope);
 }
@@ -243,12 +264,13 @@ C10_ALWAYS_INLINE void grad_sums_segment(const acc_t* x, const acc_t* dy, const 
                                          const ForwardCoefs<kPerElement, acc_t>& c, Activation act, acc_t slope,
                                          acc_t* sum_dz, acc_t* sum_dz_xc, acc_t* dz_out = nullptr) {
   using Vec = Vectorized<acc_t>;
+  const auto mean = c.mean.vectors(), scale = c.scale.vectors(), shift = c.shift.vectors();
   with_constant_activation(act, [&](auto constant_act) {
     Vec lanes_dz(0), lanes_dz_xc(0);
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
-      const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, constant_act(), slope);
+      const Vec xc = Vec::loadu(x + i) - mean.at(i);
+      const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, scale, shift, constant_act(), slope);
       if (dz_out) dz.store(dz_out + i);
       if constexpr (kPerElement) {
         (Vec::loadu(sum_dz + i) + dz).store(sum_dz + i);
@@ -284,14 +306,14 @@ C10_ALWAYS_INLINE void grad_elementwise_segment(const acc_t* x, const acc_t* dy,
                                                 acc_t* dres, int64_t n, const ForwardCoefs<kPerElement, acc_t>& c,
                                                 const GradCoefs<kPerElement, acc_t>& k, Activation act, acc_t slope) {
   using Vec = Vectorized<acc_t>;
+  const auto mean = c.mean.vectors(), scale = c.scale.vectors(), shift = c.shift.vectors();
+  const auto dz_coef = k.dz_coef.vectors(), xc_coef = k.xc_coef.vectors(), const_coef = k.const_coef.vectors();
   with_constant_activation(act, [&](auto constant_act) {
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec xc = Vec::loadu(x + i) - c.mean.vec(i);
-      const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, c, constant_act(), slope);
-      if (dx) {
-        at::vec::fmadd(xc, k.xc_coef.vec(i), at::vec::fmadd(dz, k.dz_coef.vec(i), k.const_coef.vec(i))).store(dx + i);
-      }
+      const Vec xc = Vec::loadu(x + i) - mean.at(i);
+      const Vec dz = vector_grad_z(xc, Vec::loadu(dy + i), residual, i, scale, shift, constant_act(), slope);
+      if (dx) at::vec::fmadd(xc, xc_coef.at(i), at::vec::fmadd(dz, dz_coef.at(i), const_coef.at(i))).store(dx + i);
       if (dres) dz.store(dres + i);
     }
     for (; i < n; ++i) {
