@@ -2,7 +2,8 @@
 against ``torchnorm.convert`` + fusion, and against ``torch.compile`` of the
 original, in the same run; time and peak memory of a step.
 
-``python -m benchmarks.models [--device cpu|cuda] [--quick] [--out results.md]``
+``python -m benchmarks.models [--device cpu|cuda] [--quick] [--out results.md]
+[--models llama,unet] [--no-compile]``
 (also run by ``python -m benchmarks`` as the suite ``models``). Writes a
 markdown report and a CSV of the same rows beside it. The client libraries
 are optional: a model whose library is missing is reported as skipped.
@@ -44,6 +45,13 @@ Variants, each its own copy of one initialization:
   take a depthwise conv's output (no residual add) and feed a Linear (no
   activation), so its convert+fuse is its convert (``fuse_norms_in`` finds
   nothing);
+- ``without norms`` (only the models with a speed goal, Llama and the UNet):
+  the original with every normalization module, and on the UNet every SiLU
+  module too, replaced by ``torch.nn.Identity``. It computes something else
+  and is timed only for its step time: original / without norms is the
+  ceiling of any norm implementation and fusion of them (the reported
+  "ceiling"), since even free norms and activations leave the rest of the
+  step (on these models the matrix products and convolutions) as it is;
 - ``compiled``: ``torch.compile(original)`` (inductor). Its first step
   compiles and is not timed; its seconds are logged and in the CSV
   (``compile_s``). Where compiling fails the row says ``compile failed:
@@ -85,10 +93,14 @@ from . import harness
 from .conv_bn import iqr, ratio_suite_main, timed_rounds
 from .harness import release_memory
 
-VARIANTS = ("original", "convert", "convert+fuse", "compiled")
+VARIANTS = ("original", "convert", "convert+fuse", "compiled", "without norms")
 TORCHNORM_VARIANTS = ("convert", "convert+fuse")  # the ones the goals are about
+MEMORY_VARIANTS = ("original", "convert", "convert+fuse", "compiled")
 GOAL_SPEEDUP = {"llama": 1.05, "unet": 1.05}  # at least this speed vs the original
 FLOOR_SPEEDUP = 0.98  # and never below this
+# The modules "without norms" replaces by Identity besides the norms: the
+# activations convert+fuse fuses into them (only the UNet's fusion takes one).
+STRIPPED_ACTIVATIONS = {"unet": (torch.nn.SiLU,)}
 SKIPPED = "skipped"
 
 
@@ -164,15 +176,36 @@ def fuse(name: str, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    """torch.nn's norms, and the libraries' own by class name (LlamaRMSNorm,
+    T5LayerNorm, LayerNorm2d, ...)."""
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.RMSNorm)
+    return isinstance(module, norms) or type(module).__name__.endswith(("RMSNorm", "LayerNorm", "LayerNorm2d"))
+
+
+def without_norms(model: torch.nn.Module, activations: tuple = ()) -> torch.nn.Module:
+    """``model`` (in place) with every norm module, and every module of the
+    classes in ``activations``, replaced by ``torch.nn.Identity``: the step
+    that free norms would leave, for the ceiling column."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if _is_norm(child) or isinstance(child, activations):
+                setattr(parent, child_name, torch.nn.Identity())
+    return model
+
+
 def variants(name: str, model: torch.nn.Module, compile_backend: Optional[str]) -> Dict[str, torch.nn.Module]:
     """The variants of one model (deep copies of one initialization); no
-    ``compiled`` when ``compile_backend`` is None."""
+    ``compiled`` when ``compile_backend`` is None; ``without norms`` only for
+    the models with a speed goal."""
     import torchnorm
 
     out = {"original": copy.deepcopy(model), "convert": torchnorm.convert(copy.deepcopy(model)),
            "convert+fuse": fuse(name, torchnorm.convert(copy.deepcopy(model)))}
     if compile_backend is not None:
         out["compiled"] = torch.compile(copy.deepcopy(model), backend=compile_backend)
+    if name in GOAL_SPEEDUP:
+        out["without norms"] = without_norms(copy.deepcopy(model), STRIPPED_ACTIVATIONS.get(name, ()))
     return out
 
 
@@ -231,7 +264,8 @@ def _time_model(name: str, device: str, quick: bool, warmup: int, reps: int, com
     harness.log(f"models {name} ({config}, {device}): timing {reps} training steps each, {', '.join(calls)} in turn")
     rounds = timed_rounds(calls, device, warmup, reps)
     ms = {v: statistics.median(t) * 1e3 for v, t in rounds.items()}
-    peaks = {v: harness.step_peak_mib(fn, device) for v, fn in calls.items()}
+    # "without norms" is timed for the ceiling only: its memory says nothing.
+    peaks = {v: harness.step_peak_mib(fn, device) for v, fn in calls.items() if v != "without norms"}
     for v in VARIANTS:
         row[f"{v}_ms"] = f"{ms[v]:.4g}" if v in ms else ""
         row[f"{v}_iqr_ms"] = f"{iqr(rounds[v]) * 1e3:.3g}" if v in ms else ""
@@ -264,19 +298,19 @@ def goal_verdict(name: str, speedup: float, variant: str = "convert+fuse") -> st
     return f"{'met' if speedup >= goal else 'NOT met'} (goal >= {goal:.2f}x)"
 
 
-def run(device: str, quick: bool, out_md: str, compile_backend: Optional[str] = "default"
-        ) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """Time every model on ``device``, write the report; return ``(rows,
-    failures)``. ``compile_backend``: torch.compile's backend for the
-    ``compiled`` variant ("default": inductor, or none under ``quick``),
-    None for no compiled variant."""
+def run(device: str, quick: bool, out_md: str, compile_backend: Optional[str] = "default",
+        names: Optional[List[str]] = None) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """Time the models (``names``, default every one of MODELS) on ``device``,
+    write the report; return ``(rows, failures)``. ``compile_backend``:
+    torch.compile's backend for the ``compiled`` variant ("default": inductor,
+    or none under ``quick``), None for no compiled variant."""
     if compile_backend == "default":
         compile_backend = None if quick else "inductor"
     # On the CPU a Llama or UNet step takes seconds: 7 rounds after one
     # warm-up keep the suite near half an hour.
     warmup, reps = (1, 2) if quick else ((3, 15) if device == "cuda" else (1, 7))
     failures, rows = [], []
-    for name in MODELS:
+    for name in names or MODELS:
         rows.append(_time_model(name, device, quick, warmup, reps, compile_backend, failures))
         release_memory(device, compiled=compile_backend is not None)
     write(rows, out_md, quick, device)
@@ -310,15 +344,24 @@ def write(rows: List[dict], out_md: str, quick: bool = False, device: str = "cpu
              "nothing), integrations.transformers.apply (llama), integrations.diffusers.apply (unet) or "
              "fx.fuse_conv_bn (resnet50); compiled = torch.compile(original), its compile not timed. Goals: "
              f"convert+fuse >= {GOAL_SPEEDUP['llama']:.2f}x on llama and unet, convert and convert+fuse "
-             f">= {FLOOR_SPEEDUP:.2f}x everywhere.", "",
-             "| model | config | original ms | convert ms | convert+fuse ms | compiled ms | convert speed "
-             "| convert+fuse speed | convert+fuse vs compiled |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f">= {FLOOR_SPEEDUP:.2f}x everywhere. Ceiling (models with a speed goal): the original's time over "
+             "its time without norms (every norm module, and on the UNet every SiLU, replaced by Identity): the "
+             "most any norm implementation or fusion could give.", "",
+             "| model | config | original ms | convert ms | convert+fuse ms | compiled ms | without norms ms "
+             "| convert speed | convert+fuse speed | ceiling | convert+fuse vs compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, v):
         if r.get(v + "_ms"):
             return f"{r[v + '_ms']} ({r[v + '_iqr_ms']})"
+        if v == "without norms":
+            return "n/a" if r["model"] not in GOAL_SPEEDUP else "failed"
         return (r.get("compiled_status") or "failed") if v == "compiled" else "failed"
+
+    def ceiling(r):
+        if not r.get("without norms_speedup"):
+            return "n/a"
+        return f"{float(r['without norms_speedup']):.2f}x ({float(r['without norms_speedup_per_round']):.2f}x)"
 
     def speed(r, v):
         if not r.get(f"{v}_speedup"):
@@ -342,17 +385,33 @@ def write(rows: List[dict], out_md: str, quick: bool = False, device: str = "cpu
               "| model | original | convert | convert+fuse | compiled |", "|---|---|---|---|---|"]
     for r in rows:
         if r["config"] == SKIPPED:
-            lines.append(f"| {r['model']} | skipped: library not installed | | | | | | | |")
+            lines.append(f"| {r['model']} | skipped: library not installed | | | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['config']} | " + " | ".join(cell(r, v) for v in VARIANTS) + " | "
-                     + " | ".join(speed(r, v) for v in TORCHNORM_VARIANTS) + f" | {vs_compiled(r)} |")
-        memory.append(f"| {r['model']} | " + " | ".join(peak(r, v) for v in VARIANTS) + " |")
+                     + " | ".join(speed(r, v) for v in TORCHNORM_VARIANTS) + f" | {ceiling(r)} | {vs_compiled(r)} |")
+        memory.append(f"| {r['model']} | " + " | ".join(peak(r, v) for v in MEMORY_VARIANTS) + " |")
     with open(out_md, "w") as f:
         f.write("\n".join(lines + memory) + "\n")
 
 
 def main(argv=None) -> int:
-    return ratio_suite_main("python -m benchmarks.models", __doc__, "models", run, argv)
+    """The suite's command line, plus ``--models a,b`` (a subset of MODELS)
+    and ``--no-compile`` (no compiled variant: compiling Llama and the UNet
+    takes minutes here)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--models", type=lambda s: s.split(","))
+    ap.add_argument("--no-compile", action="store_true")
+    own, rest = ap.parse_known_args(argv if argv is not None else sys.argv[1:])
+    unknown = sorted(set(own.models or ()) - set(MODELS))
+    if unknown:
+        ap.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+
+    def run_selected(device: str, quick: bool, out_md: str):
+        return run(device, quick, out_md, None if own.no_compile else "default", own.models)
+
+    return ratio_suite_main("python -m benchmarks.models", __doc__, "models", run_selected, rest)
 
 
 if __name__ == "__main__":
