@@ -8,13 +8,13 @@
 // The input projection of every step (x @ weight_ih.T, one matrix product) is
 // the caller's (torchnorm.nn.BNLSTM), so autograd covers it as usual.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 #include <utility>
 
+#include "common/cpu_products.h"
 #include "common/input_checks.h"
 #include "ops/sequence_norm.h"
 
@@ -65,42 +65,6 @@ void check_layer(const Tensor& input_gates, const Tensor& hx, const Tensor& cx, 
   }
   TORCH_CHECK(first_step >= 0, kOp, ": expected the first time step >= 0, got ", first_step);
 }
-
-// out = input @ weight.T for one weight and many inputs of `rows` rows: the
-// recurrence's product, once per step. On the CPU in float32 it goes through
-// oneDNN with the weight packed once per call (mkldnn::_reorder_linear_weight
-// and _linear_pointwise, the ops torch.compile's CPU backend uses for a
-// Linear, looked up at run time): at::mm reaches MKL, which ran the
-// benchmark's 64x512 @ 512x2048 in 0.98 ms on this project's AVX-512 AMD
-// machine against 0.61 ms for oneDNN with the packed weight. Elsewhere (CUDA,
-// other dtypes, a torch without oneDNN) at::mm.
-class RepeatedProduct {
- public:
-  RepeatedProduct(const Tensor& weight, int64_t rows) : weight_t_(weight.t()) {
-    if (!weight.device().is_cpu() || weight.scalar_type() != at::kFloat || rows == 0 || !at::hasMKLDNN()) return;
-    const auto reorder = c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
-    linear_ = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-    if (!reorder || !linear_) return;
-    torch::jit::Stack stack{weight.contiguous(), c10::IValue(rows)};
-    reorder->callBoxed(stack);
-    packed_ = stack.at(0).toTensor();
-  }
-
-  void run(const Tensor& input, Tensor& out) const {
-    if (!packed_.defined()) {
-      at::mm_out(out, input, weight_t_);
-      return;
-    }
-    torch::jit::Stack stack{input.contiguous(), packed_, c10::IValue(), c10::IValue("none"),
-                            c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue()};
-    linear_->callBoxed(stack);
-    out.copy_(stack.at(0).toTensor());
-  }
-
- private:
-  Tensor weight_t_, packed_;
-  std::optional<c10::OperatorHandle> linear_;
-};
 
 optional<Tensor> step_of(const optional<Tensor>& valid, int64_t t) {
   return valid ? optional<Tensor>(valid->select(0, t)) : std::nullopt;

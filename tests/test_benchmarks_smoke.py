@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # Each test runs the harness in a subprocess (a minute in all): slow.
 pytestmark = pytest.mark.slow
@@ -229,6 +230,21 @@ def test_compiled_conv_bn():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_conv_bn", "--modes", "fast"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--modes: unknown ['fast']" in bad.stderr
+
+
+def test_gemm_backends():
+    """Both product paths on every shape, checked against each other, one row each."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gemm_backends", "--reps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    from benchmarks import gemm_backends
+
+    for label, m, k, n, _ in gemm_backends.SHAPES:
+        row = re.search(rf"^\| {re.escape(label)} \| {m} x {k} x {n} \| ([0-9.]+) .* \| ([0-9.]+)x \|$",
+                        proc.stdout, flags=re.M)
+        assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, proc.stdout
 
 
 def test_warm_pages_env(monkeypatch):

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_products.h"
 #include "common/input_checks.h"
 
 namespace torchnorm {
@@ -160,10 +161,11 @@ CosineResult forward(const CosinePlan& plan, double eps, const CosineKernels& ke
               ": expected a finite eps > 0 (it keeps an all-zero patch's norm from 0), got ", eps);
   const auto& g = plan.geo;
   const auto acc = plan.x.options().dtype(accumulate_type(plan.x.scalar_type()));
-  // The dot product, bias included: ATen's; then the norms and the division.
+  // The dot product, bias included: ATen's convolution, or our CPU float32
+  // product (common/cpu_products.h); then the norms and the division.
   Tensor dot = plan.conv ? at::convolution(plan.x, plan.weight, plan.bias, plan.stride, plan.padding, plan.dilation,
                                            /*transposed=*/false, /*output_padding=*/{0, 0}, g.G)
-                         : at::linear(plan.x.view({g.N, g.C}), plan.weight, plan.bias);
+                         : linear_product(plan.x.view({g.N, g.C}), plan.weight, plan.bias);
   dot = dot.contiguous().view({g.N, g.O, g.Ho(), g.Wo()});
   Tensor rx = at::empty({g.N, g.G, g.Ho(), g.Wo()}, acc), rw = at::empty({g.O}, acc);
   // The bias is the weight of a constant input 1 in every patch.
@@ -184,7 +186,10 @@ CosineResult backward(const CosinePlan& plan, const Tensor& grad_output, const T
   const Tensor rx = input_rnorm.contiguous().view({g.N, g.G, g.Ho(), g.Wo()}), rw = weight_rnorm.contiguous();
   Tensor gd = at::empty_like(dy), q = at::empty_like(rx), t = at::empty({g.O}, acc), sum_gd = at::empty({g.O}, acc);
   kernels.grad_sums(dy, y, rw, rx, g, gd, q, t, sum_gd);
-  // The dot product's gradients with gd: ATen's.
+  // The dot product's gradients with gd: ATen's convolution backward, or
+  // for the linear layer gd @ W as a product with W.T's rows (the oneDNN
+  // path, common/cpu_products.h) and gd.T @ x by at::mm (a transposed left
+  // factor, where oneDNN is no faster).
   Tensor grad_x, grad_w;
   if (plan.conv) {
     std::tie(grad_x, grad_w, std::ignore) = at::convolution_backward(
@@ -192,7 +197,7 @@ CosineResult backward(const CosinePlan& plan, const Tensor& grad_output, const T
         /*output_padding=*/{0, 0}, g.G, {output_mask[0], output_mask[1], false});
   } else {
     const Tensor gd2 = gd.view({g.N, g.O});
-    if (output_mask[0]) grad_x = at::mm(gd2, plan.weight);
+    if (output_mask[0]) grad_x = linear_product(gd2, plan.weight.t(), std::nullopt);
     if (output_mask[1]) grad_w = at::mm(gd2.t(), plan.x.view({g.N, g.C}));
   }
   // The norms' terms, in place.
