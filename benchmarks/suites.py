@@ -480,9 +480,11 @@ def rms_norm_suite(device: str, quick: bool = False) -> list:
 
 
 def group_norm_suite(device: str, quick: bool = False) -> list:
-    """GroupNorm, 32 groups, float32, at (32, 64, 56, 56) and (8, 512, 64, 64), NCHW and
-    channels_last, with and without a fused SiLU. ``quick`` uses one tiny shape."""
-    shapes = [(4, 64, 8, 8)] if quick else [(32, 64, 56, 56), (8, 512, 64, 64)]
+    """GroupNorm, 32 groups, float32, at (32, 64, 56, 56), (8, 512, 64, 64) and (8, 512, 8, 8)
+    (a diffusion UNet's innermost resolution: small planes, where the per-channel work is a few
+    vectors), NCHW and channels_last, with and without a fused SiLU. ``quick`` uses one tiny
+    shape."""
+    shapes = [(4, 64, 8, 8)] if quick else [(32, 64, 56, 56), (8, 512, 64, 64), (8, 512, 8, 8)]
     return [
         Case("group_norm", shape, torch.float32, layout, activation)
         for shape in shapes
