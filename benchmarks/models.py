@@ -46,7 +46,8 @@ Variants, each its own copy of one initialization:
   activation), so its convert+fuse is its convert (``fuse_norms_in`` finds
   nothing);
 - ``without norms`` (only the models with a speed goal, Llama and the UNet):
-  the original with every normalization module, and on the UNet every SiLU
+  the original with every normalization module (those ``torchnorm.convert``
+  would swap), and on the UNet every SiLU
   module too, replaced by ``torch.nn.Identity``. It computes something else
   and is timed only for its step time: original / without norms is the
   ceiling of any norm implementation and fusion of them (the reported
@@ -176,20 +177,17 @@ def fuse(name: str, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _is_norm(module: torch.nn.Module) -> bool:
-    """torch.nn's norms, and the libraries' own by class name (LlamaRMSNorm,
-    T5LayerNorm, LayerNorm2d, ...)."""
-    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.RMSNorm)
-    return isinstance(module, norms) or type(module).__name__.endswith(("RMSNorm", "LayerNorm", "LayerNorm2d"))
-
-
 def without_norms(model: torch.nn.Module, activations: tuple = ()) -> torch.nn.Module:
-    """``model`` (in place) with every norm module, and every module of the
-    classes in ``activations``, replaced by ``torch.nn.Identity``: the step
-    that free norms would leave, for the ceiling column."""
+    """``model`` (in place) with every module ``torchnorm.convert`` would
+    swap (its registry: torch.nn's norms and the libraries' known ones), and
+    every module of the classes in ``activations``, replaced by
+    ``torch.nn.Identity``: the step that free norms would leave, for the
+    ceiling column."""
+    from torchnorm.nn.convert import _conversion_for
+
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if _is_norm(child) or isinstance(child, activations):
+            if _conversion_for(type(child)) is not None or isinstance(child, activations):
                 setattr(parent, child_name, torch.nn.Identity())
     return model
 

@@ -120,13 +120,15 @@ def test_compile_failure_is_a_reason(tmp_path, monkeypatch):
 
 
 def test_without_norms_replaces_norms_and_the_named_activations():
+    pytest.importorskip("torchnorm._C")
     block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
                                 torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU()))
 
-    class LlamaRMSNorm(torch.nn.Module):  # a library's norm, known by its class name only
+    class LlamaRMSNorm(torch.nn.Module):  # a library's norm, known to torchnorm.convert by its name only
         def forward(self, x):
             return x * 2
 
+    LlamaRMSNorm.__module__ = "transformers.models.llama.modeling_llama"
     block.append(LlamaRMSNorm())
     stripped = models.without_norms(block, (torch.nn.SiLU,))
     kinds = [type(m).__name__ for m in stripped.modules()]
