@@ -31,12 +31,12 @@ contiguous inside the timed call, as a layer would have to.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from typing import Callable, List
+from typing import List
 
 import torch
+
+from .conv_bn import median_seconds
 
 # (label, M, K, N, left transposed): the left factor is given as the
 # transpose of a contiguous (K, M) tensor, as in a weight gradient.
@@ -50,17 +50,6 @@ SHAPES = [
 ]
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def rows(reps: int) -> List[str]:
     linear = torch.ops.mkldnn._linear_pointwise
     reorder = torch.ops.mkldnn._reorder_linear_weight
@@ -72,9 +61,12 @@ def rows(reps: int) -> List[str]:
         b = torch.randn(k, n, generator=g)
         weight = b.t().contiguous()  # oneDNN's (N, K) weight, made once as a layer's parameter is
         packed = reorder(weight, m)
-        mm_ms = median_ms(lambda: torch.mm(a, b), reps)
-        dnn_ms = median_ms(lambda: linear(a.contiguous(), weight, None, "none", [], ""), reps)
-        packed_ms = median_ms(lambda: linear(a.contiguous(), packed, None, "none", [], ""), reps)
+        # The three in turns (3 warm-up rounds), so a slow spell falls on all alike.
+        seconds = median_seconds({"mm": lambda: torch.mm(a, b),
+                                  "onednn": lambda: linear(a.contiguous(), weight, None, "none", [], ""),
+                                  "packed": lambda: linear(a.contiguous(), packed, None, "none", [], "")},
+                                 "cpu", 3, reps)
+        mm_ms, dnn_ms, packed_ms = (seconds[k] * 1e3 for k in ("mm", "onednn", "packed"))
         torch.testing.assert_close(linear(a.contiguous(), weight, None, "none", [], ""), torch.mm(a, b),
                                    rtol=1e-4, atol=1e-3 * k ** 0.5)
         gflop = 2 * m * k * n / 1e9
