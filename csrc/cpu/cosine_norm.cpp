@@ -278,7 +278,6 @@ void grad_segment(const acc_t* dy, const acc_t* y, acc_t* gd, int64_t n, const L
   lanes_gd = lanes_gd + Vec::set(Vec(0), Vec(tail_gd), 1);
 }
 
-
 // A whole line: staged, segment by segment.
 template <bool kRwAlong, typename scalar_t, typename acc_t>
 void grad_line(const scalar_t* dy, const scalar_t* y, scalar_t* gd, int64_t len, const LineScales<kRwAlong, acc_t>& s,
