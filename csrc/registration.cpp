@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchnorm, m) {
+  const std::vector<at::Tag> kAnyLayout = {at::Tag::flexible_layout};
   // Training-mode BatchNorm: normalizes with the batch statistics, returns
   // (output, batch mean, batch 1/sqrt(var + eps)) and updates the running
   // statistics in place when given: running = (1 - momentum) * running +
@@ -18,12 +19,14 @@ TORCH_LIBRARY(torchnorm, m) {
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float eps, str activation, float negative_slope, "
-      "Tensor? residual) -> (Tensor, Tensor, Tensor)");
+      "Tensor? residual) -> (Tensor, Tensor, Tensor)",
+      kAnyLayout);
   // Inference-mode BatchNorm from running statistics:
   // output = act((input - running_mean) / sqrt(running_var + eps) * weight + bias + residual).
   m.def(
       "batch_norm_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
-      "Tensor? bias, float eps, str activation, float negative_slope, Tensor? residual) -> Tensor");
+      "Tensor? bias, float eps, str activation, float negative_slope, Tensor? residual) -> Tensor",
+      kAnyLayout);
   // BatchNorm with given statistics: output = act((input - mean) * rstd *
   // weight + bias + residual), by the same element-wise code as
   // batch_norm_train's output. With the mean and rstd batch_norm_train
@@ -32,7 +35,8 @@ TORCH_LIBRARY(torchnorm, m) {
   // their outputs for backward. Not differentiable (it runs under no_grad).
   m.def(
       "batch_norm_apply(Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "str activation, float negative_slope, Tensor? residual) -> Tensor");
+      "str activation, float negative_slope, Tensor? residual) -> Tensor",
+      kAnyLayout);
   // Gradients of either forward. mean and rstd are what batch_norm_train
   // returned (training=True) or running_mean and 1/sqrt(running_var + eps)
   // (training=False). Returns (grad_input, grad_weight, grad_bias,
@@ -41,7 +45,8 @@ TORCH_LIBRARY(torchnorm, m) {
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor? residual, Tensor mean, Tensor rstd, bool training, str activation, "
-      "float negative_slope, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float negative_slope, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      kAnyLayout);
 
   // Per-sample norms. Saved statistics are float32 (float64 for float64
   // input); an output that is not produced is an empty tensor of shape (0,).
@@ -93,7 +98,8 @@ TORCH_LIBRARY(torchnorm, m) {
   m.def(
       "conv_bn_frozen(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, int[] dilation, "
-      "int groups, bool transposed=False, int[] output_padding=[]) -> Tensor");
+      "int groups, bool transposed=False, int[] output_padding=[]) -> Tensor",
+      kAnyLayout);
   // Gradients of conv_bn_frozen: (input, weight, conv_bias, bn_weight,
   // bn_bias); an output whose output_mask entry is false is an empty tensor
   // of shape (0,).
@@ -101,7 +107,8 @@ TORCH_LIBRARY(torchnorm, m) {
       "conv_bn_frozen_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor running_mean, Tensor running_var, float eps, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool transposed, int[] output_padding, bool[5] output_mask) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+      kAnyLayout);
   // Convolution (as conv_bn_frozen's) followed by training-mode BatchNorm
   // (+ residual) (+ activation): batch_norm_train over the conv output, with
   // its outputs (output, batch mean, batch rstd) and its running-statistics
@@ -111,7 +118,8 @@ TORCH_LIBRARY(torchnorm, m) {
       "conv_bn_train(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, str activation, "
       "float negative_slope, Tensor? residual, int[] stride, int[] padding, int[] dilation, int groups, "
-      "bool transposed=False, int[] output_padding=[]) -> (Tensor, Tensor, Tensor)");
+      "bool transposed=False, int[] output_padding=[]) -> (Tensor, Tensor, Tensor)",
+      kAnyLayout);
   // Gradients of conv_bn_train from its inputs and the batch statistics it
   // returned: (input, weight, conv_bias, bn_weight, bn_bias, residual); an
   // output whose output_mask entry is false is an empty tensor of shape (0,).
@@ -119,7 +127,8 @@ TORCH_LIBRARY(torchnorm, m) {
       "conv_bn_train_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor mean, Tensor rstd, str activation, "
       "float negative_slope, int[] stride, int[] padding, int[] dilation, int groups, bool transposed, "
-      "int[] output_padding, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int[] output_padding, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      kAnyLayout);
 
   // Sequence norms (docs/sequence_norms.md). Statistics are float32 (float64
   // for float64 input); an output that is not produced is an empty tensor of

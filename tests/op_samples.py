@@ -802,8 +802,10 @@ SOURCES.append(SampleSource(weight_norm_samples, on_every_device=True))
 def _recipe_of(like, activation, seed):
     """(tensor, recipe args) with tensor = act(BN(pre_norm)) in batch
     statistics, shaped like `like`: what a fused block without residual hands
-    the next (torchnorm/_rebuild_ops.py)."""
+    the next (torchnorm/_rebuild_ops.py), in `like`'s memory layout (inductor
+    hands the ops channels-last tensors)."""
     pre_norm = make_input(tuple(like.shape), like.dtype, like.device, seed=seed, scale=1.0, offset=True)
+    pre_norm = torch.empty_like(like, requires_grad=False).copy_(pre_norm)
     w, b, _, _ = make_params(like.shape[1], like.dtype, like.device, seed=seed + 1)
     with torch.no_grad():
         y, mean, rstd = OPS.batch_norm_train(pre_norm, w, b, None, None, 0.1, EPS, activation, NEGATIVE_SLOPE, None)

@@ -267,3 +267,22 @@ def test_plain_conv_after_a_block_keeps_the_recipe():
     assert not any(isinstance(m, torchnorm.fx.ConvOnRecipe) for m in back.modules())
     assert "input_recipe" not in back.code
     assert_close(back(x), model(x), torch.float64, "forward", "unfused output")
+
+
+@pytest.mark.parametrize("frozen", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["train", "frozen"])
+def test_compile_inductor_channels_last(frozen):
+    """The Conv+BN ops take tensors in any layout (Tag.flexible_layout), so
+    inductor hands them its channels-last convolution outputs as they are
+    instead of copying each to NCHW and back (which took 47 ms of a 440 ms
+    compiled ResNet-50 step on the CPU). Inductor checks every op output's
+    strides against the fake kernel's, so a channels-last run that matches
+    eager also shows that the fake kernels give the real layouts."""
+    conv_bn_ops = ["batch_norm_train", "batch_norm_eval", "batch_norm_apply", "batch_norm_backward",
+                   "conv_bn_frozen", "conv_bn_frozen_backward", "conv_bn_train", "conv_bn_train_backward",
+                   "conv_rebuilt_input", "conv_bn_train_rebuilt"]
+    for name in conv_bn_ops:
+        assert torch.Tag.flexible_layout in getattr(torch.ops.torchnorm, name).default.tags, name
+    torch._dynamo.reset()
+    model = _model("resnet18", frozen, torch.float64).to(memory_format=torch.channels_last)
+    x = make_input((2, 3, 32, 32), torch.float64, seed=7).contiguous(memory_format=torch.channels_last)
+    _compiled_steps_match_eager(model, x, backend="inductor")

@@ -35,6 +35,7 @@ from torch import Tensor
 __all__ = []
 
 _OPS = torch.ops.torchnorm
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
 
 def _rebuild(pre_norm, mean, rstd, bn_weight, bn_bias, activation, negative_slope) -> Tensor:
@@ -61,7 +62,7 @@ def _check_recipe(op: str, input: Tensor, pre_norm: Tensor, mean: Tensor, rstd: 
 
 # -- conv_rebuilt_input ---------------------------------------------------------
 
-@torch.library.custom_op("torchnorm::conv_rebuilt_input", mutates_args=())
+@torch.library.custom_op("torchnorm::conv_rebuilt_input", mutates_args=(), tags=_ANY_LAYOUT)
 def conv_rebuilt_input(input: Tensor, pre_norm: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor],
                        bn_bias: Optional[Tensor], activation: str, negative_slope: float, weight: Tensor,
                        bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
@@ -112,7 +113,7 @@ conv_rebuilt_input.register_autograd(_conv_rebuilt_input_backward, setup_context
 # Functional: a custom op with an autograd formula may not mutate its
 # arguments, so this one returns the updated running statistics (empty where
 # none were given) and the caller copies them into the buffers.
-@torch.library.custom_op("torchnorm::conv_bn_train_rebuilt", mutates_args=())
+@torch.library.custom_op("torchnorm::conv_bn_train_rebuilt", mutates_args=(), tags=_ANY_LAYOUT)
 def conv_bn_train_rebuilt(
         input: Tensor, in_pre_norm: Optional[Tensor], in_mean: Optional[Tensor], in_rstd: Optional[Tensor],
         in_bn_weight: Optional[Tensor], in_bn_bias: Optional[Tensor], in_activation: str, in_negative_slope: float,
