@@ -9,6 +9,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(torchnorm, m) {
+  // The tag of the Conv+BN blocks' ops, whose kernels read planar and
+  // channels-last (N, C, *) tensors alike: without it, inductor copies its
+  // channels-last conv outputs to the strides the op saw at trace time.
   const std::vector<at::Tag> kAnyLayout = {at::Tag::flexible_layout};
   // Training-mode BatchNorm: normalizes with the batch statistics, returns
   // (output, batch mean, batch 1/sqrt(var + eps)) and updates the running
